@@ -1,0 +1,1 @@
+"""mailer: sends the emails of an event-registration system."""
