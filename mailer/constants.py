@@ -1,0 +1,55 @@
+"""Every Redis key, the queue name and the message kinds, in one place."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# All of mailer's keys share one prefix so an operator can find (and SCAN) them,
+# and so one Redis can hold several unrelated apps.
+PREFIX: Final = "mailer:"
+
+# arq's sorted set of runnable jobs. arq's own job keys keep its "arq:" prefix.
+QUEUE_NAME: Final = "mailer:queue"
+
+# Producer event ids already applied: the idempotency store ("same id twice, one mail").
+SEEN_KEY: Final = PREFIX + "seen:{event_id}"
+
+# Hash per event: data (JSON), v (version = ICS SEQUENCE), t (occurred_at ms), status, prev (JSON).
+EVENT_KEY: Final = PREFIX + "event:{event_id}"
+
+# Set of the event's active registration ids, the fan-out list for reminders and notices.
+EVENT_REGISTRATIONS_KEY: Final = PREFIX + "event:{event_id}:regs"
+
+# Hash per registration: attendee (a), event id (e), status (s), occurred_at ms (t),
+# plus one field "m:<kind>[/<disc>]" per message holding that message's state.
+REGISTRATION_KEY: Final = PREFIX + "reg:{registration_id}"
+
+# Sorted set of fan-outs still to run, member "<event_id>|<kind>|<disc>", score = due ms.
+# One entry per event and reminder offset, so a reschedule touches a constant number of keys.
+SCHEDULE_KEY: Final = PREFIX + "schedule"
+
+# Sorted set of materialised messages not yet in a final state, score = when to look
+# at them again (planned: due + grace, sending: lease end, retrying: next attempt).
+DUE_KEY: Final = PREFIX + "due"
+
+# The delivery log: a Redis stream, trimmed to MAILER_LOG_MAX_ENTRIES.
+LOG_STREAM: Final = PREFIX + "log"
+
+# Shared back-off for an SMTP relay after 421/432 (value = until ms), and the rate window.
+RELAY_BACKOFF_KEY: Final = PREFIX + "relay:{relay}:backoff"
+RATE_KEY: Final = PREFIX + "rate:{window}"
+
+# Registration ids and event ids may use these characters; "/" and "|" separate key parts.
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"
+
+MessageKind = Literal[
+    "confirmation", "reminder", "registration_cancelled", "event_changed", "event_cancelled"
+]
+MESSAGE_KINDS: Final[tuple[MessageKind, ...]] = (
+    "confirmation",
+    "reminder",
+    "registration_cancelled",
+    "event_changed",
+    "event_cancelled",
+)
+LOCALES: Final = ("de", "en")

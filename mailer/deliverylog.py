@@ -1,0 +1,104 @@
+"""The delivery log: one entry per outcome, kept in a Redis stream and printed as JSON lines."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+
+from mailer.constants import LOG_STREAM
+
+RedisClient = Any  # see mailer.store.RedisClient
+
+# sent | failed | retrying | skipped | rejected | uncertain | redriven | planned | ignored
+LogStatus = str
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line of the delivery log: enough to answer "did Ms X get her mail, and if not, why?"."""
+
+    ts: str
+    status: LogStatus
+    message_id: str = ""
+    kind: str = ""
+    registration_id: str = ""
+    event_id: str = ""
+    recipient: str = ""
+    attempt: int = 0
+    detail: str = ""
+    worker: str = ""
+    smtp_code: int | None = None
+    enhanced_code: str | None = None
+    source_event: str = ""  # the producer event id that caused it, where there is one
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({k: v for k, v in asdict(self).items() if v not in (None, "")})
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LogEntry:
+        data: dict[str, Any] = orjson.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__slots__})
+
+
+def now_iso(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+class DeliveryLog:
+    """Appends entries to the stream (trimmed to `max_entries`) and echoes them to stdout."""
+
+    def __init__(
+        self, redis: RedisClient, *, max_entries: int, echo: TextIO | None = sys.stdout, worker: str = ""
+    ) -> None:
+        self.redis = redis
+        self.max_entries = max_entries
+        self.echo = echo
+        self.worker = worker
+
+    def add(self, pipe: Any, entry: LogEntry) -> None:
+        """Queue the entry on a pipeline that the caller executes with its state writes."""
+        # The stream keeps one JSON field so new fields need no migration; approximate
+        # trimming (~) keeps XADD O(1).
+        pipe.xadd(LOG_STREAM, {"j": entry.to_json()}, maxlen=self.max_entries, approximate=True)
+
+    def print(self, entries: Iterable[LogEntry]) -> None:
+        if self.echo is None:
+            return
+        lines = b"".join(e.to_json() + b"\n" for e in entries)
+        if lines:
+            self.echo.write(lines.decode())
+            self.echo.flush()
+
+    async def write(self, entries: list[LogEntry]) -> None:
+        """Append entries on their own (for outcomes with no state change to go with them)."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                self.add(pipe, entry)
+            await pipe.execute()
+        self.print(entries)
+
+
+async def read_log(
+    redis: RedisClient, *, newest_first: bool = True, batch: int = 1000
+) -> AsyncIterator[LogEntry]:
+    """Iterate over the whole log, newest entry first by default."""
+    last = "+" if newest_first else "-"
+    while True:
+        if newest_first:
+            rows = await redis.xrevrange(LOG_STREAM, max=last, min="-", count=batch + 1)
+        else:
+            rows = await redis.xrange(LOG_STREAM, min=last, max="+", count=batch + 1)
+        if last not in ("+", "-") and rows:
+            rows = rows[1:]  # the boundary entry was returned last time
+        if not rows:
+            return
+        for _entry_id, fields in rows:
+            yield LogEntry.from_json(fields[b"j"])
+        last = rows[-1][0].decode()

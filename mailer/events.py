@@ -1,0 +1,227 @@
+"""The event contract: what a registration system hands mailer, validated with pydantic."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from mailer.constants import ID_PATTERN
+from mailer.durations import Offset, parse_offsets
+from mailer.errors import FieldProblem, InvalidEvent
+
+
+def _no_control_characters(value: str) -> str:
+    # Anything that ends up in a header must not be able to start a new header line.
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            raise ValueError(f"must not contain control characters or line breaks (found {ch!r})")
+    return value
+
+
+def _no_control_characters_but_newlines(value: str) -> str:
+    _no_control_characters(value.replace("\n", " ").replace("\r", " ").replace("\t", " "))
+    return value
+
+
+@lru_cache(maxsize=65536)
+def _normalise_email(value: str) -> str:
+    # Cached: bulk imports repeat organiser addresses, and validation costs ~20 µs.
+    try:
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not a valid email address: {exc}") from None
+    # ascii_email has internationalised domains in their xn-- form, which every relay accepts.
+    return result.ascii_email or result.normalized
+
+
+def _email(value: str) -> str:
+    _no_control_characters(value)
+    return _normalise_email(value)
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone name (e.g. Europe/Berlin)") from None
+    return value
+
+
+def _http_url(value: str) -> str:
+    _no_control_characters(value)
+    if not value.startswith(("https://", "http://")) or len(value) < 11 or " " in value:
+        raise ValueError("must be an http(s) URL without spaces")
+    return value
+
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Line = Annotated[str, StringConstraints(max_length=300), AfterValidator(_no_control_characters)]
+Title = Annotated[
+    str, StringConstraints(min_length=1, max_length=300), AfterValidator(_no_control_characters)
+]
+Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(_email)]
+Url = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_http_url)]
+Text = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_no_control_characters_but_newlines)]
+TimeZoneName = Annotated[str, AfterValidator(_timezone)]
+
+
+class _Model(BaseModel):
+    # Unknown fields are refused: a misspelt "reminder_offset" must not be silently ignored,
+    # and attendee data we do not need should not be stored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Attendee(_Model):
+    email: Email
+    name: Line = ""
+    locale: Literal["de", "en"] = "de"
+
+
+class Organizer(_Model):
+    name: Title
+    email: Email
+
+
+class Registration(_Model):
+    id: Id
+    attendee: Attendee
+
+
+class RegistrationRef(_Model):
+    id: Id
+
+
+class Event(_Model):
+    id: Id
+    title: Title
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
+    timezone: TimeZoneName
+    location: Line | None = None
+    join_url: Url | None = None
+    description: Text | None = None
+    organizer: Organizer
+    registration_deadline: AwareDatetime | None = None
+    # None: the MAILER_REMINDER_OFFSETS default; []: no reminders for this event.
+    reminder_offsets: list[str] | None = None
+    join_url_in_confirmation: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Event:
+        if self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        if self.reminder_offsets is not None:
+            parse_offsets(self.reminder_offsets)
+        return self
+
+    def offsets(self, default: tuple[Offset, ...]) -> tuple[Offset, ...]:
+        """The reminder offsets that apply to this event."""
+        return default if self.reminder_offsets is None else parse_offsets(self.reminder_offsets)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class EventRef(_Model):
+    id: Id
+
+
+class _Envelope(_Model):
+    id: Id
+    occurred_at: AwareDatetime
+
+
+class RegistrationCreated(_Envelope):
+    type: Literal["registration.created"]
+    registration: Registration
+    event: Event
+
+
+class RegistrationCancelled(_Envelope):
+    type: Literal["registration.cancelled"]
+    registration: RegistrationRef
+
+
+class EventUpdated(_Envelope):
+    type: Literal["event.updated"]
+    event: Event
+
+
+class EventCancelled(_Envelope):
+    type: Literal["event.cancelled"]
+    event: EventRef | Event
+
+
+IncomingEvent = Annotated[
+    Union[RegistrationCreated, RegistrationCancelled, EventUpdated, EventCancelled],  # noqa: UP007
+    Field(discriminator="type"),
+]
+EVENT_TYPES = ("registration.created", "registration.cancelled", "event.updated", "event.cancelled")
+_adapter: TypeAdapter[IncomingEvent] = TypeAdapter(IncomingEvent)
+
+
+def _problems(exc: ValidationError) -> list[FieldProblem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        # Drop the discriminator tag pydantic puts in the path ("registration.created").
+        loc = [str(p) for p in error["loc"] if str(p) not in EVENT_TYPES]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "union_tag_invalid":
+            message = f"must be one of {', '.join(EVENT_TYPES)}"
+            loc = ["type"]
+        elif error["type"] == "union_tag_not_found":
+            loc, message = ["type"], "is missing"
+        elif error["type"] == "string_pattern_mismatch":
+            message = "must be 1-128 characters of letters, digits and . _ : @ + - (no spaces, / or |)"
+        problems.append(FieldProblem(".".join(loc) or "(record)", message))
+    return problems
+
+
+def parse_event(data: bytes | str | dict[str, Any]) -> IncomingEvent:
+    """Validate one event (JSON text or an already-decoded dict); InvalidEvent lists every problem."""
+    try:
+        raw = orjson.loads(data) if isinstance(data, bytes | str) else data
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent([FieldProblem("(record)", f"not valid JSON: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent([FieldProblem("(record)", "must be a JSON object")])
+    try:
+        return _adapter.validate_python(raw)
+    except ValidationError as exc:
+        event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+        raise InvalidEvent(_problems(exc), event_id=event_id) from None
+
+
+def dump_event(event: IncomingEvent) -> dict[str, Any]:
+    """The JSON-ready form of a validated event, as it travels in a queue job."""
+    return event.model_dump(mode="json", exclude_defaults=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """The contract as JSON Schema (what `mailer schema` prints)."""
+    schema = _adapter.json_schema()
+    schema["title"] = "mailer event"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def event_started(event: Event, now: datetime) -> bool:
+    return now >= event.starts_at

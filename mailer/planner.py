@@ -1,0 +1,410 @@
+"""Which messages an incoming event yields, and when: the lifecycle rules of a registration."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailer.constants import DUE_KEY, SCHEDULE_KEY
+from mailer.deliverylog import LogEntry, now_iso
+from mailer.durations import Offset
+from mailer.events import (
+    Event,
+    EventCancelled,
+    EventUpdated,
+    IncomingEvent,
+    RegistrationCancelled,
+    RegistrationCreated,
+)
+from mailer.messages import MessageRef, MessageState
+from mailer.store import (
+    RedisClient,
+    StoredEvent,
+    StoredRegistration,
+    event_key,
+    load_events,
+    load_registrations,
+    registration_key,
+    registrations_key,
+    schedule_member,
+    seen,
+    seen_key,
+)
+
+Clock = Callable[[], datetime]
+# A planned message is looked at again if nobody sent it this long after it was due.
+RECHECK_GRACE = timedelta(seconds=30)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def visible_changes(old: Event, new: Event) -> list[str]:
+    """The fields an attendee sees that differ: time, location, join_url, title."""
+    changed = []
+    if (old.starts_at, old.ends_at, old.timezone) != (new.starts_at, new.ends_at, new.timezone):
+        changed.append("time")
+    for name in ("location", "join_url", "title"):
+        if getattr(old, name) != getattr(new, name):
+            changed.append(name)
+    return changed
+
+
+def reminder_disc(offset: Offset, due: datetime) -> str:
+    """Part of a reminder's message id: a moved event gets new reminders, an unchanged one not."""
+    return f"{offset.iso}/{due.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
+@dataclass(slots=True)
+class Plan:
+    """What applying a batch of events does: messages to send now, fan-outs, log notes."""
+
+    deliver_now: list[MessageRef] = field(default_factory=list)
+    notes: list[LogEntry] = field(default_factory=list)
+    # (action, kind, locale) -> count, and a few recipients per (action, kind), for --dry-run.
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    writes: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+    def write(self, command: str, *args: Any, **kwargs: Any) -> None:
+        """Record a Redis write; nothing touches Redis until the whole batch is decided."""
+        self.writes.append((command, args, kwargs))
+
+    def count(self, action: str, kind: str, locale: str, recipient: str = "", n: int = 1) -> None:
+        self.counts[(action, kind, locale)] += n
+        if recipient:
+            sample = self.samples.setdefault((action, kind), [])
+            if len(sample) < 5:
+                sample.append(recipient)
+
+
+class Planner:
+    """Applies events to the stored state and says what to send; `dry_run` only says it."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        default_offsets: tuple[Offset, ...],
+        clock: Clock = utc_now,
+        worker: str = "",
+    ) -> None:
+        self.redis = redis
+        self.default_offsets = default_offsets
+        self.clock = clock
+        self.worker = worker
+
+    async def apply(self, events: list[IncomingEvent], *, dry_run: bool = False) -> Plan:
+        now = self.clock()
+        plan = Plan()
+        already = await seen(self.redis, [e.id for e in events])
+        reg_ids = [
+            e.registration.id for e in events if isinstance(e, RegistrationCreated | RegistrationCancelled)
+        ]
+        regs: dict[str, StoredRegistration | None] = dict.fromkeys(reg_ids)
+        regs.update(await load_registrations(self.redis, reg_ids))
+        event_ids = [e.event.id for e in events if not isinstance(e, RegistrationCancelled)]
+        event_ids += [r.event_id for r in regs.values() if r is not None and r.event_id]
+        stored: dict[str, StoredEvent | None] = dict.fromkeys(event_ids)
+        stored.update(await load_events(self.redis, event_ids))
+
+        for incoming in events:
+            if incoming.id in already:
+                plan.notes.append(self._note(incoming, "ignored", "event id already applied (replay)"))
+                continue
+            already.add(incoming.id)
+            plan.write("set", seen_key(incoming.id), 1)
+            if isinstance(incoming, RegistrationCreated):
+                self._created(incoming, regs, stored, plan, now)
+            elif isinstance(incoming, RegistrationCancelled):
+                self._registration_cancelled(incoming, regs, stored, plan, now)
+            elif isinstance(incoming, EventUpdated):
+                await self._event_updated(incoming, stored, plan, now)
+            else:
+                await self._event_cancelled(incoming, stored, plan, now)
+
+        if not dry_run and plan.writes:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command, args, kwargs in plan.writes:
+                    getattr(pipe, command)(*args, **kwargs)
+                await pipe.execute()
+        return plan
+
+    # --- registration.created -------------------------------------------------------------
+
+    def _created(
+        self,
+        incoming: RegistrationCreated,
+        regs: dict[str, StoredRegistration | None],
+        stored: dict[str, StoredEvent | None],
+        plan: Plan,
+        now: datetime,
+    ) -> None:
+        reg_in = incoming.registration
+        occurred = ms(incoming.occurred_at)
+        event = self._ensure_event(incoming.event, occurred, stored, plan, now)
+        current = regs.get(reg_in.id)
+        attendee = reg_in.attendee
+        confirmation = MessageRef(reg_in.id, "confirmation")
+
+        if current is not None and current.status == "cancelled" and current.occurred_ms >= occurred:
+            # The cancellation overtook its registration: same end state as in order, so the
+            # attendee gets the cancellation notice now that we know the address.
+            current.attendee, current.event_id, current.created_ms = attendee, event.event.id, occurred
+            self._put_registration(current, plan)
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "skipped",
+                    "registration was cancelled before its confirmation",
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
+            self._plan_message(
+                MessageRef(reg_in.id, "registration_cancelled"), attendee.locale, attendee.email, plan, now
+            )
+            return
+        if current is not None and current.status == "active" and current.event_id != event.event.id:
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "rejected",
+                    f"registration id already belongs to event {current.event_id}",
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
+            return
+        # The same registration again under a new producer id may update the attendee's
+        # details, but sends nothing twice: the confirmation's state already exists.
+        registration = StoredRegistration(
+            id=reg_in.id,
+            attendee=attendee,
+            event_id=event.event.id,
+            status="active",
+            occurred_ms=occurred,
+            created_ms=occurred,
+        )
+        regs[reg_in.id] = registration
+        self._put_registration(registration, plan)
+        plan.write("sadd", registrations_key(event.event.id), reg_in.id)
+        if event.status == "cancelled":
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "skipped",
+                    "the event is cancelled",
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
+        elif now >= event.event.starts_at:
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "skipped",
+                    "the event has already started",
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
+        else:
+            self._plan_message(confirmation, attendee.locale, attendee.email, plan, now)
+
+    def _ensure_event(
+        self, event: Event, occurred: int, stored: dict[str, StoredEvent | None], plan: Plan, now: datetime
+    ) -> StoredEvent:
+        current = stored.get(event.id)
+        if current is not None:
+            # A known event changes only through event.updated: a registration carries the
+            # event as the form showed it, which may be older than the last update.
+            return current
+        current = StoredEvent(event=event, version=1, occurred_ms=occurred, status="active")
+        stored[event.id] = current
+        fields = current.to_fields()
+        plan.write("hset", event_key(event.id), mapping=fields)
+        self._schedule_reminders(None, event, plan, now)
+        return current
+
+    # --- registration.cancelled -----------------------------------------------------------
+
+    def _registration_cancelled(
+        self,
+        incoming: RegistrationCancelled,
+        regs: dict[str, StoredRegistration | None],
+        stored: dict[str, StoredEvent | None],
+        plan: Plan,
+        now: datetime,
+    ) -> None:
+        rid = incoming.registration.id
+        occurred = ms(incoming.occurred_at)
+        current = regs.get(rid)
+        if current is None:
+            tombstone = StoredRegistration(rid, None, None, "cancelled", occurred, 0)
+            regs[rid] = tombstone
+            self._put_registration(tombstone, plan)
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "planned",
+                    "cancellation arrived before its registration; the notice "
+                    "goes out when the registration does",
+                    ref=MessageRef(rid, "registration_cancelled"),
+                )
+            )
+            return
+        if current.status == "cancelled" or current.created_ms > occurred:
+            why = "already cancelled" if current.status == "cancelled" else "older than the registration"
+            ref = MessageRef(rid, "registration_cancelled")
+            plan.notes.append(self._note(incoming, "ignored", why, ref=ref))
+            return
+        current.status, current.occurred_ms = "cancelled", occurred
+        self._put_registration(current, plan)
+        if current.event_id:
+            plan.write("srem", registrations_key(current.event_id), rid)
+        assert current.attendee is not None  # active registrations always have one
+        self._plan_message(
+            MessageRef(rid, "registration_cancelled"),
+            current.attendee.locale,
+            current.attendee.email,
+            plan,
+            now,
+        )
+
+    # --- event.updated / event.cancelled ----------------------------------------------------
+
+    async def _event_updated(
+        self, incoming: EventUpdated, stored: dict[str, StoredEvent | None], plan: Plan, now: datetime
+    ) -> None:
+        new = incoming.event
+        occurred = ms(incoming.occurred_at)
+        current = stored.get(new.id)
+        if current is None:
+            self._ensure_event(new, occurred, stored, plan, now)
+            return
+        if current.occurred_ms >= occurred or current.status == "cancelled":
+            why = "event is cancelled" if current.status == "cancelled" else "a newer version is stored"
+            plan.notes.append(self._note(incoming, "ignored", why, event_id=new.id))
+            return
+        changed = visible_changes(current.event, new)
+        old = current.event
+        current.occurred_ms = occurred
+        current.event = new
+        if changed:
+            current.previous = old
+            current.version += 1
+        fields = current.to_fields()
+        plan.write("hset", event_key(new.id), mapping=fields)
+        self._schedule_reminders(old, new, plan, now)
+        if changed:
+            await self._fan_out_now(new.id, "event_changed", f"v{current.version}", plan, now)
+        else:
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "ignored",
+                    "no change an attendee sees (time, place, link, title)",
+                    event_id=new.id,
+                )
+            )
+
+    async def _event_cancelled(
+        self, incoming: EventCancelled, stored: dict[str, StoredEvent | None], plan: Plan, now: datetime
+    ) -> None:
+        event_id = incoming.event.id
+        occurred = ms(incoming.occurred_at)
+        current = stored.get(event_id)
+        if current is None:
+            plan.notes.append(
+                self._note(incoming, "ignored", "unknown event: nobody to notify", event_id=event_id)
+            )
+            return
+        if current.status == "cancelled" or current.occurred_ms >= occurred:
+            why = "already cancelled or a newer version is stored"
+            plan.notes.append(self._note(incoming, "ignored", why, event_id=event_id))
+            return
+        current.status, current.occurred_ms = "cancelled", occurred
+        current.version += 1
+        fields = current.to_fields()
+        plan.write("hset", event_key(event_id), mapping=fields)
+        self._schedule_reminders(current.event, None, plan, now)
+        await self._fan_out_now(event_id, "event_cancelled", "", plan, now)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _schedule_reminders(self, old: Event | None, new: Event | None, plan: Plan, now: datetime) -> None:
+        """Keep one schedule entry per event and offset; a reschedule rewrites only those."""
+        old_offsets = set(old.offsets(self.default_offsets)) if old else set()
+        new_offsets = set(new.offsets(self.default_offsets)) if new else set()
+        event_id = (new or old).id  # type: ignore[union-attr]
+        for offset in old_offsets - new_offsets:
+            member = schedule_member(event_id, "reminder", offset.iso)
+            plan.write("zrem", SCHEDULE_KEY, member)
+        if new is None:
+            return
+        for offset in new_offsets:
+            member = schedule_member(event_id, "reminder", offset.iso)
+            due = offset.before(new.starts_at, new.timezone)
+            if due > now:
+                plan.write("zadd", SCHEDULE_KEY, {member: ms(due)})
+                plan.count("schedule", "reminder", offset.iso)
+            else:
+                plan.write("zrem", SCHEDULE_KEY, member)
+
+    async def _fan_out_now(self, event_id: str, kind: str, disc: str, plan: Plan, now: datetime) -> None:
+        member = schedule_member(event_id, kind, disc)
+        plan.write("zadd", SCHEDULE_KEY, {member: ms(now)})
+        # For --dry-run: how many would get it, and a few of them.
+        active = await self.redis.scard(registrations_key(event_id))
+        plan.count("send", kind, "*", n=int(active))
+        sample = [m.decode() for m in await self.redis.srandmember(registrations_key(event_id), 5)]
+        for reg in (await load_registrations(self.redis, sample)).values():
+            if reg.attendee:
+                plan.count("send", kind, reg.attendee.locale, reg.attendee.email, n=0)
+
+    def _plan_message(self, ref: MessageRef, locale: str, recipient: str, plan: Plan, now: datetime) -> None:
+        state = MessageState("planned", 0, ms(now), ms(now), 0)
+        plan.write("hsetnx", registration_key(ref.registration_id), ref.field, state.encode())
+        plan.write("zadd", DUE_KEY, {ref.id: ms(now + RECHECK_GRACE)}, nx=True)
+        plan.deliver_now.append(ref)
+        plan.count("send", ref.kind, locale, recipient)
+
+    def _put_registration(self, registration: StoredRegistration, plan: Plan) -> None:
+        fields = registration.to_fields()
+        plan.write("hset", registration_key(registration.id), mapping=fields)
+
+    def _note(
+        self,
+        incoming: IncomingEvent,
+        status: str,
+        detail: str,
+        *,
+        ref: MessageRef | None = None,
+        recipient: str = "",
+        event_id: str = "",
+    ) -> LogEntry:
+        return LogEntry(
+            ts=now_iso(self.clock()),
+            status=status,
+            message_id=ref.id if ref else "",
+            kind=ref.kind if ref else "",
+            registration_id=ref.registration_id if ref else "",
+            event_id=event_id,
+            recipient=recipient,
+            detail=detail,
+            worker=self.worker,
+            source_event=incoming.id,
+        )

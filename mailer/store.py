@@ -1,0 +1,273 @@
+"""The state mailer keeps in Redis: events, registrations, message states, schedule, due index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from mailer.constants import (
+    DUE_KEY,
+    EVENT_KEY,
+    EVENT_REGISTRATIONS_KEY,
+    REGISTRATION_KEY,
+    SCHEDULE_KEY,
+    SEEN_KEY,
+)
+from mailer.events import Attendee, Event
+from mailer.messages import MessageRef, MessageState
+
+# redis-py's asyncio annotations return unions of sync and async types that every await
+# would have to cast; the client is treated as untyped instead, at this one alias.
+RedisClient = Any
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    event: Event
+    version: int  # bumped by every change an attendee can see; the calendar SEQUENCE
+    occurred_ms: int  # occurred_at of the newest applied producer event
+    status: str  # "active" | "cancelled"
+    previous: Event | None = None  # the event before the latest visible change
+
+    def to_fields(self) -> dict[str, bytes | str | int]:
+        fields: dict[str, bytes | str | int] = {
+            "data": self.event.model_dump_json(),
+            "v": self.version,
+            "t": self.occurred_ms,
+            "status": self.status,
+        }
+        if self.previous is not None:
+            fields["prev"] = self.previous.model_dump_json()
+        return fields
+
+    @classmethod
+    def from_fields(cls, raw: dict[bytes, bytes]) -> StoredEvent:
+        prev = raw.get(b"prev")
+        return cls(
+            event=Event.model_validate_json(raw[b"data"]),
+            version=int(raw[b"v"]),
+            occurred_ms=int(raw[b"t"]),
+            status=raw[b"status"].decode(),
+            previous=Event.model_validate_json(prev) if prev else None,
+        )
+
+
+@dataclass(slots=True)
+class StoredRegistration:
+    id: str
+    attendee: Attendee | None  # None for a cancellation that arrived before its registration
+    event_id: str | None
+    status: str  # "active" | "cancelled"
+    occurred_ms: int  # occurred_at of the newest applied producer event for it
+    created_ms: int  # when the person registered (occurred_at of registration.created)
+    messages: dict[str, MessageState] = field(default_factory=dict)  # field -> state
+
+    def to_fields(self) -> dict[str, str | int]:
+        fields: dict[str, str | int] = {"s": self.status, "t": self.occurred_ms, "c": self.created_ms}
+        if self.attendee is not None:
+            fields["a"] = self.attendee.model_dump_json()
+        if self.event_id is not None:
+            fields["e"] = self.event_id
+        return fields
+
+    @classmethod
+    def from_fields(cls, registration_id: str, raw: dict[bytes, bytes]) -> StoredRegistration:
+        attendee = raw.get(b"a")
+        event_id = raw.get(b"e")
+        return cls(
+            id=registration_id,
+            attendee=Attendee.model_validate_json(attendee) if attendee else None,
+            event_id=event_id.decode() if event_id else None,
+            status=raw.get(b"s", b"active").decode(),
+            occurred_ms=int(raw.get(b"t", 0)),
+            created_ms=int(raw.get(b"c", 0)),
+            messages={k.decode(): MessageState.decode(v) for k, v in raw.items() if k.startswith(b"m:")},
+        )
+
+    def state(self, ref: MessageRef) -> MessageState | None:
+        return self.messages.get(ref.field)
+
+
+def event_key(event_id: str) -> str:
+    return EVENT_KEY.format(event_id=event_id)
+
+
+def registrations_key(event_id: str) -> str:
+    return EVENT_REGISTRATIONS_KEY.format(event_id=event_id)
+
+
+def registration_key(registration_id: str) -> str:
+    return REGISTRATION_KEY.format(registration_id=registration_id)
+
+
+def seen_key(producer_event_id: str) -> str:
+    return SEEN_KEY.format(event_id=producer_event_id)
+
+
+def schedule_member(event_id: str, kind: str, disc: str) -> str:
+    return f"{event_id}|{kind}|{disc}"
+
+
+def parse_schedule_member(member: str) -> tuple[str, str, str]:
+    event_id, kind, disc = member.split("|", 2)
+    return event_id, kind, disc
+
+
+async def load_events(redis: RedisClient, event_ids: Iterable[str]) -> dict[str, StoredEvent]:
+    ids = list(dict.fromkeys(event_ids))
+    if not ids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for event_id in ids:
+            pipe.hgetall(event_key(event_id))
+        rows = await pipe.execute()
+    return {eid: StoredEvent.from_fields(row) for eid, row in zip(ids, rows, strict=True) if row}
+
+
+async def load_registrations(
+    redis: RedisClient, registration_ids: Iterable[str]
+) -> dict[str, StoredRegistration]:
+    ids = list(dict.fromkeys(registration_ids))
+    if not ids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for rid in ids:
+            pipe.hgetall(registration_key(rid))
+        rows = await pipe.execute()
+    return {rid: StoredRegistration.from_fields(rid, row) for rid, row in zip(ids, rows, strict=True) if row}
+
+
+async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str]:
+    ids = list(dict.fromkeys(producer_event_ids))
+    if not ids:
+        return set()
+    flags = await redis.exists(*[seen_key(i) for i in ids]) if len(ids) == 1 else None
+    if flags is not None:
+        return set(ids) if flags else set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in ids:
+            pipe.exists(seen_key(i))
+        rows = await pipe.execute()
+    return {i for i, hit in zip(ids, rows, strict=True) if hit}
+
+
+# Claim messages for sending, atomically per message, so two workers (or a re-run of a
+# killed job) never send the same message at once. Returns one code per message:
+#   "claimed|<attempt>"    state is now sending (attempt = its number)
+#   "reclaimed|<attempt>"  was left in sending by a dead worker: resend, outcome uncertain
+#   "busy"                 another worker holds a live lease
+#   "wait|<ms>"            retrying, not due before <ms>
+#   "final|<status>"       sent, failed or skipped already
+CLAIM_SCRIPT = """
+local now = tonumber(ARGV[1])
+local lease_until = tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS do
+  local field = ARGV[2 + 2 * i - 1]
+  local message_id = ARGV[2 + 2 * i]
+  local raw = redis.call('HGET', KEYS[i], field)
+  local status, attempts, since, aux = 'planned', 0, now, 0
+  if raw then
+    local p = {}
+    for part in string.gmatch(raw, '([^|]*)') do if part ~= '' then table.insert(p, part) end end
+    status, attempts, since, aux = p[1], tonumber(p[2]), tonumber(p[3]), tonumber(p[5])
+  end
+  local code = nil
+  if status == 'sent' or status == 'failed' or status == 'skipped' then
+    code = 'final|' .. status
+  elseif status == 'sending' and aux > now then
+    code = 'busy'
+  elseif status == 'retrying' and aux > now then
+    code = 'wait|' .. aux
+  else
+    local verb = 'claimed'
+    if status == 'sending' then verb = 'reclaimed' end
+    attempts = attempts + 1
+    redis.call('HSET', KEYS[i], field,
+      'sending|' .. attempts .. '|' .. since .. '|' .. now .. '|' .. lease_until)
+    redis.call('ZADD', KEYS[#KEYS], lease_until, message_id)
+    code = verb .. '|' .. attempts .. '|' .. since
+  end
+  out[i] = code
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    ref: MessageRef
+    code: str  # claimed | reclaimed | busy | wait | final
+    attempt: int = 0
+    since_ms: int = 0
+    detail: str = ""
+
+
+class MessageStore:
+    """Reads and writes message states; the one place that knows their Redis layout."""
+
+    def __init__(self, redis: RedisClient) -> None:
+        self.redis = redis
+        self._claim = redis.register_script(CLAIM_SCRIPT)
+
+    async def claim(self, refs: list[MessageRef], *, now_ms: int, lease_ms: int) -> list[Claim]:
+        if not refs:
+            return []
+        keys = [registration_key(r.registration_id) for r in refs] + [DUE_KEY]
+        args: list[Any] = [now_ms, now_ms + lease_ms]
+        for ref in refs:
+            args += [ref.field, ref.id]
+        codes = await self._claim(keys=keys, args=args)
+        claims = []
+        for ref, raw in zip(refs, codes, strict=True):
+            parts = raw.decode().split("|")
+            if parts[0] in ("claimed", "reclaimed"):
+                claims.append(Claim(ref, parts[0], int(parts[1]), int(parts[2])))
+            else:
+                claims.append(Claim(ref, parts[0], detail=parts[1] if len(parts) > 1 else ""))
+        return claims
+
+    def write_state(self, pipe: Any, ref: MessageRef, state: MessageState) -> None:
+        """Queue a state write (and the due-index update) on a pipeline."""
+        pipe.hset(registration_key(ref.registration_id), ref.field, state.encode())
+        if state.final:
+            pipe.zrem(DUE_KEY, ref.id)
+        else:
+            pipe.zadd(DUE_KEY, {ref.id: state.aux_ms or state.at_ms})
+
+    def plan(self, pipe: Any, ref: MessageRef, *, now_ms: int, recheck_ms: int) -> None:
+        """Materialise a planned message unless it already has a state."""
+        state = MessageState("planned", 0, now_ms, now_ms, 0)
+        pipe.hsetnx(registration_key(ref.registration_id), ref.field, state.encode())
+        pipe.zadd(DUE_KEY, {ref.id: recheck_ms}, nx=True)
+
+    async def due(self, *, now_ms: int, limit: int) -> list[str]:
+        rows = await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit)
+        return [r.decode() for r in rows]
+
+    async def postpone(self, message_ids: list[str], until_ms: int) -> None:
+        if message_ids:
+            await self.redis.zadd(DUE_KEY, dict.fromkeys(message_ids, until_ms), xx=True)
+
+
+async def due_schedule(redis: RedisClient, *, now_ms: int, limit: int) -> list[tuple[str, int]]:
+    rows = await redis.zrangebyscore(SCHEDULE_KEY, "-inf", now_ms, start=0, num=limit, withscores=True)
+    return [(m.decode(), int(score)) for m, score in rows]
+
+
+# Remove a schedule entry only if it still has the score we ran it for: a reschedule that
+# moved it in the meantime must survive.
+UNSCHEDULE_IF_SCRIPT = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
