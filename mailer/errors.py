@@ -1,15 +1,15 @@
 """The one exception tree of mailer; every error carries what an operator needs to act on it.
 
-    MailerError
-    ├── ConfigError                 a setting is missing or malformed (exit status 2)
-    ├── InvalidEvent                an event failed the contract (field + reason)
-    ├── QueueUnavailable            Redis could not be reached or did not take the write
-    ├── TemplateError               a template is missing or failed to render
-    ├── ComposeError                a value cannot be put into a mail header or body
-    └── DeliveryError               the transport did not deliver a message
-        ├── TransientDeliveryError  worth retrying (4xx, timeouts, dropped connections)
-        │   └── UncertainDeliveryError  the server may have accepted it (interrupted DATA)
-        └── PermanentDeliveryError  never retried (5xx, invalid address)
+MailerError
+├── ConfigError                 a setting is missing or malformed (exit status 2)
+├── InvalidEvent                an event failed the contract (field + reason)
+├── QueueUnavailable            Redis could not be reached or did not take the write
+├── TemplateError               a template is missing or failed to render
+├── ComposeError                a value cannot be put into a mail header or body
+└── DeliveryError               the transport did not deliver a message
+    ├── TransientDeliveryError  worth retrying (4xx, timeouts, dropped connections)
+    │   └── UncertainDeliveryError  the server may have accepted it (interrupted DATA)
+    └── PermanentDeliveryError  never retried (5xx, invalid address)
 """
 
 from __future__ import annotations

@@ -189,6 +189,8 @@ def _problems(exc: ValidationError) -> list[FieldProblem]:
             loc = ["type"]
         elif error["type"] == "union_tag_not_found":
             loc, message = ["type"], "is missing"
+        elif error["type"] == "missing":
+            message = "is required"
         elif error["type"] == "string_pattern_mismatch":
             message = "must be 1-128 characters of letters, digits and . _ : @ + - (no spaces, / or |)"
         problems.append(FieldProblem(".".join(loc) or "(record)", message))

@@ -39,7 +39,8 @@ class MessageRef:
         parts = message_id.split("/", 2)
         if len(parts) < 2 or parts[1] not in MESSAGE_KINDS or not parts[0]:
             raise ValueError(f"{message_id!r} is not a message id (REGISTRATION/KIND[/DETAIL])")
-        return cls(parts[0], cast(MessageKind, parts[1]), parts[2] if len(parts) == 3 else "")
+        kind = parts[1]  # narrowed to MessageKind by the membership check above
+        return cls(parts[0], kind, parts[2] if len(parts) == 3 else "")
 
     def header_id(self, domain: str) -> str:
         """A Message-ID value (without brackets), the same for every attempt of this message."""

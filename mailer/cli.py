@@ -1,0 +1,397 @@
+"""The `mailer` command: worker, enqueue, log, retry, render, templates check, schema."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
+from mailer.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One clear line and an exit status for the errors an operator can fix; no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"mailer: configuration error: {exc}", err=True)
+            sys.exit(2)
+        except QueueUnavailable as exc:
+            click.echo(f"mailer: {exc}", err=True)
+            sys.exit(3)
+        except MailerError as exc:
+            click.echo(f"mailer: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _redis_url(settings: Settings) -> str:
+    from mailer.embedded import resolve_redis_url
+
+    return resolve_redis_url(settings.redis_url, settings.data_dir)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
+def main(verbose: bool) -> None:
+    """mailer sends the emails of an event-registration system: confirmations, reminders,
+    change and cancellation notices. Configure it with MAILER_ environment variables or .env."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        logging.getLogger("arq").setLevel(logging.WARNING)
+
+
+@main.command()
+@_errors_to_exit
+def worker() -> None:
+    """Run the worker: take events from the queue and send the mails they call for.
+
+    Without MAILER_REDIS_URL it starts a private Redis under MAILER_DATA_DIR (default ./var)
+    and stops it on exit. SIGTERM or Ctrl-C: finish the sends in flight, then exit 0.
+    """
+    from mailer.embedded import EmbeddedRedis
+    from mailer.worker import run
+
+    settings = _settings()
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.data_dir)
+        url = embedded.start()
+    where = (
+        f"SMTP {settings.smtp_host}:{settings.effective_smtp_port} ({settings.smtp_security})"
+        if settings.smtp_host
+        else f"Maildir outbox {settings.effective_outbox_dir.resolve()}"
+    )
+    click.echo(f"mailer worker: Redis {url}; mail goes to {where}", err=True)
+    if embedded is not None:
+        click.echo(
+            "send the sample event from another terminal in this directory with:\n"
+            "    .venv/bin/mailer enqueue examples/registration.json",
+            err=True,
+        )
+    try:
+        status = _run(run(settings, url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    sys.exit(status)
+
+
+def _records(source: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record) from a JSON object, a JSON array, or NDJSON; bad JSON as an error."""
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    stripped = data.lstrip()
+    if stripped.startswith(b"["):
+        try:
+            items = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            yield 1, InvalidEvent([FieldProblem("(file)", f"not valid JSON: {exc}")])
+            return
+        yield from ((i + 1, item) for i, item in enumerate(items))
+        return
+    try:
+        yield 1, orjson.loads(data)
+        return
+    except orjson.JSONDecodeError:
+        pass
+    for number, line in enumerate(data.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield number, InvalidEvent([FieldProblem("(line)", f"not valid JSON: {exc}")])
+
+
+@main.command()
+@click.argument("source", metavar="PATH|-")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate and show what would be planned, sent, rescheduled or cancelled; change nothing.",
+)
+@_errors_to_exit
+def enqueue(source: str, dry_run: bool) -> None:
+    """Validate events from a JSON or NDJSON file (or - for stdin) and put them on the queue.
+
+    Invalid records are reported with line, field and reason; the valid ones are still
+    enqueued. Exit status 1 if any record was invalid.
+    """
+    from mailer.client import MailerClient
+    from mailer.events import parse_event
+
+    settings = _settings()
+    lines: list[int] = []
+    raws: list[Any] = []
+    bad = 0
+    for number, record in _records(source):
+        if isinstance(record, InvalidEvent):
+            problems = record.problems
+        else:
+            try:
+                parse_event(record)
+                lines.append(number)
+                raws.append(record)
+                continue
+            except InvalidEvent as exc:
+                problems = exc.problems
+        bad += 1
+        for problem in problems:
+            click.echo(f"line {number}: {problem.field}: {problem.reason}", err=True)
+
+    async def go() -> None:
+        if dry_run:
+            await _dry_run(settings, raws)
+            return
+        async with MailerClient(_redis_url(settings)) as client:
+            report = await client.publish_many(raws)
+        click.echo(f"enqueued {report.accepted} event(s) in {report.jobs} job(s); {bad} invalid", err=True)
+
+    _run(go())
+    sys.exit(1 if bad else 0)
+
+
+async def _dry_run(settings: Settings, raws: list[Any]) -> None:
+    from mailer.events import parse_event
+    from mailer.planner import Planner
+    from mailer.queue import connect
+
+    redis = await connect(_redis_url(settings))
+    try:
+        planner = Planner(redis, default_offsets=settings.reminder_offsets)
+        plan = await planner.apply([parse_event(r) for r in raws], dry_run=True)
+    finally:
+        await redis.aclose()
+    click.echo(f"dry run: {len(raws)} valid event(s); nothing was changed")
+    for (action, kind, locale), count in sorted(plan.counts.items()):
+        if count:
+            label = "all locales" if locale == "*" else locale
+            verb = {"send": "would send", "schedule": "would (re)schedule"}.get(action, action)
+            click.echo(f"  {verb:>20} {count:>7} × {kind} ({label})")
+    for (_action, kind), sample in sorted(plan.samples.items()):
+        click.echo(f"  first recipients of {kind}: {', '.join(sample)}")
+    for note in plan.notes:
+        click.echo(f"  {note.status}: {note.source_event} {note.message_id} {note.detail}".rstrip())
+
+
+@main.command()
+def schema() -> None:
+    """Print the event contract as JSON Schema."""
+    from mailer.events import json_schema
+
+    click.echo(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+
+
+@main.command("log")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--recipient", help="Only this address.")
+@click.option("--registration", help="Only this registration id.")
+@click.option("--event", "event_id", help="Only this event id.")
+@click.option("--status", help="Only this status (sent, failed, retrying, skipped, rejected, uncertain).")
+@click.option("--limit", default=50, show_default=True, help="At most this many entries, newest first.")
+@_errors_to_exit
+def log_command(
+    as_json: bool,
+    recipient: str | None,
+    registration: str | None,
+    event_id: str | None,
+    status: str | None,
+    limit: int,
+) -> None:
+    """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
+    from mailer.deliverylog import read_log
+    from mailer.queue import connect
+
+    settings = _settings()
+
+    async def go() -> None:
+        redis = await connect(_redis_url(settings))
+        shown = 0
+        try:
+            async for entry in read_log(redis):
+                if (
+                    (recipient and entry.recipient != recipient.lower())
+                    or (registration and entry.registration_id != registration)
+                    or (event_id and entry.event_id != event_id)
+                    or (status and entry.status != status)
+                ):
+                    continue
+                if as_json:
+                    click.echo(entry.to_json().decode())
+                else:
+                    click.echo(
+                        f"{entry.ts}  {entry.status:<9} {entry.kind:<22} {entry.recipient:<30} "
+                        f"{entry.message_id}  #{entry.attempt} {entry.detail}"
+                    )
+                shown += 1
+                if shown >= limit:
+                    break
+        finally:
+            await redis.aclose()
+
+    _run(go())
+
+
+@main.command()
+@click.argument("message_ids", nargs=-1)
+@click.option(
+    "--status",
+    type=click.Choice(["failed", "skipped"]),
+    help="Re-drive every message whose latest log entry has this status.",
+)
+@click.option("--kind", help="Only this kind.")
+@click.option("--event", "event_id", help="Only this event id.")
+@click.option("--since", help="Only entries newer than this ISO 8601 duration (e.g. PT6H, P1D).")
+@_errors_to_exit
+def retry(
+    message_ids: tuple[str, ...],
+    status: str | None,
+    kind: str | None,
+    event_id: str | None,
+    since: str | None,
+) -> None:
+    """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
+    from mailer.deliverylog import DeliveryLog, LogEntry, now_iso, read_log
+    from mailer.durations import Offset
+    from mailer.messages import MessageRef, MessageState
+    from mailer.queue import SEND, Enqueuer, connect
+    from mailer.store import MessageStore
+
+    if not message_ids and not status:
+        raise click.UsageError("name MESSAGE_IDs or --status")
+    settings = _settings()
+    cutoff = None
+    if since:
+        offset = Offset.parse(since)
+        cutoff = datetime.now(UTC) - timedelta(days=offset.days, seconds=offset.seconds)
+
+    async def go() -> int:
+        redis = await connect(_redis_url(settings))
+        try:
+            chosen = list(dict.fromkeys(message_ids))
+            if status:
+                latest: dict[str, str] = {}
+                async for entry in read_log(redis):
+                    if cutoff and datetime.fromisoformat(entry.ts) < cutoff:
+                        break
+                    if entry.message_id and entry.message_id not in latest:
+                        latest[entry.message_id] = entry.status
+                        if (
+                            entry.status == status
+                            and (not kind or entry.kind == kind)
+                            and (not event_id or entry.event_id == event_id)
+                        ):
+                            chosen.append(entry.message_id)
+            refs = [MessageRef.parse(m) for m in dict.fromkeys(chosen)]
+            now_ms = int(datetime.now(UTC).timestamp() * 1000)
+            store = MessageStore(redis)
+            log = DeliveryLog(redis, max_entries=settings.log_max_entries, echo=None, worker="cli")
+            import getpass
+
+            who = f"mailer retry by {getpass.getuser()}"
+            async with redis.pipeline(transaction=False) as pipe:
+                for ref in refs:
+                    store.write_state(pipe, ref, MessageState("planned", 0, now_ms, now_ms, now_ms))
+                    log.add(
+                        pipe,
+                        LogEntry(
+                            ts=now_iso(),
+                            status="redriven",
+                            message_id=ref.id,
+                            kind=ref.kind,
+                            registration_id=ref.registration_id,
+                            detail=who,
+                            worker="cli",
+                        ),
+                    )
+                await pipe.execute()
+            ids = [r.id for r in refs]
+            jobs: list[tuple[str, str, dict[str, object]]] = [
+                (f"retry:{now_ms}:{i}", SEND, {"messages": ids[i : i + 50]}) for i in range(0, len(ids), 50)
+            ]
+            await Enqueuer(redis).enqueue(jobs)
+            return len(refs)
+        finally:
+            await redis.aclose()
+
+    count = _run(go())
+    click.echo(f"re-driven {count} message(s)")
+
+
+@main.command()
+@click.argument(
+    "kind",
+    type=click.Choice(
+        ["confirmation", "reminder", "registration_cancelled", "event_changed", "event_cancelled"]
+    ),
+)
+@click.option(
+    "--event",
+    "event_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A registration.created event (JSON) to take the data from.",
+)
+@click.option("--locale", type=click.Choice(["de", "en"]), help="Override the attendee's locale.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True)
+@_errors_to_exit
+def render(kind: str, event_file: str, locale: str | None, out_dir: str) -> None:
+    """Write KIND.LOCALE.eml and KIND.LOCALE.html: see what attendees get."""
+    from mailer.preview import preview
+
+    settings = _settings()
+    built, loc = preview(settings, kind, Path(event_file).read_bytes(), locale)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{kind}.{loc}.eml").write_bytes(built.data)
+    (out / f"{kind}.{loc}.html").write_text(built.html, encoding="utf-8")
+    click.echo(f"{built.subject}\nwrote {out / f'{kind}.{loc}.eml'} and {out / f'{kind}.{loc}.html'}")
+
+
+@main.group()
+def templates() -> None:
+    """Work with the email templates."""
+
+
+@templates.command("check")
+@_errors_to_exit
+def templates_check() -> None:
+    """Render every kind in every locale against sample data; fail on any error."""
+    from mailer.preview import check_all
+
+    settings = _settings()
+    failures = 0
+    for kind, locale, problem in check_all(settings):
+        if problem:
+            failures += 1
+            click.echo(f"FAIL {kind}/{locale}: {problem}", err=True)
+        else:
+            click.echo(f"ok   {kind}/{locale}")
+    sys.exit(1 if failures else 0)

@@ -1,0 +1,164 @@
+"""The producer side: validate events and put them on the queue (async client and a sync wrapper)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from mailer.errors import InvalidEvent, QueueUnavailable
+from mailer.events import parse_event
+from mailer.queue import INGEST, Enqueuer, connect
+
+EventInput = dict[str, Any] | str | bytes | BaseModel
+
+
+@dataclass(slots=True)
+class PublishReport:
+    """What `publish_many` did: how many went on the queue, and which records were refused."""
+
+    accepted: int = 0
+    jobs: int = 0
+    invalid: list[tuple[int, InvalidEvent]] = field(default_factory=list)  # (index, error)
+
+
+def _as_raw(event: EventInput) -> dict[str, Any]:
+    if isinstance(event, BaseModel):
+        dumped: dict[str, Any] = event.model_dump(mode="json")
+        return dumped
+    if isinstance(event, dict):
+        return event
+    import orjson
+
+    loaded = orjson.loads(event)
+    if not isinstance(loaded, dict):
+        raise InvalidEvent([])
+    return loaded
+
+
+class MailerClient:
+    """Publishes registration events for mailer's workers.
+
+    ``async with MailerClient(url) as client: await client.publish(event)``. Events are
+    validated here, so a bad record fails at the producer with field and reason, and again
+    in the worker, which trusts nothing it reads from Redis.
+    """
+
+    def __init__(self, redis_url: str, *, events_per_job: int = 100) -> None:
+        self.redis_url = redis_url
+        self.events_per_job = events_per_job
+        self._redis: Any = None
+        self._enqueuer: Enqueuer | None = None
+
+    async def __aenter__(self) -> MailerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if self._redis is None:
+            try:
+                self._redis = await connect(self.redis_url)
+                await self._redis.ping()
+            except (RedisError, OSError) as exc:
+                self._redis = None
+                raise QueueUnavailable(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+            self._enqueuer = Enqueuer(self._redis)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def publish(self, event: EventInput) -> bool:
+        """Validate and enqueue one event; False if an event with this id is already queued.
+
+        Raises InvalidEvent (with every field problem) or QueueUnavailable.
+        """
+        raw = _as_raw(event)
+        parsed = parse_event(raw)
+        added = await self._enqueue([(f"event:{parsed.id}", INGEST, {"events": [raw]})])
+        return added == 1
+
+    async def publish_many(self, events: Iterable[EventInput]) -> PublishReport:
+        """Validate many events and enqueue the valid ones, several per job, in few round trips.
+
+        Invalid records are reported by index in the result, not raised: one bad line in an
+        import must not hold back the good ones.
+        """
+        report = PublishReport()
+        batch: list[dict[str, Any]] = []
+        jobs: list[tuple[str, str, dict[str, object]]] = []
+        for index, event in enumerate(events):
+            try:
+                raw = _as_raw(event)
+                parse_event(raw)
+            except InvalidEvent as exc:
+                report.invalid.append((index, exc))
+                continue
+            except ValueError as exc:
+                from mailer.errors import FieldProblem
+
+                report.invalid.append((index, InvalidEvent([FieldProblem("(record)", f"not JSON: {exc}")])))
+                continue
+            batch.append(raw)
+            report.accepted += 1
+            if len(batch) >= self.events_per_job:
+                jobs.append(self._job(batch))
+                batch = []
+        if batch:
+            jobs.append(self._job(batch))
+        report.jobs = len(jobs)
+        await self._enqueue(jobs)
+        return report
+
+    @staticmethod
+    def _job(batch: list[dict[str, Any]]) -> tuple[str, str, dict[str, object]]:
+        ids = "\n".join(str(e.get("id")) for e in batch)
+        digest = hashlib.blake2b(ids.encode(), digest_size=12).hexdigest()
+        return (f"events:{digest}", INGEST, {"events": batch})
+
+    async def _enqueue(self, jobs: list[tuple[str, str, dict[str, object]]]) -> int:
+        await self.connect()
+        assert self._enqueuer is not None
+        try:
+            return await self._enqueuer.enqueue(jobs)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(
+                f"enqueue to {self.redis_url} failed; nothing was enqueued by this call "
+                f"after the error: {exc}"
+            ) from exc
+
+
+class SyncMailerClient:
+    """The same for registration systems that are not async (Django, Flask, scripts)."""
+
+    def __init__(self, redis_url: str, *, events_per_job: int = 100) -> None:
+        self._runner = asyncio.Runner()
+        self._client = MailerClient(redis_url, events_per_job=events_per_job)
+
+    def publish(self, event: EventInput) -> bool:
+        return self._runner.run(self._client.publish(event))
+
+    def publish_many(self, events: Iterable[EventInput]) -> PublishReport:
+        return self._runner.run(self._client.publish_many(events))
+
+    def close(self) -> None:
+        self._runner.run(self._client.close())
+        self._runner.close()
+
+    def __enter__(self) -> SyncMailerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

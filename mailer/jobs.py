@@ -1,0 +1,92 @@
+"""The arq job functions: thin adapters from a queue job to the planner, sender and scheduler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+from mailer.errors import InvalidEvent
+from mailer.events import IncomingEvent, parse_event
+from mailer.messages import MessageRef
+from mailer.planner import Planner
+from mailer.scheduler import Scheduler
+from mailer.sender import Sender
+
+logger = logging.getLogger("mailer.jobs")
+
+
+@dataclass(slots=True)
+class App:
+    """What every job needs, built once per worker start and kept in arq's ctx."""
+
+    planner: Planner
+    sender: Sender
+    scheduler: Scheduler
+    log: DeliveryLog
+
+
+def _app(ctx: dict[str, Any]) -> App:
+    app: App = ctx["app"]
+    return app
+
+
+def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
+    return LogEntry(ts=now_iso(), status="rejected", detail=detail, worker=log.worker, **fields)
+
+
+async def ingest(ctx: dict[str, Any], *, events: Any = None) -> dict[str, int]:
+    """Apply producer events and send what they yield right away (confirmations, notices)."""
+    app = _app(ctx)
+    if not isinstance(events, list):
+        await app.log.write([_rejected(app.log, "ingest job without a list of events")])
+        return {"rejected": 1}
+    valid: list[IncomingEvent] = []
+    rejected: list[LogEntry] = []
+    for raw in events:
+        try:
+            valid.append(parse_event(raw))
+        except InvalidEvent as exc:
+            # Producers validate too, but anyone can write to the queue: never trust it.
+            rejected.append(_rejected(app.log, f"invalid event: {exc}", source_event=exc.event_id or ""))
+    plan = await app.planner.apply(valid)
+    await app.log.write(rejected + plan.notes)
+    outcomes = await app.sender.deliver(plan.deliver_now)
+    return {"events": len(valid), "rejected": len(rejected), "sent": _count(outcomes, "sent")}
+
+
+async def send(ctx: dict[str, Any], *, messages: Any = None) -> dict[str, int]:
+    """Deliver a batch of messages by id (from a fan-out, a retry, or `mailer retry`)."""
+    app = _app(ctx)
+    refs: list[MessageRef] = []
+    rejected: list[LogEntry] = []
+    for message_id in messages if isinstance(messages, list) else [messages]:
+        try:
+            refs.append(MessageRef.parse(str(message_id)))
+        except ValueError as exc:
+            rejected.append(_rejected(app.log, str(exc), message_id=str(message_id)[:200]))
+    await app.log.write(rejected)
+    outcomes = await app.sender.deliver(refs)
+    return {"messages": len(refs), "sent": _count(outcomes, "sent"), "rejected": len(rejected)}
+
+
+async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int = 0) -> int:
+    """One slice of a reminder or notice for all of an event's active registrations."""
+    return await _app(ctx).scheduler.fan_out(member, int(due_ms), int(cursor))
+
+
+async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") -> None:
+    """Stands in for a job that could not be read (see mailer.queue.deserialize)."""
+    app = _app(ctx)
+    logger.warning("rejected a malformed job: %s", reason)
+    await app.log.write([_rejected(app.log, f"malformed job: {reason}; starts with {preview[:80]!r}")])
+
+
+async def tick(ctx: dict[str, Any]) -> dict[str, int]:
+    """Every second: start due fan-outs and re-drive due or stranded messages."""
+    return await _app(ctx).scheduler.tick()
+
+
+def _count(entries: list[LogEntry], status: str) -> int:
+    return sum(1 for e in entries if e.status == status)

@@ -1,0 +1,102 @@
+"""Previews for template authors: one message of any kind built from one event file or sample data."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from mailer.durations import Offset
+from mailer.errors import InvalidEvent, MailerError
+from mailer.events import Attendee, Event, RegistrationCreated, parse_event
+from mailer.messages import MessageRef
+from mailer.planner import reminder_disc
+from mailer.render import Renderer, all_kinds_and_locales
+from mailer.sender import Built, MessageBuilder
+from mailer.settings import Settings
+from mailer.store import StoredEvent, StoredRegistration
+
+
+def sample_event(today: datetime | None = None) -> dict[str, Any]:
+    """The city's dialog evening, two weeks from today (so samples never lie in the past)."""
+    zone = ZoneInfo("Europe/Berlin")
+    day = (today or datetime.now(UTC)).astimezone(zone).date() + timedelta(days=14)
+    start = datetime(day.year, day.month, day.day, 18, 0, tzinfo=zone)
+    deadline = datetime(day.year, day.month, day.day, 23, 59, tzinfo=zone) - timedelta(days=10)
+    return {
+        "type": "registration.created",
+        "id": "evt-sample",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "registration": {
+            "id": "reg-sample",
+            "attendee": {"email": "maria.mueller@example.org", "name": "Maria Müller", "locale": "de"},
+        },
+        "event": {
+            "id": "weltoffen-sample",
+            "title": "Digitaler Dialog zu Weltoffenheit",
+            "starts_at": start.isoformat(),
+            "ends_at": (start + timedelta(hours=2, minutes=30)).isoformat(),
+            "timezone": "Europe/Berlin",
+            "location": "Online",
+            "join_url": "https://meet.example.org/weltoffen",
+            "organizer": {"name": "Stadt Kaiserslautern", "email": "integration@example.org"},
+            "registration_deadline": deadline.isoformat(),
+        },
+    }
+
+
+def _previous(event: Event) -> Event:
+    """Stand-in for the values before a change: an hour earlier, in the town hall."""
+    return event.model_copy(
+        update={
+            "starts_at": event.starts_at - timedelta(hours=1),
+            "ends_at": event.ends_at - timedelta(hours=1),
+            "location": "Rathaus, Großer Sitzungssaal",
+        }
+    )
+
+
+def preview(
+    settings: Settings, kind: str, event_json: bytes | dict[str, Any], locale: str | None
+) -> tuple[Built, str]:
+    """Build one message of `kind` for the registration in `event_json`."""
+    incoming = parse_event(event_json)
+    if not isinstance(incoming, RegistrationCreated):
+        raise InvalidEvent([], event_id=incoming.id) from None
+    attendee: Attendee = incoming.registration.attendee
+    if locale:
+        attendee = attendee.model_copy(update={"locale": locale})
+    event = incoming.event
+    stored = StoredEvent(
+        event=event,
+        version=2 if kind == "event_changed" else 1,
+        occurred_ms=0,
+        status="cancelled" if kind == "event_cancelled" else "active",
+        previous=_previous(event) if kind == "event_changed" else None,
+    )
+    reg = StoredRegistration(incoming.registration.id, attendee, event.id, "active", 0, 0)
+    disc = ""
+    if kind == "reminder":
+        offset = (event.offsets(settings.reminder_offsets) or (Offset.parse("P1D"),))[0]
+        disc = reminder_disc(offset, offset.before(event.starts_at, event.timezone))
+    elif kind == "event_changed":
+        disc = "v2"
+    ref = MessageRef(reg.id, kind, disc)  # type: ignore[arg-type]
+    builder = MessageBuilder(settings=settings, renderer=Renderer(settings.template_dir))
+    now = datetime.now(UTC)
+    return builder.build(ref, reg, stored, now), attendee.locale
+
+
+def check_all(settings: Settings) -> list[tuple[str, str, str]]:
+    """(kind, locale, problem or "") for every template pair, rendered against sample data."""
+    results = []
+    sample = sample_event()
+    for kind, locale in all_kinds_and_locales():
+        try:
+            built, _ = preview(settings, kind, sample, locale)
+            if not built.text.strip() or "<html" not in built.html:
+                raise MailerError("rendered an empty text or HTML part")
+            results.append((kind, locale, ""))
+        except MailerError as exc:
+            results.append((kind, locale, str(exc)))
+    return results

@@ -1,0 +1,119 @@
+"""The job queue: arq on Redis with a JSON serializer, and the only module that knows arq's layout.
+
+arq is maintenance-only, so everything it is used for goes through here: connection
+settings, (de)serialising jobs without pickle, and enqueueing many jobs in one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from mailer.constants import QUEUE_NAME
+
+# Job functions the worker knows; anything else in the queue is recorded as rejected.
+INGEST, SEND, FAN_OUT, REJECT = "ingest", "send", "fan_out", "reject"
+KNOWN_FUNCTIONS = frozenset({INGEST, SEND, FAN_OUT, REJECT, "cron:tick"})
+
+_ARQ_JOB_PREFIX = "arq:job:"
+_ARQ_RESULT_PREFIX = "arq:result:"
+# Job keys expire a day after they were due, as arq's own enqueue_job does.
+_JOB_EXPIRY_MS = 86_400_000
+
+
+def serialize(obj: Any) -> bytes:
+    """JSON, never pickle: whoever can write to Redis must not be able to run code in the worker."""
+    return orjson.dumps(obj, default=repr)
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    """Decode a job; anything malformed becomes a `reject` job that logs why, instead of a crash."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _rejection(f"job is not valid JSON: {exc}", raw)
+    if not isinstance(data, dict) or not {"f", "a", "k"} <= data.keys():
+        return _rejection("job is not an arq job object", raw)
+    if data["f"] not in KNOWN_FUNCTIONS:
+        return _rejection(f"unknown job function {data['f']!r}", raw)
+    if not isinstance(data["a"], list) or not isinstance(data["k"], dict):
+        return _rejection("job arguments are malformed", raw)
+    data.setdefault("t", 1)
+    data.setdefault("et", int(time.time() * 1000))
+    return data
+
+
+def _rejection(reason: str, raw: bytes) -> dict[str, Any]:
+    preview = raw[:200].decode("utf-8", "replace")
+    return {"t": 1, "f": REJECT, "a": [], "k": {"reason": reason, "preview": preview}, "et": 0}
+
+
+def redis_settings(url: str) -> RedisSettings:
+    settings = RedisSettings.from_dsn(url)
+    # Fail fast on a dead server; the worker's own loop does the patient retrying.
+    settings.conn_timeout = 2
+    settings.conn_retries = 0
+    return settings
+
+
+async def connect(url: str) -> ArqRedis:
+    """A Redis pool that speaks mailer's job format (JSON, mailer's queue)."""
+    return await create_pool(
+        redis_settings(url),
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+        default_queue_name=QUEUE_NAME,
+    )
+
+
+# Enqueue one job unless a job (or a kept result) with its id exists: arq's enqueue_job
+# does the same with WATCH/MULTI in three round trips; this does it for many in one.
+_ENQUEUE_SCRIPT = """
+local added = 0
+for i = 1, #KEYS, 2 do
+  local n = (i + 1) / 2
+  local id = ARGV[3 + 3 * (n - 1)]
+  if redis.call('EXISTS', KEYS[i], KEYS[i + 1]) == 0 then
+    redis.call('SET', KEYS[i], ARGV[4 + 3 * (n - 1)], 'PX', ARGV[2])
+    redis.call('ZADD', ARGV[1], ARGV[5 + 3 * (n - 1)], id)
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+class Enqueuer:
+    """Puts jobs on the queue, many per round trip; returns how many were new."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._script = redis.register_script(_ENQUEUE_SCRIPT)
+
+    async def enqueue(
+        self,
+        jobs: list[tuple[str, str, dict[str, object]]],
+        *,
+        run_at_ms: int | None = None,
+        chunk: int = 200,
+    ) -> int:
+        """Enqueue (job_id, function, kwargs) triples, due now or at `run_at_ms`."""
+        now = int(time.time() * 1000)
+        score = run_at_ms or now
+        added = 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(jobs), chunk):
+                keys: list[str] = []
+                args: list[Any] = [QUEUE_NAME, max(score - now, 0) + _JOB_EXPIRY_MS]
+                for job_id, function, kwargs in jobs[start : start + chunk]:
+                    keys += [_ARQ_JOB_PREFIX + job_id, _ARQ_RESULT_PREFIX + job_id]
+                    body = serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": now})
+                    args += [job_id, body, score]
+                await self._script(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        for result in results:
+            added += int(result)
+        return added

@@ -1,0 +1,217 @@
+"""Templates to text: Jinja2 environment, the render context, and dates formatted per locale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jinja2
+from babel.dates import (
+    format_date,
+    format_interval,
+    format_time,
+    format_timedelta,
+    get_timezone_name,
+)
+
+from mailer.constants import LOCALES, MESSAGE_KINDS
+from mailer.durations import Offset
+from mailer.errors import TemplateError
+from mailer.events import Attendee, Event
+
+PARTS = ("subject", "text", "html")
+_FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
+CHANGE_LABELS = {
+    "de": {"time": "Zeit", "location": "Ort", "join_url": "Zugangslink", "title": "Titel"},
+    "en": {"time": "Time", "location": "Place", "join_url": "Join link", "title": "Title"},
+}
+CALENDAR_FILENAMES = {"de": "veranstaltung.ics", "en": "event.ics"}
+
+
+def default_template_dir() -> Path:
+    """The packaged templates: inside the wheel, or the repository's templates/ folder."""
+    packaged = Path(__file__).parent / "default_templates"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+
+
+def _tidy(text: str) -> str:
+    # CLDR puts narrow and thin no-break spaces around "PM" and "–"; some mail clients show
+    # them as boxes, and "6:00–8:30 PM" reads the same.
+    return text.replace("\u2009–\u2009", "–").replace("\u202f", " ").replace("\u2009", " ")
+
+
+@lru_cache(maxsize=4096)
+def format_when(starts_at: datetime, ends_at: datetime, timezone: str, locale: str) -> dict[str, str]:
+    """Every date string templates show, in the event's time zone; cached per event and locale."""
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(timezone)
+    start, end = starts_at.astimezone(zone), ends_at.astimezone(zone)
+    date = format_date(start, "full", locale=locale)
+    if start.date() == end.date():
+        times = format_interval(start.time(), end.time(), "Hm" if locale == "de" else "hm", locale=locale)
+        when = f"{date}, {times}"
+    else:
+        when = f"{format_moment(start, timezone, locale)} – {format_moment(end, timezone, locale)}"
+    return {
+        "when": _tidy(when),
+        "date": _tidy(date),
+        "start_time": _tidy(format_time(start, "short", locale=locale)),
+        "end_time": _tidy(format_time(end, "short", locale=locale)),
+        "timezone_name": get_timezone_name(start, "long", locale=locale),
+    }
+
+
+def format_moment(moment: datetime, timezone: str, locale: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    local = moment.astimezone(ZoneInfo(timezone))
+    text = f"{format_date(local, 'full', locale=locale)}, {format_time(local, 'short', locale=locale)}"
+    return _tidy(text + (" Uhr" if locale == "de" else ""))
+
+
+def reminder_lead(offset: Offset, locale: str) -> str:
+    """ "morgen" / "in einer Stunde" / "in 3 Tagen": fits "Ihre Veranstaltung beginnt …"."""
+    if offset.days == 1 and offset.seconds == 0:
+        return "morgen" if locale == "de" else "tomorrow"
+    if offset.days == 0 and offset.seconds == 3600:
+        return "in einer Stunde" if locale == "de" else "in one hour"
+    return format_timedelta(
+        timedelta(seconds=offset.total_seconds), add_direction=True, threshold=2, locale=locale
+    )
+
+
+def event_view(event: Event, locale: str) -> SimpleNamespace:
+    """The `event` object templates see."""
+    deadline = event.registration_deadline
+    return SimpleNamespace(
+        title=event.title,
+        location=event.location,
+        join_url=event.join_url,
+        description=event.description,
+        is_online=event.join_url is not None or (event.location or "").strip().lower() == "online",
+        organizer_name=event.organizer.name,
+        organizer_email=event.organizer.email,
+        timezone=event.timezone,
+        registration_deadline=format_moment(deadline, event.timezone, locale) if deadline else None,
+        **format_when(event.starts_at, event.ends_at, event.timezone, locale),
+    )
+
+
+def change_list(previous: Event, current: Event, locale: str) -> list[SimpleNamespace]:
+    """Old and new values of what changed, worded for the attendee."""
+    from mailer.planner import visible_changes
+
+    labels = CHANGE_LABELS[locale]
+    none = "—"
+    rows = []
+    for name in visible_changes(previous, current):
+        if name == "time":
+            old = format_when(previous.starts_at, previous.ends_at, previous.timezone, locale)["when"]
+            new = format_when(current.starts_at, current.ends_at, current.timezone, locale)["when"]
+        else:
+            old, new = getattr(previous, name) or none, getattr(current, name) or none
+        rows.append(SimpleNamespace(field=name, label=labels[name], old=old, new=new))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+class Renderer:
+    """Renders subject, text and HTML of a kind and locale; templates are compiled once."""
+
+    def __init__(self, template_dir: Path | None = None) -> None:
+        loaders: list[jinja2.BaseLoader] = []
+        if template_dir is not None:
+            if not template_dir.is_dir():
+                raise TemplateError(f"MAILER_TEMPLATE_DIR {template_dir} is not a directory")
+            loaders.append(jinja2.FileSystemLoader(template_dir))
+        # Operators may override single files; the defaults fill in the rest.
+        loaders.append(jinja2.FileSystemLoader(default_template_dir()))
+        self.env = jinja2.Environment(
+            loader=jinja2.ChoiceLoader(loaders),
+            undefined=jinja2.StrictUndefined,
+            autoescape=jinja2.select_autoescape(["html"]),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+            auto_reload=False,
+        )
+        self._compiled: dict[tuple[str, str, str], jinja2.Template] = {}
+
+    def template(self, kind: str, locale: str, part: str) -> jinja2.Template:
+        key = (kind, locale, part)
+        found = self._compiled.get(key)
+        if found is None:
+            name = f"{kind}/{_FILES[part].format(locale=locale)}"
+            try:
+                found = self.env.get_template(name)
+            except jinja2.TemplateNotFound:
+                raise TemplateError(f"template {name} not found", template=name) from None
+            except jinja2.TemplateSyntaxError as exc:
+                raise TemplateError(f"{name}:{exc.lineno}: {exc.message}", template=name) from None
+            self._compiled[key] = found
+        return found
+
+    def render(self, kind: str, locale: str, context: dict[str, Any]) -> Rendered:
+        out = {}
+        for part in PARTS:
+            template = self.template(kind, locale, part)
+            try:
+                out[part] = template.render(context)
+            except jinja2.TemplateError as exc:
+                raise TemplateError(f"{template.name}: {exc}", template=template.name) from None
+        subject = " ".join(out["subject"].split())
+        if not subject:
+            raise TemplateError(f"{kind}/subject.{locale}.txt rendered empty", template=kind)
+        return Rendered(subject=subject, text=out["text"].strip() + "\n", html=out["html"])
+
+
+def build_context(
+    *,
+    kind: str,
+    locale: str,
+    attendee: Attendee,
+    event: Event,
+    event_view_cache: SimpleNamespace | None = None,
+    previous: Event | None = None,
+    offset: Offset | None = None,
+    has_calendar: bool = False,
+) -> dict[str, Any]:
+    """The variables every template gets (see templates/README.md)."""
+    # Reminders and change notices always carry the link; the confirmation unless the event
+    # keeps it back (join_url_in_confirmation: false); cancellations never.
+    show_join = kind in ("reminder", "event_changed") or (
+        kind == "confirmation" and event.join_url_in_confirmation
+    )
+    return {
+        "locale": locale,
+        "kind": kind,
+        "attendee": SimpleNamespace(name=attendee.name, email=attendee.email),
+        "event": event_view_cache or event_view(event, locale),
+        "show_join_url": bool(show_join and event.join_url),
+        "reminder": SimpleNamespace(
+            offset=offset.iso,
+            offset_seconds=offset.total_seconds,
+            lead=reminder_lead(offset, locale),
+            is_tomorrow=offset.days == 1 and offset.seconds == 0,
+        )
+        if offset is not None
+        else None,
+        "changes": change_list(previous, event, locale) if previous is not None else [],
+        "has_calendar": has_calendar,
+        "calendar_filename": CALENDAR_FILENAMES.get(locale, "event.ics"),
+    }
+
+
+def all_kinds_and_locales() -> list[tuple[str, str]]:
+    return [(kind, locale) for kind in MESSAGE_KINDS for locale in LOCALES]

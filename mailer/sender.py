@@ -1,0 +1,351 @@
+"""The send path for a batch of messages: check, claim, render, compose, hand over, record."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parseaddr
+from typing import Any
+
+from mailer.compose import Address, Attachment, MailParts, compose
+from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+from mailer.durations import Offset
+from mailer.errors import DeliveryError, MailerError, PermanentDeliveryError, UncertainDeliveryError
+from mailer.events import Event
+from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
+from mailer.messages import MessageRef, MessageState
+from mailer.planner import Clock, ms, utc_now
+from mailer.render import Renderer, build_context, event_view
+from mailer.retry import RetryPolicy
+from mailer.settings import Settings
+from mailer.store import (
+    Claim,
+    MessageStore,
+    RedisClient,
+    StoredEvent,
+    StoredRegistration,
+    load_events,
+    load_registrations,
+)
+from mailer.transport import Transport
+
+logger = logging.getLogger("mailer.sender")
+
+CALENDAR_KINDS = {
+    "confirmation": "PUBLISH",
+    "event_changed": "PUBLISH",
+    "registration_cancelled": "CANCEL",
+    "event_cancelled": "CANCEL",
+}
+CANCELLATION_KINDS = frozenset({"registration_cancelled", "event_cancelled"})
+
+
+@dataclass(slots=True)
+class _Job:
+    """One claimed message on its way out."""
+
+    claim: Claim
+    registration: StoredRegistration
+    event: StoredEvent
+    recipient: str = ""
+    data: bytes = b""
+
+
+def why_not_send(
+    ref: MessageRef, reg: StoredRegistration | None, stored: StoredEvent | None, now: datetime
+) -> str | None:
+    """The send-time re-check: None if the message should still go out, else the reason.
+
+    Whatever the scheduler did, this is what decides, against the state as it is now.
+    """
+    if reg is None or reg.attendee is None or stored is None:
+        return "registration or event not found"
+    event = stored.event
+    if ref.kind == "registration_cancelled":
+        return None if reg.status == "cancelled" else "registration is active again"
+    if reg.status != "active":
+        return "registration was cancelled"
+    if ref.kind == "event_cancelled":
+        return None if stored.status == "cancelled" else "event is not cancelled"
+    if stored.status == "cancelled":
+        return "event was cancelled"
+    if now >= event.starts_at:
+        return "event has already started"
+    if ref.kind == "event_changed" and ref.disc != f"v{stored.version}":
+        return f"superseded by a newer change (now v{stored.version})"
+    if ref.kind == "reminder":
+        offset_text, _, due_text = ref.disc.partition("/")
+        offset = Offset.parse(offset_text)
+        due = datetime.strptime(due_text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        if offset not in event.offsets(()) and event.reminder_offsets is not None:
+            return "the event no longer has this reminder"
+        if offset.before(event.starts_at, event.timezone) != due:
+            return "event time changed; a reminder for the new time is planned separately"
+        if reg.created_ms >= ms(due):
+            return "registered after the reminder time"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    data: bytes
+    subject: str
+    text: str
+    html: str
+
+
+class MessageBuilder:
+    """Renders and composes one message; caches per-event work (dates, calendar) across messages."""
+
+    def __init__(self, *, settings: Settings, renderer: Renderer) -> None:
+        self.renderer = renderer
+        name, address = parseaddr(settings.sender)
+        self.sender = Address(name=name, email=address)
+        self.domain = settings.sender_domain
+        self._calendars: dict[tuple[str, int, str], CalendarTemplate] = {}
+        self._views: dict[tuple[str, int, str], Any] = {}
+
+    def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
+        attendee, event = reg.attendee, stored.event
+        if attendee is None:
+            raise MailerError(f"registration {reg.id} has no attendee address")
+        locale = attendee.locale
+        view_key = (event.id, stored.version, locale)
+        view = self._views.get(view_key)
+        if view is None:
+            if len(self._views) > 4096:
+                self._views.clear()
+            view = self._views[view_key] = event_view(event, locale)
+        offset = Offset.parse(ref.disc.split("/", 1)[0]) if ref.kind == "reminder" else None
+        method = CALENDAR_KINDS.get(ref.kind)
+        context = build_context(
+            kind=ref.kind,
+            locale=locale,
+            attendee=attendee,
+            event=event,
+            event_view_cache=view,
+            previous=stored.previous if ref.kind == "event_changed" else None,
+            offset=offset,
+            has_calendar=method is not None,
+        )
+        rendered = self.renderer.render(ref.kind, locale, context)
+        attachment = None
+        if method is not None:
+            # A registration's own cancellation must outrank every PUBLISH it received.
+            sequence = stored.version + (1 if ref.kind == "registration_cancelled" else 0)
+            calendar = self._calendar(event, sequence, method, now)
+            attachment = Attachment(
+                filename=context["calendar_filename"],
+                content_type=f'text/calendar; method={method}; charset="utf-8"',
+                data=calendar.for_registration(reg.id),
+            )
+        data = compose(
+            MailParts(
+                message_id=ref.header_id(self.domain),
+                sender=self.sender,
+                recipient=Address(name=attendee.name, email=attendee.email),
+                reply_to=Address(name=event.organizer.name, email=event.organizer.email),
+                subject=rendered.subject,
+                text=rendered.text,
+                html=rendered.html,
+                attachment=attachment,
+                date=now,
+                language=locale,
+                extra_headers=(("X-Mailer-Kind", ref.kind),),
+            )
+        )
+        return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
+
+    def _calendar(self, event: Event, sequence: int, method: str, now: datetime) -> CalendarTemplate:
+        key = (event.id, sequence, method)
+        found = self._calendars.get(key)
+        if found is None:
+            if len(self._calendars) > 1024:
+                self._calendars.clear()
+            found = self._calendars[key] = build_calendar(
+                CalendarEvent(
+                    event_id=event.id,
+                    title=event.title,
+                    starts_at=event.starts_at,
+                    ends_at=event.ends_at,
+                    timezone=event.timezone,
+                    location=event.location,
+                    url=event.join_url,
+                    description=event.description,
+                    organizer_name=event.organizer.name,
+                    organizer_email=event.organizer.email,
+                ),
+                sequence=sequence,
+                method=method,  # type: ignore[arg-type]
+                uid_domain=self.domain,
+                stamp=now,
+            )
+        return found
+
+
+class Sender:
+    """Delivers batches of messages; every message keeps its own state and log entries."""
+
+    def __init__(
+        self,
+        *,
+        redis: RedisClient,
+        settings: Settings,
+        transport: Transport,
+        renderer: Renderer,
+        log: DeliveryLog,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.transport = transport
+        self.renderer = renderer
+        self.log = log
+        self.clock = clock
+        self.store = MessageStore(redis)
+        self.policy = RetryPolicy(
+            settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds
+        )
+        self.builder = MessageBuilder(settings=settings, renderer=renderer)
+        # Lease on a claimed message: if its worker dies, it is sent again after this.
+        self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
+
+    async def deliver(self, messages: Iterable[MessageRef | str]) -> list[LogEntry]:
+        refs = [m if isinstance(m, MessageRef) else MessageRef.parse(m) for m in messages]
+        if not refs:
+            return []
+        now = self.clock()
+        regs = await load_registrations(self.redis, [r.registration_id for r in refs])
+        events = await load_events(self.redis, [r.event_id for r in regs.values() if r.event_id])
+        claims = await self.store.claim(refs, now_ms=ms(now), lease_ms=self.lease_ms)
+
+        entries: list[LogEntry] = []
+        writes: list[tuple[MessageRef, MessageState]] = []
+        jobs: list[_Job] = []
+        for claim in claims:
+            if claim.code not in ("claimed", "reclaimed"):
+                continue  # final already, leased by another worker, or not due yet
+            reg = regs.get(claim.ref.registration_id)
+            stored = events.get(reg.event_id) if reg and reg.event_id else None
+            reason = why_not_send(claim.ref, reg, stored, now)
+            if reason is not None:
+                writes.append((claim.ref, self._state("skipped", claim, now)))
+                entries.append(self._entry(claim, reg, stored, "skipped", reason, now))
+                continue
+            assert reg is not None  # why_not_send returned None, so both exist
+            assert stored is not None
+            if claim.code == "reclaimed":
+                entries.append(
+                    self._entry(
+                        claim,
+                        reg,
+                        stored,
+                        "uncertain",
+                        "found in sending after an interrupted attempt; resending, "
+                        "so the recipient may get it twice",
+                        now,
+                    )
+                )
+            job = _Job(claim, reg, stored)
+            try:
+                self._compose(job, now)
+            except MailerError as exc:
+                writes.append((claim.ref, self._state("failed", claim, now)))
+                entries.append(self._entry(claim, reg, stored, "failed", f"cannot render: {exc}", now))
+                continue
+            jobs.append(job)
+
+        results = await asyncio.gather(*(self._send(job) for job in jobs))
+        done = self.clock()
+        for job, result in zip(jobs, results, strict=True):
+            state, entry = self._outcome(job, result, done)
+            writes.append((job.claim.ref, state))
+            entries.append(entry)
+        await self._record(writes, entries)
+        return entries
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _compose(self, job: _Job, now: datetime) -> None:
+        job.recipient = job.registration.attendee.email if job.registration.attendee else ""
+        job.data = self.builder.build(job.claim.ref, job.registration, job.event, now).data
+
+    async def _send(self, job: _Job) -> DeliveryError | str:
+        try:
+            accepted = await self.transport.send(
+                sender=self.builder.sender.email, recipient=job.recipient, data=job.data
+            )
+        except DeliveryError as exc:
+            return exc
+        return accepted.detail
+
+    def _outcome(
+        self, job: _Job, result: DeliveryError | str, now: datetime
+    ) -> tuple[MessageState, LogEntry]:
+        claim, reg, stored = job.claim, job.registration, job.event
+        if isinstance(result, str):
+            return self._state("sent", claim, now), self._entry(claim, reg, stored, "sent", result, now)
+        code, enhanced = result.code, result.enhanced_code
+        detail = result.detail
+        if isinstance(result, UncertainDeliveryError):
+            detail = f"outcome unknown ({detail}); the server may have accepted it"
+        if not isinstance(result, PermanentDeliveryError):
+            deadline = (
+                ms(stored.event.starts_at)
+                if claim.ref.kind == "reminder"
+                else claim.since_ms + int(self.settings.message_ttl.total_seconds() * 1000)
+            )
+            retry_at = self.policy.next_attempt_ms(
+                attempt=claim.attempt, now_ms=ms(now), deadline_ms=deadline
+            )
+            if retry_at is not None:
+                state = MessageState("retrying", claim.attempt, claim.since_ms, ms(now), retry_at)
+                entry = self._entry(claim, reg, stored, "retrying", detail, now, code, enhanced)
+                return state, entry
+            detail += " (no attempts or time left)"
+        entry = self._entry(claim, reg, stored, "failed", detail, now, code, enhanced)
+        return self._state("failed", claim, now), entry
+
+    async def _record(self, writes: list[tuple[MessageRef, MessageState]], entries: list[LogEntry]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ref, state in writes:
+                self.store.write_state(pipe, ref, state)
+            for entry in entries:
+                self.log.add(pipe, entry)
+            await pipe.execute()
+        self.log.print(entries)
+
+    # --- small helpers ------------------------------------------------------------------
+
+    @staticmethod
+    def _state(status: str, claim: Claim, now: datetime) -> MessageState:
+        return MessageState(status, claim.attempt, claim.since_ms, ms(now), 0)  # type: ignore[arg-type]
+
+    def _entry(
+        self,
+        claim: Claim,
+        reg: StoredRegistration | None,
+        stored: StoredEvent | None,
+        status: str,
+        detail: str,
+        now: datetime,
+        code: int | None = None,
+        enhanced: str | None = None,
+    ) -> LogEntry:
+        return LogEntry(
+            ts=now_iso(now),
+            status=status,
+            message_id=claim.ref.id,
+            kind=claim.ref.kind,
+            registration_id=claim.ref.registration_id,
+            event_id=stored.event.id if stored else (reg.event_id or "" if reg else ""),
+            recipient=reg.attendee.email if reg and reg.attendee else "",
+            attempt=claim.attempt,
+            detail=detail,
+            worker=self.log.worker,
+            smtp_code=code,
+            enhanced_code=enhanced,
+        )

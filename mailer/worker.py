@@ -1,0 +1,173 @@
+"""The worker process: arq Worker settings, start-up and shutdown, and a loop that outlives Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any, TextIO
+
+from arq.cron import cron
+from arq.worker import Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mailer import jobs
+from mailer.constants import QUEUE_NAME
+from mailer.deliverylog import DeliveryLog
+from mailer.planner import Clock, Planner, utc_now
+from mailer.queue import FAN_OUT, INGEST, REJECT, SEND, connect, deserialize, serialize
+from mailer.render import Renderer
+from mailer.scheduler import Scheduler
+from mailer.sender import Sender
+from mailer.settings import Settings
+from mailer.transport import Transport, build_transport
+
+logger = logging.getLogger("mailer.worker")
+
+# Redis errors that mean "the server went away", after which the worker reconnects.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def build_worker(
+    settings: Settings,
+    redis: Any,
+    *,
+    transport: Transport,
+    renderer: Renderer,
+    clock: Clock = utc_now,
+    echo: TextIO | None = sys.stdout,
+    burst: bool = False,
+) -> Worker:
+    """An arq Worker wired to mailer's jobs; `redis` is a pool from mailer.queue.connect."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        log = DeliveryLog(
+            redis,
+            max_entries=settings.log_max_entries,
+            echo=echo if settings.print_outcomes else None,
+            worker=settings.worker_name,
+        )
+        ctx["app"] = jobs.App(
+            planner=Planner(
+                redis, default_offsets=settings.reminder_offsets, clock=clock, worker=settings.worker_name
+            ),
+            sender=Sender(
+                redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
+            ),
+            scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock),
+            log=log,
+        )
+
+    timeout = settings.job_timeout
+    return Worker(
+        functions=[
+            # keep_result=0: mailer keeps its own state; arq's result keys would only cost memory.
+            func(jobs.ingest, name=INGEST, timeout=timeout, keep_result=0, max_tries=1000),
+            func(jobs.send, name=SEND, timeout=timeout, keep_result=0, max_tries=1000),
+            func(jobs.fan_out, name=FAN_OUT, timeout=timeout, keep_result=0, max_tries=1000),
+            func(jobs.reject, name=REJECT, timeout=timeout, keep_result=0, max_tries=1),
+        ],
+        cron_jobs=[
+            cron(
+                jobs.tick,
+                name="cron:tick",
+                second=set(range(60)),
+                timeout=timeout,
+                keep_result=0,
+                run_at_startup=True,
+            )
+        ],
+        redis_pool=redis,
+        queue_name=QUEUE_NAME,
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+        on_startup=startup,
+        max_jobs=settings.worker_max_jobs,
+        poll_delay=settings.poll_delay,
+        job_timeout=timeout,
+        keep_result=0,
+        # A crash re-runs a job (arq counts that as a try); mailer's per-message state, not
+        # arq's try counter, decides what is sent, so tries are effectively unlimited.
+        max_tries=1000,
+        handle_signals=False,
+        burst=burst,
+        health_check_interval=10,
+    )
+
+
+async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.stdout) -> int:
+    """Run until SIGTERM/SIGINT; survive Redis going away. Returns the exit status."""
+    transport = build_transport(settings)
+    renderer = Renderer(settings.template_dir)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    current: dict[str, Worker] = {}
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            logger.warning("second %s: stopping now", signal.Signals(signum).name)
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            return
+        logger.info(
+            "%s received: taking no new jobs, finishing the sends in flight", signal.Signals(signum).name
+        )
+        stopping.set()
+        worker = current.get("worker")
+        if worker is not None:
+            worker.allow_pick_jobs = False
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    delay = 0.5
+    try:
+        while not stopping.is_set():
+            try:
+                redis = await connect(redis_url)
+                await redis.ping()
+            except REDIS_DOWN as exc:
+                logger.warning("Redis at %s unreachable (%s); retrying in %.1fs", redis_url, exc, delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 10)
+                continue
+            delay = 0.5
+            worker = build_worker(settings, redis, transport=transport, renderer=renderer, echo=echo)
+            current["worker"] = worker
+            main = asyncio.create_task(worker.main())
+            stop_wait = asyncio.create_task(stopping.wait())
+            done, _ = await asyncio.wait({main, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                stop_wait.cancel()
+                failure = main.exception()
+                if failure is not None and not isinstance(failure, REDIS_DOWN):
+                    raise failure
+                logger.warning("lost Redis (%s); reconnecting", failure)
+                await _drain(worker, settings.smtp_timeout + 5)
+            else:
+                await _drain(worker, settings.smtp_timeout + 5)
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
+                    await main
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+    finally:
+        await transport.close()
+    logger.info("worker stopped")
+    return 0
+
+
+async def _drain(worker: Worker, grace: float) -> None:
+    """Let running jobs (and their sends in flight) finish, up to `grace` seconds."""
+    tasks = [t for t in worker.tasks.values() if not t.done()]
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=2)

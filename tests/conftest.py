@@ -1,0 +1,311 @@
+"""Real parts for every test: a redis-server and an aiosmtpd server on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
+
+from mailer.embedded import find_redis_server
+from mailer.settings import Settings, load_settings
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server in a temp dir; `kill()` and `start()` simulate crashes and restarts."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                find_redis_server(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(7).startswith(b"+PONG"):
+                    return
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as in a crash."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), 2) as c:
+            c.sendall(b"FLUSHALL\r\n")
+            c.recv(16)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private server for tests that kill it."""
+    server = RedisServer(tmp_path / "redis-own")
+    server.directory.mkdir()
+    server.start()
+    yield server
+    server.kill()
+
+
+# --- SMTP -------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = BytesParser(policy=policy.default).parsebytes(self.data)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+class RecordingHandler:
+    """Records every message; `fault` lets a test make the *server* misbehave.
+
+    fault(recipient, attempt_number) returns None (accept), an SMTP reply string to send
+    instead (e.g. "451 4.7.1 try later"), "drop" to close the connection mid-DATA, or
+    "stall" to wait past the client's timeout.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.attempts: dict[str, int] = {}
+        self.fault: Callable[[str, int], str | None] | None = None
+        self.arrived = asyncio.Event()
+
+    async def handle_RCPT(
+        self, server: SMTPServer, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        recipient = envelope.rcpt_tos[0]
+        self.attempts[recipient] = self.attempts.get(recipient, 0) + 1
+        answer = self.fault(recipient, self.attempts[recipient]) if self.fault else None
+        if answer == "drop":
+            assert session.transport is not None
+            session.transport.close()
+            return "421 closing"
+        if answer == "stall":
+            await asyncio.sleep(5)
+            return "451 too late"
+        if answer:
+            return answer
+        content = envelope.original_content or envelope.content
+        assert isinstance(content, bytes)
+        self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), content))
+        return "250 2.0.0 OK queued"
+
+    def to(self, address: str) -> list[Received]:
+        return [r for r in self.received if address in r.rcpt_tos]
+
+
+@dataclass
+class SmtpServer:
+    host: str
+    port: int
+    handler: RecordingHandler
+    controller: Controller
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    handler = RecordingHandler()
+    port = free_port()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        decode_data=False,
+        data_size_limit=10_000_000,
+        ready_timeout=10,
+    )
+    controller.start()
+    yield SmtpServer("127.0.0.1", port, handler, controller)
+    controller.stop()
+
+
+# --- settings, events, clocks ---------------------------------------------------------------
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    monkeypatch.chdir(tmp_path)  # no stray .env from the developer's checkout
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "MAILER_FROM": "Stadt Kaiserslautern <noreply@example.org>",
+            "data_dir": tmp_path / "var",
+            "smtp_security": "none",
+            "smtp_timeout": 2.0,
+            "smtp_local_hostname": "mailer.test",
+            "print_outcomes": False,
+            "worker_name": "test-worker",
+            "retry_base_seconds": 0.2,
+            "retry_max_seconds": 1.0,
+            "poll_delay": 0.01,
+        }
+        base.update(overrides)
+        return load_settings(**base)
+
+    return make
+
+
+def event_day(days_ahead: int = 15) -> datetime:
+    """18:00 Europe/Berlin, `days_ahead` days from today: never stale."""
+    day = datetime.now(BERLIN).date() + timedelta(days=days_ahead)
+    return datetime(day.year, day.month, day.day, 18, 0, tzinfo=BERLIN)
+
+
+def make_event(
+    *,
+    event_id: str = "evt-1",
+    registration_id: str = "reg-1001",
+    email: str = "maria.mueller@example.org",
+    name: str = "Maria Müller",
+    locale: str = "de",
+    starts_at: datetime | None = None,
+    duration: timedelta = timedelta(hours=2, minutes=30),
+    occurred_at: datetime | None = None,
+    event: dict[str, Any] | None = None,
+    **event_overrides: Any,
+) -> dict[str, Any]:
+    """A registration.created event for the city's dialog evening, relative to today."""
+    start = starts_at or event_day()
+    ev: dict[str, Any] = {
+        "id": "weltoffen",
+        "title": "Digitaler Dialog zu Weltoffenheit",
+        "starts_at": start.isoformat(),
+        "ends_at": (start + duration).isoformat(),
+        "timezone": "Europe/Berlin",
+        "location": "Online",
+        "join_url": "https://meet.example.org/weltoffen",
+        "organizer": {"name": "Stadt Kaiserslautern", "email": "integration@example.org"},
+        "registration_deadline": (start - timedelta(days=10)).isoformat(),
+    }
+    ev.update(event or {})
+    ev.update(event_overrides)
+    return {
+        "type": "registration.created",
+        "id": event_id,
+        "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(),
+        "registration": {"id": registration_id, "attendee": {"email": email, "name": name, "locale": locale}},
+        "event": ev,
+    }
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = 10.0, interval: float = 0.01) -> None:
+    """Poll until `predicate()` holds; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def running_worker(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process workers (real arq Worker, real transport) for the test; stopped after."""
+    from mailer.queue import connect
+    from mailer.render import Renderer
+    from mailer.transport import build_transport
+    from mailer.worker import build_worker
+
+    started: list[tuple[Any, asyncio.Task[None], Any, Any]] = []
+
+    async def start(settings: Settings, *, clock: Any = None) -> Any:
+        redis = await connect(settings.redis_url or redis_url)
+        transport = build_transport(settings)
+        kwargs = {"clock": clock} if clock else {}
+        worker = build_worker(
+            settings,
+            redis,
+            transport=transport,
+            renderer=Renderer(settings.template_dir),
+            echo=None,
+            **kwargs,
+        )
+        task = asyncio.create_task(worker.main())
+        started.append((worker, task, redis, transport))
+        return worker
+
+    yield start
+    for _worker, task, redis, transport in started:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await transport.close()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
