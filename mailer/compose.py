@@ -330,7 +330,7 @@ def _fold(header: str, pieces: list[tuple[bool, str]]) -> bytes:
 
 def _cut(data: bytes, start: int, size: int) -> int:
     """End of the longest chunk from `start` of at most `size` bytes not splitting a character."""
-    end = start + size
+    end = start + max(size, 0)
     if end >= len(data):
         return len(data)
     while end > start and data[end] & 0xC0 == 0x80:

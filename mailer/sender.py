@@ -82,7 +82,8 @@ def why_not_send(
         due = datetime.strptime(due_text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         if offset not in event.offsets(()) and event.reminder_offsets is not None:
             return "the event no longer has this reminder"
-        if offset.before(event.starts_at, event.timezone) != due:
+        # The id carries the due time to the second.
+        if int(offset.before(event.starts_at, event.timezone).timestamp()) != int(due.timestamp()):
             return "event time changed; a reminder for the new time is planned separately"
         if reg.created_ms >= ms(due):
             return "registered after the reminder time"
