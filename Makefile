@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 ## Start the worker on embedded defaults: a private Redis and a Maildir outbox under ./var
 run: $(STAMP)
+	$(BIN)/python examples/generate.py
 	exec $(BIN)/mailer worker
 
 ## Run the whole test suite (real redis-server and aiosmtpd, started by the fixtures)

@@ -86,7 +86,11 @@ class MailerClient:
         Raises InvalidEvent (with every field problem) or QueueUnavailable.
         """
         raw = _as_raw(event)
-        parsed = parse_event(raw)
+        try:
+            parsed = parse_event(raw)
+        except InvalidEvent as exc:
+            await self._log_invalid([(0, exc)])
+            raise
         added = await self._enqueue([(f"event:{parsed.id}", INGEST, {"events": [raw]})])
         return added == 1
 
@@ -120,7 +124,27 @@ class MailerClient:
             jobs.append(self._job(batch))
         report.jobs = len(jobs)
         await self._enqueue(jobs)
+        if report.invalid:
+            await self._log_invalid(report.invalid)
         return report
+
+    async def _log_invalid(self, invalid: list[tuple[int, InvalidEvent]]) -> None:
+        """Refused records also go to the delivery log, so ops see them next to the mail."""
+        from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+
+        log = DeliveryLog(self._redis, max_entries=1_000_000, echo=None, worker="producer")
+        await log.write(
+            [
+                LogEntry(
+                    ts=now_iso(),
+                    status="rejected",
+                    detail=f"record {index + 1}: {exc}",
+                    source_event=exc.event_id or "",
+                    worker="producer",
+                )
+                for index, exc in invalid
+            ]
+        )
 
     @staticmethod
     def _job(batch: list[dict[str, Any]]) -> tuple[str, str, dict[str, object]]:

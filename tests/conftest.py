@@ -193,8 +193,9 @@ def smtp_server() -> Iterator[SmtpServer]:
         ready_timeout=10,
     )
     controller.start()
-    yield SmtpServer("127.0.0.1", port, handler, controller)
-    controller.stop()
+    server = SmtpServer("127.0.0.1", port, handler, controller)
+    yield server
+    server.controller.stop()
 
 
 # --- settings, events, clocks ---------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Failures: SMTP replies classified, transient ones retried, permanent ones dead-lettered and re-driven."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailer.client import MailerClient
+from mailer.retry import backoff_seconds, enhanced_code, is_transient
+from tests.conftest import make_event, wait_for
+from tests.test_confirmation import log_entries
+
+
+async def statuses(url: str, message_id: str) -> list[str]:
+    return [e.status for e in await log_entries(url) if e.message_id == message_id]
+
+
+async def test_greylisting_is_retried_until_accepted(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """451 twice, then 250: two `retrying` entries with the SMTP codes, then `sent`, one mail."""
+    smtp_server.handler.fault = lambda rcpt, n: "451 4.7.1 Greylisted, try later" if n <= 2 else None
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+    await asyncio.sleep(0.2)
+    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    assert [e.status for e in entries] == ["retrying", "retrying", "sent"]
+    assert entries[0].smtp_code == 451
+    assert entries[0].enhanced_code == "4.7.1"
+    assert [e.attempt for e in entries] == [1, 2, 3]
+
+
+async def test_unknown_user_fails_permanently_and_can_be_redriven(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """550 5.1.1 is never retried; `mailer retry` sends it again with the same Message-ID."""
+    rejecting = {"on": True}
+    smtp_server.handler.fault = lambda rcpt, n: "550 5.1.1 User unknown" if rejecting["on"] else None
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    for _ in range(500):
+        if "failed" in await statuses(redis_url, "reg-1001/confirmation"):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.2)  # a retry would have happened by now
+    assert await statuses(redis_url, "reg-1001/confirmation") == ["failed"]
+    assert smtp_server.handler.attempts["maria.mueller@example.org"] == 1
+
+    rejecting["on"] = False
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mailer",
+        "retry",
+        "--status",
+        "failed",
+        env={**__import__("os").environ, "MAILER_REDIS_URL": redis_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"re-driven 1" in out
+    await wait_for(lambda: len(smtp_server.handler.received) == 1)
+    assert (await statuses(redis_url, "reg-1001/confirmation"))[-2:] == ["redriven", "sent"]
+
+
+async def test_server_down_then_back_loses_nothing(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """Connection refused is transient: once the server is back, the mail goes out."""
+    smtp_server.controller.stop()
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    for _ in range(500):
+        if "retrying" in await statuses(redis_url, "reg-1001/confirmation"):
+            break
+        await asyncio.sleep(0.01)
+    # A new server on the same port, as after a relay's maintenance window.
+    from aiosmtpd.controller import Controller
+
+    revived = Controller(
+        smtp_server.handler, hostname=smtp_server.host, port=smtp_server.port, decode_data=False
+    )
+    revived.start()
+    smtp_server.controller = revived
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+
+
+@given(st.sampled_from([421, 432, 450, 451, 452]), st.text(max_size=30))
+def test_4xx_replies_are_transient(code: int, text: str) -> None:
+    """Any 4xx without a contradicting enhanced code is worth retrying."""
+    assert is_transient(code, "4.0.0 " + text)
+
+
+@given(st.sampled_from([550, 551, 552, 553, 554]), st.integers(0, 9), st.integers(0, 9))
+def test_5xx_replies_are_permanent(code: int, a: int, b: int) -> None:
+    assert not is_transient(code, f"5.{a}.{b} no")
+    assert enhanced_code(f"5.{a}.{b} no") == f"5.{a}.{b}"
+
+
+def test_enhanced_code_wins_over_the_basic_code() -> None:
+    """Greylisting sent as "550 4.7.1" is transient."""
+    assert is_transient(550, "4.7.1 try again later")
+
+
+@given(st.integers(1, 50), st.floats(0.1, 100), st.floats(100, 10_000))
+def test_backoff_stays_within_the_full_jitter_window(attempt: int, base: float, cap: float) -> None:
+    delay = backoff_seconds(attempt, base=base, cap=cap)
+    assert 0 <= delay <= min(cap, base * 2 ** (attempt - 1))
