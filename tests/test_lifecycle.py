@@ -92,7 +92,7 @@ async def test_registration_cancelled_sends_notice_and_stops_reminders(
 async def test_event_update_moves_the_calendar_entry_and_notifies(
     redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
 ) -> None:
-    """A time change: every active registrant gets a change notice in their locale, same UID, higher SEQUENCE."""
+    """A time change: each active registrant gets a notice in their locale; same UID, higher SEQUENCE."""
     settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
     await running_worker(settings)
     start = datetime.now(BERLIN).replace(microsecond=0) + timedelta(days=10)
@@ -192,7 +192,7 @@ async def test_event_cancelled_notifies_every_active_registrant(
 async def test_cancellation_before_its_registration_ends_the_same_as_in_order(
     redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
 ) -> None:
-    """Out of order: the later occurred_at wins; the attendee gets the cancellation notice, no confirmation."""
+    """Out of order: the later occurred_at wins; the cancellation notice goes out, no confirmation."""
     settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
     await running_worker(settings)
     created_at = datetime.now(UTC) - timedelta(minutes=5)
