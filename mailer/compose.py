@@ -1,6 +1,6 @@
 """MIME assembly: turns one message's parts into the exact CRLF bytes handed to the transport.
 
-`compose` writes the bytes directly (about 40x faster than building `email.message` objects);
+`compose` writes the bytes directly (tens of µs a mail instead of milliseconds for `email.message`);
 `compose_reference` builds the same message the ordinary stdlib way, and the tests prove that
 both parse back to the same content.
 
@@ -23,10 +23,11 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from email.headerregistry import Address as _StdAddress
 from email.message import EmailMessage, Message
 from email.utils import format_datetime
+from functools import lru_cache
 from urllib.parse import quote
 
 from mailer.errors import ComposeError
@@ -82,18 +83,19 @@ _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")
 _LANGUAGE = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*")
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(?:[ \t]*;[ -~]*)?")
 _RESERVED = frozenset(
-    name.lower()
-    for name in (
-        "From", "To", "Cc", "Bcc", "Reply-To", "Sender", "Subject", "Date", "Message-ID",
-        "MIME-Version", "Content-Language", "Auto-Submitted", "X-Auto-Response-Suppress",
-        "Content-Type", "Content-Transfer-Encoding", "Content-Disposition", "Return-Path",
-    )
+    {"from", "to", "cc", "bcc", "reply-to", "sender", "subject", "date", "message-id", "mime-version",
+     "content-language", "auto-submitted", "x-auto-response-suppress", "content-type",
+     "content-transfer-encoding", "content-disposition", "return-path"}
 )  # fmt: skip
 
 _LINE = 76  # RFC 2047 §2: a line holding encoded-words stays within 76 characters
 _PLAIN_MAX = 900  # longer unbroken words are encoded so that no line passes 998 octets
 _EW_OVERHEAD = len("=?utf-8?b??=")
+_EW_BYTES = (_LINE - 1 - _EW_OVERHEAD) // 4 * 3  # what one encoded-word on its own line holds: 45
 _RFC2231_SAFE = "!#$&+-.^_`|~"
+# A line that would end SMTP DATA (".") or be mangled to ">From " by mbox-style delivery.
+# Anchored on the "\n" rather than on "^": a leading literal lets the regex engine skip ahead.
+_RISKY_LINE = re.compile(rb"\n(?:\.|From )[^\r\n]*")
 
 _QP = b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
 _TEXT_HEAD = b'Content-Type: text/plain; charset="utf-8"\r\n' + _QP
@@ -117,20 +119,20 @@ def compose(parts: MailParts) -> bytes:
 
 def _compose(parts: MailParts) -> bytes:
     head = [
-        _address_header("From", parts.sender),
+        _repeated_address_header("From", parts.sender),
         _address_header("To", parts.recipient),
     ]
     if parts.reply_to is not None:
-        head.append(_address_header("Reply-To", parts.reply_to))
+        head.append(_repeated_address_header("Reply-To", parts.reply_to))
     head += [
-        _unstructured_header("Subject", parts.subject),
-        b"Date: " + format_datetime(parts.date).encode("ascii") + b"\r\n",
+        _repeated_unstructured_header("Subject", parts.subject),
+        _date_header(parts.date),
         b"Message-ID: <" + parts.message_id.encode("ascii") + b">\r\n",
         _MIME_HEADERS,
         b"Content-Language: " + parts.language.encode("ascii") + b"\r\n",
         _AUTO_HEADERS,
     ]
-    head += [_unstructured_header(name, value) for name, value in parts.extra_headers]
+    head += [_repeated_unstructured_header(name, value) for name, value in parts.extra_headers]
 
     digest = hashlib.sha256(parts.message_id.encode("ascii")).hexdigest()[:32].encode("ascii")
     alt = b"=_a" + digest
@@ -164,6 +166,13 @@ def _compose(parts: MailParts) -> bytes:
 def compose_reference(parts: MailParts) -> bytes:
     """The same message built with `email.message.EmailMessage`: slow, the yardstick for `compose`."""
     _validate(parts)
+    try:
+        return _compose_reference(parts)
+    except UnicodeEncodeError as exc:
+        raise ComposeError(f"text is not valid Unicode ({exc.reason})") from exc
+
+
+def _compose_reference(parts: MailParts) -> bytes:
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = _std_address(parts.sender)
     msg["To"] = _std_address(parts.recipient)
@@ -173,7 +182,6 @@ def compose_reference(parts: MailParts) -> bytes:
     msg["Date"] = format_datetime(parts.date)
     msg["Message-ID"] = f"<{parts.message_id}>"
     msg["MIME-Version"] = "1.0"
-    msg["Content-Language"] = parts.language
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"
     for name, value in parts.extra_headers:
@@ -192,6 +200,8 @@ def compose_reference(parts: MailParts) -> bytes:
             filename=parts.attachment.filename,
             params=params,
         )
+    # Only now: set_content would drop a Content-* header, add_alternative move it into a part.
+    msg["Content-Language"] = parts.language
     return msg.as_bytes()
 
 
@@ -203,27 +213,10 @@ def _std_address(address: Address) -> _StdAddress:
 
 
 def _validate(parts: MailParts) -> None:
-    checks: list[tuple[str, str]] = [
-        ("From", parts.sender.name),
-        ("From", parts.sender.email),
-        ("To", parts.recipient.name),
-        ("To", parts.recipient.email),
-        ("Subject", parts.subject),
-        ("Message-ID", parts.message_id),
-        ("Content-Language", parts.language),
-    ]
-    if parts.reply_to is not None:
-        checks += [("Reply-To", parts.reply_to.name), ("Reply-To", parts.reply_to.email)]
-    if parts.attachment is not None:
-        checks += [
-            ("Content-Type", parts.attachment.content_type),
-            ("Content-Disposition", parts.attachment.filename),
-        ]
-    checks += [("extra header name", name) for name, _ in parts.extra_headers]
-    checks += parts.extra_headers
+    labelled = list(_labelled(parts))
     # One regex pass over everything; only on a hit is it worth finding which header it was.
-    if _CONTROL.search("\t".join(value for _, value in checks)):
-        header = next(header for header, value in checks if _CONTROL.search(value))
+    if _CONTROL.search("\t".join([value for _, value in labelled])):
+        header = next(header for header, value in labelled if _CONTROL.search(value))
         raise ComposeError(f"{header}: control character (CR, LF, ...) in header value")
 
     for header, address in _addresses(parts):
@@ -245,6 +238,21 @@ def _validate(parts: MailParts) -> None:
             raise ComposeError("Content-Type: attachment content type is not type/subtype[; params]")
         if not parts.attachment.filename:
             raise ComposeError("Content-Disposition: attachment filename is empty")
+
+
+def _labelled(parts: MailParts) -> Iterable[tuple[str, str]]:
+    for header, address in _addresses(parts):
+        yield header, address.name
+        yield header, address.email
+    yield "Subject", parts.subject
+    yield "Message-ID", parts.message_id
+    yield "Content-Language", parts.language
+    if parts.attachment is not None:
+        yield "Content-Type", parts.attachment.content_type
+        yield "Content-Disposition", parts.attachment.filename
+    for name, value in parts.extra_headers:
+        yield "extra header name", name
+        yield name, value
 
 
 def _addresses(parts: MailParts) -> Iterable[tuple[str, Address]]:
@@ -296,6 +304,27 @@ def _unstructured_header(header: str, value: str) -> bytes:
     return _fold(header, [(True, value)] if value else [])
 
 
+# Sender, Reply-To, subjects, extra headers and the batch's "now" repeat across a batch;
+# encoding them once saves a third of the header work. Recipients do not repeat.
+_repeated_address_header = lru_cache(maxsize=256)(_address_header)
+_repeated_unstructured_header = lru_cache(maxsize=1024)(_unstructured_header)
+
+
+def _date_header(date: datetime) -> bytes:
+    # Keyed by wall time and offset: aware datetimes compare by instant, so the same moment in
+    # another zone would otherwise be served from the cache with the wrong offset.
+    return _format_date(date.replace(tzinfo=None), date.utcoffset())
+
+
+@lru_cache(maxsize=64)
+def _format_date(wall: datetime, offset: timedelta | None) -> bytes:
+    return (
+        b"Date: "
+        + format_datetime(wall.replace(tzinfo=timezone(offset or timedelta()))).encode("ascii")
+        + b"\r\n"
+    )
+
+
 def _fold(header: str, pieces: list[tuple[bool, str]]) -> bytes:
     """`Header: piece piece ...`, folding between pieces; (True, text) pieces become encoded-words."""
     lines: list[str] = []
@@ -311,10 +340,15 @@ def _fold(header: str, pieces: list[tuple[bool, str]]) -> bytes:
             continue
         data = text.encode("utf-8")
         start = 0
+        if not empty and len(data) <= _EW_BYTES and len(line) + 1 + _encoded_length(data) > _LINE:
+            # One encoded-word on the next line beats two adjacent ones (see `_cut`).
+            lines.append(line)
+            line = ""
+            empty = True
         while start < len(data):
             room = max(0, (_LINE - len(line) - 1 - _EW_OVERHEAD) // 4 * 3)
             # After a long header name even a fresh line has little room: go past 76 there.
-            end = _cut(data, start, room if room >= 4 or not empty else 45)
+            end = _cut(data, start, room if room >= 4 or not empty else _EW_BYTES)
             if end == start:
                 lines.append(line)
                 line = ""
@@ -326,6 +360,10 @@ def _fold(header: str, pieces: list[tuple[bool, str]]) -> bytes:
             start = end
     lines.append(line)
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _encoded_length(data: bytes) -> int:
+    return _EW_OVERHEAD + (len(data) + 2) // 3 * 4
 
 
 def _cut(data: bytes, start: int, size: int) -> int:
@@ -379,28 +417,27 @@ def _qp_body(text: str) -> bytes:
         data += b"\n"
     # With a CRLF as the first line end, b2a_qp writes every line end, soft ones too, as CRLF.
     encoded = binascii.b2a_qp(data.replace(b"\n", b"\r\n"), istext=True)
-    if encoded.startswith((b".", b"From ")) or b"\n." in encoded or b"\nFrom " in encoded:
-        encoded = _guard_line_starts(encoded)
-    return encoded
+    # b2a_qp only encodes a lone "." line; soft breaks can also start a line with "." or "From ".
+    return _RISKY_LINE.sub(_escape_line_start, b"\n" + encoded)[1:]
 
 
-def _guard_line_starts(encoded: bytes) -> bytes:
+def _escape_line_start(match: re.Match[bytes]) -> bytes:
     out: list[bytes] = []
-    for line in encoded.split(b"\r\n"):
-        while line.startswith((b".", b"From ")):
-            line = (b"=2E" if line[0] == 0x2E else b"=46") + line[1:]
-            if len(line) <= _LINE:
-                break
-            # The escape pushed the line past 76: soft-break it without splitting an =XX.
-            cut = _LINE - 1
-            if line[cut - 1] == 0x3D:
-                cut -= 1
-            elif line[cut - 2] == 0x3D:
-                cut -= 2
-            out.append(line[:cut] + b"=")
-            line = line[cut:]
-        out.append(line)
-    return b"\r\n".join(out)
+    line = match[0][1:]  # the match starts with the "\n" ending the line before
+    while line.startswith((b".", b"From ")):
+        line = (b"=2E" if line[0] == 0x2E else b"=46") + line[1:]
+        if len(line) <= _LINE:
+            break
+        # The escape pushed the line past 76: soft-break it without splitting an =XX.
+        cut = _LINE - 1
+        if line[cut - 1] == 0x3D:
+            cut -= 1
+        elif line[cut - 2] == 0x3D:
+            cut -= 2
+        out.append(line[:cut] + b"=")
+        line = line[cut:]
+    out.append(line)
+    return b"\n" + b"\r\n".join(out)
 
 
 def _base64_body(data: bytes) -> bytes:

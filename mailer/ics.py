@@ -3,16 +3,16 @@
 METHOD: confirmations and change notices carry METHOD:PUBLISH with a SEQUENCE that grows with
 every visible change of the event. Every mail about one registration uses the same UID, so a
 calendar that already holds the entry moves it instead of adding a second one; METHOD:CANCEL
-with that UID (STATUS:CANCELLED, a SEQUENCE at least as high) removes it.
+with that UID (STATUS:CANCELLED, a higher SEQUENCE) removes it.
 
 ORGANIZER/ATTENDEE: RFC 5546 requires ORGANIZER for PUBLISH and CANCEL, so it is the event's
 organiser. There is no ATTENDEE: the attendee's own address is private data the entry does not
 need, and without ATTENDEE a PUBLISH makes Outlook offer no RSVP (nobody would read the
-replies). RFC 5546 asks CANCEL to list the attendees being removed; clients remove the entry by
-UID without it.
+replies). RFC 5546 asks a CANCEL to list the attendees being removed; this one relies on
+clients matching the UID instead (not checked against real clients here).
 
 Building with icalendar costs milliseconds, so the bytes are rendered once with a placeholder
-UID, and `CalendarTemplate.for_registration` only splices in the attendee's UID (< 1 µs). The
+UID, and `CalendarTemplate.for_registration` only splices in the attendee's UID (about 1 µs). The
 UID is a hash of (event id, registration id): stable, and free of personal data.
 """
 
@@ -203,7 +203,8 @@ def _observances(tzid: str, year: int) -> tuple[_Observance, ...]:
 
     def state(instant: datetime) -> tuple[timedelta | None, str | None, bool]:
         local = instant.astimezone(zone)
-        return local.utcoffset(), local.tzname(), bool(local.dst())
+        # Europe/Dublin has negative DST in winter: only a positive one counts as DAYLIGHT.
+        return local.utcoffset(), local.tzname(), (local.dst() or timedelta(0)) > timedelta(0)
 
     # The observance in force when the range starts, then every change found day by day and
     # narrowed to the second by bisection.
