@@ -5,8 +5,8 @@
 both parse back to the same content.
 
 Choices a reader of the raw bytes might wonder about:
-- Display names are normalised the way RFC 5322 reads a phrase anyway: runs of spaces/tabs
-  become one space, leading and trailing ones go.
+- Display names are normalised the way mail clients show a phrase anyway: runs of white
+  space (Unicode's, so no-break spaces too) become one space, leading and trailing ones go.
 - Non-ASCII text goes into UTF-8 "B" encoded-words, split only between characters; in display
   names ASCII atoms stay readable and only the other words are encoded, so two encoded-words
   are adjacent only when one run is too long for one (> 45 bytes).
@@ -71,7 +71,6 @@ class MailParts:
 
 # C0 (tab allowed), DEL, C1, and the two Unicode line separators some parsers split on.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-_WSP_RUN = re.compile(r"[ \t]+")
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _ATOM = re.compile(f"[{_ATEXT}]+")
 _PHRASE = re.compile(f"[{_ATEXT}]+(?: [{_ATEXT}]+)*")
@@ -205,8 +204,14 @@ def _compose_reference(parts: MailParts) -> bytes:
     return msg.as_bytes()
 
 
+def _display_name(address: Address) -> str:
+    # str.split() knows every Unicode space; a lone no-break space at the end of an
+    # encoded-word does not survive parsers, so it is folded like any other.
+    return " ".join(address.name.split())
+
+
 def _std_address(address: Address) -> _StdAddress:
-    return _StdAddress(display_name=address.name, addr_spec=address.email)
+    return _StdAddress(display_name=_display_name(address), addr_spec=address.email)
 
 
 # --- validation: the last line of defence against header injection ------------------------
@@ -266,7 +271,7 @@ def _addresses(parts: MailParts) -> Iterable[tuple[str, Address]]:
 
 
 def _address_header(header: str, address: Address) -> bytes:
-    name = _WSP_RUN.sub(" ", address.name).strip(" ")
+    name = _display_name(address)
     if not name:
         return _fold(header, [(False, address.email)])
     pieces: list[tuple[bool, str]] = []

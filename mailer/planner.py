@@ -119,6 +119,10 @@ class Planner:
         for incoming in events:
             if incoming.id in already:
                 plan.notes.append(self._note(incoming, "ignored", "event id already applied (replay)"))
+                if isinstance(incoming, RegistrationCreated):
+                    # A re-run of a job killed mid-send lands here: drive its confirmation
+                    # again. The claim makes this a no-op if it was sent already.
+                    plan.deliver_now.append(MessageRef(incoming.registration.id, "confirmation"))
                 continue
             already.add(incoming.id)
             plan.write("set", seen_key(incoming.id), 1)

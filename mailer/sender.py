@@ -30,6 +30,7 @@ from mailer.store import (
     load_events,
     load_registrations,
 )
+from mailer.throttle import RELAY_BACKOFF_CODES, Throttle
 from mailer.transport import Transport
 
 logger = logging.getLogger("mailer.sender")
@@ -211,6 +212,7 @@ class Sender:
             settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds
         )
         self.builder = MessageBuilder(settings=settings, renderer=renderer)
+        self.throttle = Throttle(redis, relay=transport.name, per_minute=settings.rate_limit)
         # Lease on a claimed message: if its worker dies, it is sent again after this.
         self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
 
@@ -259,8 +261,10 @@ class Sender:
                 continue
             jobs.append(job)
 
+        jobs = await self._hold_back(jobs, writes, entries, now)
         results = await asyncio.gather(*(self._send(job) for job in jobs))
         done = self.clock()
+        await self._maybe_back_off(results, done)
         for job, result in zip(jobs, results, strict=True):
             state, entry = self._outcome(job, result, done)
             writes.append((job.claim.ref, state))
@@ -273,6 +277,63 @@ class Sender:
     def _compose(self, job: _Job, now: datetime) -> None:
         job.recipient = job.registration.attendee.email if job.registration.attendee else ""
         job.data = self.builder.build(job.claim.ref, job.registration, job.event, now).data
+
+    async def _hold_back(
+        self,
+        jobs: list[_Job],
+        writes: list[tuple[MessageRef, MessageState]],
+        entries: list[LogEntry],
+        now: datetime,
+    ) -> list[_Job]:
+        """Keep back what the relay's back-off or the rate limit does not allow now.
+
+        Held messages go back to `retrying` at the time they may go, with the attempt they
+        were claimed with given back: waiting is not failing.
+        """
+        if not jobs:
+            return jobs
+        now_ms = ms(now)
+        blocked = await self.throttle.relay_blocked_until(now_ms)
+        if blocked is not None:
+            granted, resume_ms = 0, blocked
+        else:
+            granted, resume_ms = await self.throttle.grant(len(jobs), now_ms)
+        for job in jobs[granted:]:
+            claim = job.claim
+            writes.append(
+                (claim.ref, MessageState("retrying", claim.attempt - 1, claim.since_ms, now_ms, resume_ms))
+            )
+            if blocked is not None:
+                entries.append(
+                    self._entry(
+                        claim,
+                        job.registration,
+                        job.event,
+                        "retrying",
+                        "relay asked all workers to back off; waiting, attempt not counted",
+                        now,
+                    )
+                )
+        if granted < len(jobs):
+            logger.info(
+                "holding %d message(s) until %d (%s)",
+                len(jobs) - granted,
+                resume_ms,
+                "relay back-off" if blocked is not None else "MAILER_RATE_LIMIT",
+            )
+        return jobs[:granted]
+
+    async def _maybe_back_off(self, results: list[DeliveryError | str], now: datetime) -> None:
+        codes = {r.code for r in results if isinstance(r, DeliveryError) and r.code is not None}
+        if codes & RELAY_BACKOFF_CODES:
+            until = ms(now) + int(1000 * self.settings.retry_base_seconds)
+            await self.throttle.back_off_relay(until, ms(now))
+            logger.warning(
+                "relay %s answered %s: all workers hold their sends until %d",
+                self.transport.name,
+                sorted(codes & RELAY_BACKOFF_CODES),
+                until,
+            )
 
     async def _send(self, job: _Job) -> DeliveryError | str:
         try:

@@ -21,11 +21,19 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
+from hypothesis import settings as hypothesis_settings
 
 from mailer.embedded import find_redis_server
 from mailer.settings import Settings, load_settings
 
 BERLIN = ZoneInfo("Europe/Berlin")
+
+# `make test` must pass or fail the same way every run: property tests use a fixed seed
+# sequence and no per-example deadline (a loaded 2-core CI box is no reason to fail).
+# HYPOTHESIS_PROFILE=explore searches with fresh randomness.
+hypothesis_settings.register_profile("repeatable", derandomize=True, deadline=None)
+hypothesis_settings.register_profile("explore", deadline=None, max_examples=2000)
+hypothesis_settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def free_port() -> int:
