@@ -8,7 +8,7 @@ from typing import Literal, cast
 
 from mailer.constants import MESSAGE_KINDS, MessageKind
 
-Status = Literal["planned", "sending", "sent", "retrying", "failed", "skipped"]
+Status = Literal["planned", "claimed", "sending", "sent", "retrying", "failed", "skipped"]
 FINAL_STATUSES: frozenset[str] = frozenset({"sent", "failed", "skipped"})
 
 

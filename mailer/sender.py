@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -261,16 +262,16 @@ class Sender:
                 continue
             jobs.append(job)
 
-        jobs = await self._hold_back(jobs, writes, entries, now)
-        results = await asyncio.gather(*(self._send(job) for job in jobs))
-        done = self.clock()
-        await self._maybe_back_off(results, done)
-        for job, result in zip(jobs, results, strict=True):
-            state, entry = self._outcome(job, result, done)
-            writes.append((job.claim.ref, state))
-            entries.append(entry)
         await self._record(writes, entries)
-        return entries
+        jobs = await self._hold_back(jobs, now)
+        sent: list[LogEntry] = []
+        results: list[DeliveryError | str] = []
+        queue = deque(jobs)
+        lanes = min(len(jobs), self.settings.smtp_max_connections)
+        await asyncio.gather(*(self._run_lane(queue, sent, results) for _ in range(lanes)))
+        self.log.print(sent)
+        await self._maybe_back_off(results, self.clock())
+        return entries + sent
 
     # --- steps --------------------------------------------------------------------------
 
@@ -278,13 +279,7 @@ class Sender:
         job.recipient = job.registration.attendee.email if job.registration.attendee else ""
         job.data = self.builder.build(job.claim.ref, job.registration, job.event, now).data
 
-    async def _hold_back(
-        self,
-        jobs: list[_Job],
-        writes: list[tuple[MessageRef, MessageState]],
-        entries: list[LogEntry],
-        now: datetime,
-    ) -> list[_Job]:
+    async def _hold_back(self, jobs: list[_Job], now: datetime) -> list[_Job]:
         """Keep back what the relay's back-off or the rate limit does not allow now.
 
         Held messages go back to `retrying` at the time they may go, with the attempt they
@@ -298,30 +293,70 @@ class Sender:
             granted, resume_ms = 0, blocked
         else:
             granted, resume_ms = await self.throttle.grant(len(jobs), now_ms)
+        if granted == len(jobs):
+            return jobs
+        writes: list[tuple[MessageRef, MessageState]] = []
+        entries: list[LogEntry] = []
         for job in jobs[granted:]:
             claim = job.claim
-            writes.append(
-                (claim.ref, MessageState("retrying", claim.attempt - 1, claim.since_ms, now_ms, resume_ms))
-            )
+            state = MessageState("retrying", claim.attempt - 1, claim.since_ms, now_ms, resume_ms)
+            writes.append((claim.ref, state))
             if blocked is not None:
-                entries.append(
-                    self._entry(
-                        claim,
-                        job.registration,
-                        job.event,
-                        "retrying",
-                        "relay asked all workers to back off; waiting, attempt not counted",
-                        now,
-                    )
-                )
-        if granted < len(jobs):
-            logger.info(
-                "holding %d message(s) until %d (%s)",
-                len(jobs) - granted,
-                resume_ms,
-                "relay back-off" if blocked is not None else "MAILER_RATE_LIMIT",
-            )
+                detail = "relay asked all workers to back off; waiting, attempt not counted"
+                entries.append(self._entry(claim, job.registration, job.event, "retrying", detail, now))
+        await self._record(writes, entries)
+        logger.info(
+            "holding %d message(s) until %d (%s)",
+            len(jobs) - granted,
+            resume_ms,
+            "relay back-off" if blocked is not None else "MAILER_RATE_LIMIT",
+        )
         return jobs[:granted]
+
+    async def _run_lane(
+        self, queue: deque[_Job], entries: list[LogEntry], results: list[DeliveryError | str]
+    ) -> None:
+        """Send messages one after another over one held connection.
+
+        A message is marked `sending` only once this connection is free for it, and in the
+        same round trip as the previous message's outcome: a worker killed at any point
+        leaves at most two messages per connection whose fate is unknown (logged `uncertain`
+        when resent), and costs one Redis round trip per mail.
+        """
+        async with self.transport.lane() as lane:
+            done: tuple[_Job, DeliveryError | str] | None = None
+            while queue:
+                job = queue.popleft()
+                await self._handover(done, job, entries)
+                try:
+                    accepted = await lane.send(
+                        sender=self.builder.sender.email, recipient=job.recipient, data=job.data
+                    )
+                    result: DeliveryError | str = accepted.detail
+                except DeliveryError as exc:
+                    result = exc
+                results.append(result)
+                done = (job, result)
+            if done is not None:
+                await self._handover(done, None, entries)
+
+    async def _handover(
+        self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, entries: list[LogEntry]
+    ) -> None:
+        """Record one outcome and mark the next message as handed over, in one round trip."""
+        now = self.clock()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if done is not None:
+                state, entry = self._outcome(done[0], done[1], now)
+                self.store.write_state(pipe, done[0].claim.ref, state)
+                self.log.add(pipe, entry)
+                entries.append(entry)
+            if following is not None:
+                claim = following.claim
+                lease = ms(now) + self.lease_ms
+                state = MessageState("sending", claim.attempt, claim.since_ms, ms(now), lease)
+                self.store.write_state(pipe, claim.ref, state)
+            await pipe.execute()
 
     async def _maybe_back_off(self, results: list[DeliveryError | str], now: datetime) -> None:
         codes = {r.code for r in results if isinstance(r, DeliveryError) and r.code is not None}
@@ -334,15 +369,6 @@ class Sender:
                 sorted(codes & RELAY_BACKOFF_CODES),
                 until,
             )
-
-    async def _send(self, job: _Job) -> DeliveryError | str:
-        try:
-            accepted = await self.transport.send(
-                sender=self.builder.sender.email, recipient=job.recipient, data=job.data
-            )
-        except DeliveryError as exc:
-            return exc
-        return accepted.detail
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime
@@ -372,6 +398,8 @@ class Sender:
         return self._state("failed", claim, now), entry
 
     async def _record(self, writes: list[tuple[MessageRef, MessageState]], entries: list[LogEntry]) -> None:
+        if not writes and not entries:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for ref, state in writes:
                 self.store.write_state(pipe, ref, state)

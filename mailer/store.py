@@ -155,9 +155,11 @@ async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str
 
 
 # Claim messages for sending, atomically per message, so two workers (or a re-run of a
-# killed job) never send the same message at once. Returns one code per message:
-#   "claimed|<attempt>"    state is now sending (attempt = its number)
-#   "reclaimed|<attempt>"  was left in sending by a dead worker: resend, outcome uncertain
+# killed job) never send the same message at once. A claimed message is not yet handed
+# over: only `sending`, written once a connection is free for it, means "the server may
+# have it". Returns one code per message:
+#   "claimed|<attempt>|<since>"    state is now claimed (attempt = its number)
+#   "reclaimed|<attempt>|<since>"  left in sending by a dead worker: resend, outcome uncertain
 #   "busy"                 another worker holds a live lease
 #   "wait|<ms>"            retrying, not due before <ms>
 #   "final|<status>"       sent, failed or skipped already
@@ -178,7 +180,7 @@ for i = 1, #KEYS - 1 do
   local code = nil
   if status == 'sent' or status == 'failed' or status == 'skipped' then
     code = 'final|' .. status
-  elseif status == 'sending' and aux > now then
+  elseif (status == 'sending' or status == 'claimed') and aux > now then
     code = 'busy'
   elseif status == 'retrying' and aux > now then
     code = 'wait|' .. aux
@@ -187,7 +189,7 @@ for i = 1, #KEYS - 1 do
     if status == 'sending' then verb = 'reclaimed' end
     attempts = attempts + 1
     redis.call('HSET', KEYS[i], field,
-      'sending|' .. attempts .. '|' .. since .. '|' .. now .. '|' .. lease_until)
+      'claimed|' .. attempts .. '|' .. since .. '|' .. now .. '|' .. lease_until)
     redis.call('ZADD', KEYS[#KEYS], lease_until, message_id)
     code = verb .. '|' .. attempts .. '|' .. since
   end

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,10 +39,22 @@ class Accepted:
     detail: str
 
 
+class Lane(Protocol):
+    """One connection (or its equivalent) held for a run of sends."""
+
+    async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted: ...
+
+
 class Transport(Protocol):
-    """Delivers one message to one recipient; raises a DeliveryError subclass otherwise."""
+    """Delivers one message to one recipient; raises a DeliveryError subclass otherwise.
+
+    `lane()` holds one of the transport's connections, so the caller can mark a message as
+    handed over only once a connection is really free for it.
+    """
 
     name: str
+
+    def lane(self) -> contextlib.AbstractAsyncContextManager[Lane]: ...
 
     async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted: ...
 
@@ -106,41 +119,18 @@ class SmtpTransport:
             local_hostname=self._local_hostname,
         )
 
-    async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted:
-        client = await self._idle.get()
-        data_sent = False
+    @contextlib.asynccontextmanager
+    async def lane(self) -> AsyncIterator[Lane]:
+        """Hold one connection for a run of sends; other senders wait for a free one."""
+        lane = _SmtpLane(self, await self._idle.get())
         try:
-            if client is None or not client.is_connected:
-                client = self._new_client()
-                try:
-                    await client.connect()
-                except Exception as exc:
-                    client = None
-                    raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
-            try:
-                data_sent = True
-                errors, reply = await client.sendmail(sender, [recipient], data)
-            except aiosmtplib.SMTPResponseException as exc:
-                # A clean reply: the connection stays usable unless the server closed it (421).
-                if exc.code == 421 or not client.is_connected:
-                    await _close_quietly(client)
-                    client = None
-                raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
-            except BaseException as exc:
-                await _close_quietly(client)
-                client = None
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                raise _map_smtp_error(exc, recipient=recipient, data_sent=data_sent) from exc
-            if errors:
-                # Partly refused recipients come back as a dict, not an exception.
-                code, text = next(iter(errors.values()))
-                raise _classified(code, text, recipient)
-            return Accepted(code=250, detail=reply)
+            yield lane
         finally:
-            self._idle.put_nowait(client)
+            self._idle.put_nowait(lane.client)
+
+    async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted:
+        async with self.lane() as lane:
+            return await lane.send(sender=sender, recipient=recipient, data=data)
 
     async def close(self) -> None:
         clients = []
@@ -152,6 +142,49 @@ class SmtpTransport:
                     await asyncio.wait_for(client.quit(), timeout=2)
                 await _close_quietly(client)
             self._idle.put_nowait(None)
+
+
+class _SmtpLane:
+    """One pooled connection, opened on first use and reopened after any failure."""
+
+    def __init__(self, transport: SmtpTransport, client: aiosmtplib.SMTP | None) -> None:
+        self.transport = transport
+        self.client = client
+
+    async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted:
+        client = self.client
+        if client is None or not client.is_connected:
+            client = self.transport._new_client()
+            try:
+                await client.connect()
+            except Exception as exc:
+                self.client = None
+                raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
+            self.client = client
+        try:
+            errors, reply = await client.sendmail(sender, [recipient], data)
+        except aiosmtplib.SMTPResponseException as exc:
+            # A clean reply: the connection stays usable unless the server closed it (421).
+            if exc.code == 421 or not client.is_connected:
+                await self._drop()
+            raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
+        except BaseException as exc:
+            # Timeouts, drops and cancellation leave the client out of step: never reuse it.
+            await self._drop()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise _map_smtp_error(exc, recipient=recipient, data_sent=True) from exc
+        if errors:
+            # Partly refused recipients come back as a dict, not an exception.
+            code, text = next(iter(errors.values()))
+            raise _classified(code, text, recipient)
+        return Accepted(code=250, detail=reply)
+
+    async def _drop(self) -> None:
+        await _close_quietly(self.client)
+        self.client = None
 
 
 async def _close_quietly(client: aiosmtplib.SMTP | None) -> None:
@@ -191,6 +224,10 @@ class MaildirTransport:
                 f"cannot write to outbox {self.path}: {exc}", recipient=recipient
             ) from exc
         return Accepted(code=None, detail=f"written to {self.path / 'new' / name}")
+
+    @contextlib.asynccontextmanager
+    async def lane(self) -> AsyncIterator[Lane]:
+        yield self
 
     async def close(self) -> None:
         return None

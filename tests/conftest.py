@@ -150,6 +150,7 @@ class RecordingHandler:
         self.received: list[Received] = []
         self.attempts: dict[str, int] = {}
         self.fault: Callable[[str, int], str | None] | None = None
+        self.delay = 0.0  # seconds per DATA, to stretch a burst out
         self.arrived = asyncio.Event()
 
     async def handle_RCPT(
@@ -161,10 +162,12 @@ class RecordingHandler:
     async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
         recipient = envelope.rcpt_tos[0]
         self.attempts[recipient] = self.attempts.get(recipient, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         answer = self.fault(recipient, self.attempts[recipient]) if self.fault else None
         if answer == "drop":
-            assert session.transport is not None
-            session.transport.close()
+            assert server.transport is not None
+            server.transport.close()
             return "421 closing"
         if answer == "stall":
             await asyncio.sleep(5)
@@ -318,3 +321,74 @@ async def running_worker(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
         await transport.close()
         with contextlib.suppress(Exception):
             await redis.aclose()
+
+
+@dataclass
+class WorkerProcess:
+    """`python -m mailer worker` as its own process, as operators run it."""
+
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailer", "worker"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("ab"),
+            cwd=self.log_path.parent,
+        )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: the exit status."""
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    import os
+
+    made: list[WorkerProcess] = []
+
+    def make(redis_url: str, smtp: SmtpServer, **extra: str) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+        env.update(
+            {
+                "MAILER_REDIS_URL": redis_url,
+                "MAILER_SMTP_HOST": smtp.host,
+                "MAILER_SMTP_PORT": str(smtp.port),
+                "MAILER_SMTP_SECURITY": "none",
+                "MAILER_SMTP_TIMEOUT": "2",
+                "MAILER_SMTP_LOCAL_HOSTNAME": "mailer.test",
+                "MAILER_FROM": "Stadt Kaiserslautern <noreply@example.org>",
+                "MAILER_PRINT_OUTCOMES": "false",
+                "MAILER_JOB_TIMEOUT": "5",
+                "MAILER_RETRY_BASE_SECONDS": "0.2",
+                "MAILER_RETRY_MAX_SECONDS": "1",
+                "MAILER_DATA_DIR": str(tmp_path / "var"),
+            }
+        )
+        env.update(extra)
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(made)}.log")
+        worker.start()
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        if worker.alive:
+            worker.kill()

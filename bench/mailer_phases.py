@@ -1,0 +1,191 @@
+"""mailer itself, end to end: publish, real worker processes until the sink has every mail, and latency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.data import address, registrations
+from bench.infra import PhaseTimeout, RedisServer, WorkerProcess, cpu_seconds, vm_hwm_kib, wait_ready
+from bench.sink import Record, Sink
+from mailer.client import MailerClient
+from mailer.constants import LOG_STREAM, QUEUE_NAME
+
+HEALTH_KEY = QUEUE_NAME + ":health-check"
+
+
+@dataclass
+class Workers:
+    """Worker processes started one after another, each waited for until it polls the queue."""
+
+    redis: RedisServer
+    sink: Sink
+    base_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, count: int) -> None:
+        r = self.redis.client()
+        for i in range(count):
+            r.delete(HEALTH_KEY)
+            worker = WorkerProcess(
+                self.base_dir / f"worker-{i}", redis_url=self.redis.url, smtp_port=self.sink.port,
+                extra=self.extra_env,
+            )  # fmt: skip
+            self.processes.append(worker)
+            wait_ready(r, worker, HEALTH_KEY)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(w.pid) for w in self.processes)
+
+    def peak_rss_kib(self) -> list[int | None]:
+        return [vm_hwm_kib(w.pid) for w in self.processes]
+
+    def stop(self) -> list[int | None]:
+        return [w.stop() for w in self.processes]
+
+
+@contextlib.contextmanager
+def running_workers(redis: RedisServer, sink: Sink, base_dir: Path, count: int, **env: str) -> Iterator[Workers]:
+    workers = Workers(redis, sink, base_dir, extra_env=env)
+    try:
+        workers.start(count)
+        yield workers
+    finally:
+        workers.stop()
+
+
+async def publish_many(url: str, events: list[dict[str, Any]]) -> tuple[float, float, int]:
+    """(start, end, accepted) of one `MailerClient.publish_many` call."""
+    async with MailerClient(url) as client:
+        started = time.time()
+        report = await client.publish_many(events)
+        finished = time.time()
+    if report.invalid:
+        raise RuntimeError(f"{len(report.invalid)} bench events were refused: {report.invalid[0][1]}")
+    return started, finished, report.accepted
+
+
+def wait_drained(redis: RedisServer, timeout: float) -> bool:
+    """True once arq's queue is empty and no job is in progress (so its keys are gone)."""
+    r = redis.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = r.zcard(QUEUE_NAME) or any(True for _ in r.scan_iter("arq:in-progress:*", count=1000))
+        if not busy:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def throughput(
+    redis: RedisServer, sink: Sink, base_dir: Path, *, n: int, workers: int, run: str, timeout: float, **env: str
+) -> dict[str, Any]:
+    """Publish `n` registrations to idle workers; mails/s from the end of publishing to the n-th 250."""
+    r = redis.client()
+    r.flushall()
+    sink.take()
+    memory_before = redis.used_memory()
+    events = registrations(n, run=run)
+    with running_workers(redis, sink, base_dir, workers, **env) as procs:
+        cpu = (procs.cpu(), cpu_seconds(sink.pid), cpu_seconds(redis.process.pid if redis.process else 0))
+        baseline = sink.count
+        started, published, accepted = asyncio.run(publish_many(redis.url, events))
+        done = sink.wait_for(baseline + n, timeout=timeout)
+        finished = time.time()
+        cpu_used = (
+            procs.cpu() - cpu[0],
+            cpu_seconds(sink.pid) - cpu[1],
+            cpu_seconds(redis.process.pid if redis.process else 0) - cpu[2],
+        )
+        records = sink.take()
+        drained = wait_drained(redis, 30)
+        rss = procs.peak_rss_kib()
+        exits = procs.stop()
+    if not done:
+        raise PhaseTimeout(f"sink had {len(records)} of {n} mails after {timeout:.0f}s")
+    log_entries = int(r.xlen(LOG_STREAM))
+    r.delete(LOG_STREAM)
+    memory_after = redis.used_memory()
+    mine = [t for rcpt, t in records if rcpt.endswith(f".{run}@example.org")]
+    last = max(mine)
+    return {
+        "n": n,
+        "workers": workers,
+        "publish_seconds": published - started,
+        "publish_rate": accepted / (published - started),
+        "seconds": last - published,
+        "rate": n / (last - published),
+        "first_accept_after_publish_s": min(mine) - published,
+        "distinct_recipients": len(set(rcpt for rcpt, _ in records)),
+        "accepted_total": len(records),
+        "wall_to_done_s": finished - published,
+        "cpu_s": {"workers": cpu_used[0], "sink": cpu_used[1], "redis": cpu_used[2]},
+        "worker_cpu_us_per_mail": 1e6 * cpu_used[0] / n,
+        "worker_peak_rss_kib": rss,
+        "worker_exit_codes": exits,
+        "queue_drained": drained,
+        "log_entries": log_entries,
+        "redis_used_memory_before": memory_before,
+        "redis_used_memory_after": memory_after,
+        "redis_bytes_per_registration": (memory_after - memory_before) / n,
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def _paced_publish(url: str, events: list[dict[str, Any]], rate: float) -> dict[str, float]:
+    """publish() one event at a time on a fixed schedule; returns registration id -> publish time."""
+    sent: dict[str, float] = {}
+    async with MailerClient(url) as client:
+        start = time.monotonic() + 0.05
+        for i, event in enumerate(events):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent[event["registration"]["id"]] = time.time()
+            await client.publish(event)
+    return sent
+
+
+def latency(
+    redis: RedisServer, sink: Sink, base_dir: Path, *, rate: float, seconds: float, run: str, timeout: float
+) -> dict[str, Any]:
+    """Publish-to-250 latency per registration at `rate` events/s for `seconds`, one worker."""
+    redis.client().flushall()
+    sink.take()
+    n = max(1, round(rate * seconds))
+    events = registrations(n, run=run)
+    by_address = {address(run, i): event["registration"]["id"] for i, event in enumerate(events)}
+    with running_workers(redis, sink, base_dir, 1) as procs:
+        baseline = sink.count
+        began = time.monotonic()
+        published = asyncio.run(_paced_publish(redis.url, events, rate))
+        publish_span = time.monotonic() - began
+        done = sink.wait_for(baseline + n, timeout=timeout)
+        records: list[Record] = sink.take()
+        rss = procs.peak_rss_kib()
+    accepted = {by_address[rcpt]: t for rcpt, t in records if rcpt in by_address}
+    if not done:
+        raise PhaseTimeout(f"sink had {len(accepted)} of {n} mails {timeout:.0f}s after publishing")
+    lat = [1000 * (accepted[rid] - t) for rid, t in published.items()]
+    return {
+        "rate": rate,
+        "n": n,
+        "achieved_publish_rate": n / publish_span,
+        "p50_ms": _percentile(lat, 0.50),
+        "p90_ms": _percentile(lat, 0.90),
+        "p99_ms": _percentile(lat, 0.99),
+        "max_ms": max(lat),
+        "mean_ms": statistics.fmean(lat),
+        "worker_peak_rss_kib": rss,
+    }

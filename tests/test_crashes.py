@@ -1,0 +1,167 @@
+"""Crash safety with real processes: SIGKILL mid-burst, SIGTERM, Redis killed under a running worker."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from mailer.client import MailerClient
+from mailer.queue import connect
+from mailer.throttle import Throttle
+from tests.conftest import make_event, wait_for
+from tests.test_confirmation import log_entries
+
+
+def burst(n: int, prefix: str = "p") -> list[dict[str, Any]]:
+    return [
+        make_event(
+            event_id=f"{prefix}-e{i}", registration_id=f"{prefix}-r{i}", email=f"{prefix}{i}@example.org"
+        )
+        for i in range(n)
+    ]
+
+
+async def test_worker_killed_mid_burst_loses_nothing_and_duplicates_only_uncertain(
+    redis_url: str, smtp_server: Any, worker_process: Any
+) -> None:
+    """SIGKILL during 500 mails, restart: everyone gets theirs; any second copy is logged `uncertain`."""
+    smtp_server.handler.delay = 0.004
+    first = worker_process(redis_url, smtp_server)
+    async with MailerClient(redis_url) as client:
+        report = await client.publish_many(burst(500))
+    assert report.accepted == 500
+    await wait_for(lambda: len(smtp_server.handler.received) >= 150, 30)
+    first.kill()
+    at_kill = len(smtp_server.handler.received)
+    worker_process(redis_url, smtp_server)
+    received = smtp_server.handler
+    await wait_for(lambda: len({r.rcpt_tos[0] for r in received.received}) == 500, 60, 0.1)
+    await asyncio.sleep(0.5)
+    copies = Counter(r.rcpt_tos[0] for r in received.received)
+    duplicates = {address for address, n in copies.items() if n > 1}
+    entries = await log_entries(redis_url)
+    uncertain = {e.recipient for e in entries if e.status == "uncertain"}
+    print(
+        f"\nkill mid-burst: received before kill {at_kill}, delivered {len(copies)}/500, "
+        f"copies {sum(copies.values())}, duplicates {len(duplicates)}, marked uncertain {len(uncertain)}, "
+        f"lost {500 - len(copies)}"
+    )
+    assert len(copies) == 500
+    assert duplicates <= uncertain
+    # Bounded by the sends in flight when it died.
+    assert len(uncertain) <= 3  # MAILER_SMTP_MAX_CONNECTIONS: one message per held connection
+
+
+async def test_sigterm_finishes_sends_in_flight_and_exits_zero(
+    redis_url: str, smtp_server: Any, worker_process: Any
+) -> None:
+    """SIGTERM mid-burst: exit status 0, nothing half-sent; a new worker delivers the rest once each."""
+    smtp_server.handler.delay = 0.004
+    first = worker_process(redis_url, smtp_server)
+    async with MailerClient(redis_url) as client:
+        await client.publish_many(burst(300, "t"))
+    await wait_for(lambda: len(smtp_server.handler.received) >= 50, 30)
+    assert await asyncio.to_thread(first.stop) == 0
+    worker_process(redis_url, smtp_server)
+    await wait_for(lambda: len({r.rcpt_tos[0] for r in smtp_server.handler.received}) == 300, 60, 0.1)
+    await asyncio.sleep(0.5)
+    copies = Counter(r.rcpt_tos[0] for r in smtp_server.handler.received)
+    assert max(copies.values()) == 1
+    assert not [e for e in await log_entries(redis_url) if e.status == "uncertain"]
+
+
+async def test_redis_killed_under_a_running_worker(
+    own_redis: Any, smtp_server: Any, worker_process: Any
+) -> None:
+    """Redis dies hard and comes back: the same worker process reconnects; queued and new mail all arrive."""
+    worker = worker_process(own_redis.url, smtp_server)
+    pid = worker.process.pid
+    async with MailerClient(own_redis.url) as client:
+        await client.publish_many(burst(100, "a"))
+    own_redis.kill()
+    await asyncio.sleep(1.5)
+    assert worker.alive
+    own_redis.start()
+    async with MailerClient(own_redis.url) as client:
+        await client.publish_many(burst(50, "b"))
+    await wait_for(lambda: len({r.rcpt_tos[0] for r in smtp_server.handler.received}) == 150, 60, 0.1)
+    assert worker.alive
+    assert worker.process.pid == pid
+
+
+async def test_enqueue_fails_clearly_when_redis_is_unreachable(tmp_path: Any) -> None:
+    """Nothing is reported as enqueued when Redis is not there: a clear message and exit status 3."""
+    from tests.conftest import free_port
+
+    source = tmp_path / "one.json"
+    import orjson
+
+    source.write_bytes(orjson.dumps(make_event()))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mailer", "enqueue", str(source)],
+        env={"MAILER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 3
+    assert b"cannot reach Redis" in result.stderr
+    assert b"enqueued" not in result.stderr
+
+
+async def test_a_dropped_connection_mid_data_is_retried_as_uncertain(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """The server drops the connection during DATA: outcome unknown, retried, then delivered."""
+    smtp_server.handler.fault = lambda rcpt, n: "drop" if n == 1 else None
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+    await asyncio.sleep(0.2)
+    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    assert [e.status for e in entries] == ["retrying", "sent"]
+    assert "outcome unknown" in entries[0].detail
+
+
+async def test_a_stalled_server_times_out_and_the_mail_is_retried(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """A server that stops answering past MAILER_SMTP_TIMEOUT: the client is closed, the mail retried."""
+    smtp_server.handler.fault = lambda rcpt, n: "stall" if n == 1 else None
+    settings = make_settings(
+        redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port, smtp_timeout=0.5
+    )
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+    await asyncio.sleep(0.2)
+    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    assert [e.status for e in entries] == ["retrying", "sent"]
+
+
+async def test_rate_limit_and_relay_back_off_are_shared_through_redis(redis_url: str) -> None:
+    """Two workers' throttles see one window and one back-off, because both live in Redis."""
+    redis = await connect(redis_url)
+    try:
+        one = Throttle(redis, relay="smtp:relay:587", per_minute=5)
+        two = Throttle(redis, relay="smtp:relay:587", per_minute=5)
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        granted, _ = await one.grant(3, now)
+        assert granted == 3
+        granted, next_window = await two.grant(4, now)
+        assert granted == 2
+        assert next_window > now
+        assert (await one.grant(1, now))[0] == 0
+        assert await two.relay_blocked_until(now) is None
+        await one.back_off_relay(now + 5000, now)
+        assert await two.relay_blocked_until(now) == now + 5000
+        assert await Throttle(redis, relay="other", per_minute=None).relay_blocked_until(now) is None
+    finally:
+        await redis.aclose()
