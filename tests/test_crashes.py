@@ -165,3 +165,66 @@ async def test_rate_limit_and_relay_back_off_are_shared_through_redis(redis_url:
         assert await Throttle(redis, relay="other", per_minute=None).relay_blocked_until(now) is None
     finally:
         await redis.aclose()
+
+
+async def test_worker_killed_during_a_reminder_fan_out(
+    redis_url: str, smtp_server: Any, worker_process: Any
+) -> None:
+    """A reminder due for 300 people, the worker killed while it goes out: each gets it, at most
+    the uncertain ones twice."""
+    from datetime import timedelta
+
+    start = datetime.now(UTC) + timedelta(hours=1, seconds=4)
+    events = [
+        make_event(
+            event_id=f"f-e{i}",
+            registration_id=f"f-r{i}",
+            email=f"f{i}@example.org",
+            starts_at=start,
+            reminder_offsets=["PT1H"],
+        )
+        for i in range(300)
+    ]
+    first = worker_process(redis_url, smtp_server)
+    async with MailerClient(redis_url) as client:
+        await client.publish_many(events)
+    await wait_for(lambda: len(smtp_server.handler.received) == 300, 30, 0.05)
+    smtp_server.handler.delay = 0.004
+
+    def reminders() -> list[str]:
+        return [
+            r.rcpt_tos[0] for r in smtp_server.handler.received if r.message["X-Mailer-Kind"] == "reminder"
+        ]
+
+    await wait_for(lambda: len(reminders()) >= 60, 30, 0.02)
+    first.kill()
+    worker_process(redis_url, smtp_server)
+    await wait_for(lambda: len(set(reminders())) == 300, 60, 0.1)
+    await asyncio.sleep(0.5)
+    copies = Counter(reminders())
+    uncertain = {e.recipient for e in await log_entries(redis_url) if e.status == "uncertain"}
+    assert {a for a, n in copies.items() if n > 1} <= uncertain
+    assert len(uncertain) <= 3
+
+
+async def test_a_planned_message_whose_job_was_lost_is_redriven(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """State says planned but no job exists (a lost job, an old snapshot): the reconciler sends it."""
+    from mailer.events import parse_event
+    from mailer.planner import Planner
+    from mailer.scheduler import Scheduler
+
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    redis = await connect(redis_url)
+    try:
+        plan = await Planner(redis, default_offsets=settings.reminder_offsets).apply(
+            [parse_event(make_event())]
+        )
+        assert [r.id for r in plan.deliver_now] == ["reg-1001/confirmation"]  # planned, never sent
+        later = int(datetime.now(UTC).timestamp() * 1000) + 31_000  # past the re-check grace
+        assert await Scheduler(redis, batch_size=50).redrive_due(now_ms=later) == 1
+    finally:
+        await redis.aclose()
+    await running_worker(settings)
+    await wait_for(lambda: len(smtp_server.handler.received) == 1)
