@@ -77,7 +77,7 @@ async def _run_burst(
         jobs = [(f"bench:{i}", SEND, make_kwargs(i)) for i in range(n)]
         await Enqueuer(pool).enqueue(jobs)
         worker = Worker(
-            functions=[func(job, name=SEND, timeout=job_timeout, keep_result=0, max_tries=1000)],
+            functions=[func(job, name=SEND, timeout=job_timeout, keep_result=0, max_tries=1000)],  # type: ignore[arg-type]
             redis_pool=pool,
             queue_name=QUEUE_NAME,
             job_serializer=serialize,
@@ -114,15 +114,22 @@ async def _noop(ctx: dict[str, Any], *, messages: Any = None) -> None:
     _mark_end()
 
 
-def queue_phase(*, redis_url: str, n: int, max_jobs: int, poll_delay: float, job_timeout: int) -> dict[str, Any]:
+def queue_phase(
+    *, redis_url: str, n: int, max_jobs: int, poll_delay: float, job_timeout: int
+) -> dict[str, Any]:
     """arq running `n` no-op jobs with the worker's settings, JSON serializer and keep_result=0."""
     cpu = cpu_seconds(os.getpid())
     result = asyncio.run(
         _run_burst(
-            redis_url, n, _noop, lambda i: {"messages": [f"r-{i}/confirmation"]},
-            max_jobs=max_jobs, poll_delay=poll_delay, job_timeout=job_timeout,
+            redis_url,
+            n,
+            _noop,
+            lambda i: {"messages": [f"r-{i}/confirmation"]},
+            max_jobs=max_jobs,
+            poll_delay=poll_delay,
+            job_timeout=job_timeout,
         )
-    )  # fmt: skip
+    )
     result["cpu_seconds"] = cpu_seconds(os.getpid()) - cpu
     return result
 
@@ -169,9 +176,14 @@ def naive_phase(
     cpu = cpu_seconds(os.getpid())
     result = asyncio.run(
         _run_burst(
-            redis_url, n, naive.send, lambda i: {"to": f"n{i}@example.org", "name": "Maria Müller"},
-            max_jobs=max_jobs, poll_delay=poll_delay, job_timeout=job_timeout,
+            redis_url,
+            n,
+            naive.send,
+            lambda i: {"to": f"n{i}@example.org", "name": "Maria Müller"},
+            max_jobs=max_jobs,
+            poll_delay=poll_delay,
+            job_timeout=job_timeout,
         )
-    )  # fmt: skip
+    )
     result["cpu_seconds"] = cpu_seconds(os.getpid()) - cpu
     return result

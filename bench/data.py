@@ -65,8 +65,12 @@ def moved_event(registration: dict[str, Any], *, hours: int, version: int) -> di
     for name in ("starts_at", "ends_at"):
         event[name] = (datetime.fromisoformat(event[name]) + timedelta(hours=hours)).isoformat()
     occurred = datetime.now(UTC) + timedelta(seconds=version)
-    return {"type": "event.updated", "id": f"upd-{event['id']}-{version}", "occurred_at": occurred.isoformat(),
-            "event": event}  # fmt: skip
+    return {
+        "type": "event.updated",
+        "id": f"upd-{event['id']}-{version}",
+        "occurred_at": occurred.isoformat(),
+        "event": event,
+    }
 
 
 @dataclass(frozen=True, slots=True)

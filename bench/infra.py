@@ -81,12 +81,32 @@ class RedisServer:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else ["--appendonly", "no"]
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.appendonly
+            else ["--appendonly", "no"]
+        )
         self.process = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", *aof, "--maxmemory-policy", "noeviction", "--logfile", "redis.log"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                find_redis_server(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                *aof,
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                "redis.log",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):
@@ -95,7 +115,8 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 
-    def client(self) -> redis.Redis:
+    def client(self) -> Any:
+        """A sync client, typed Any as mailer.store.RedisClient is (redis-py's unions of sync and async)."""
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
 
     def used_memory(self) -> int:
@@ -111,7 +132,9 @@ class RedisServer:
 class WorkerProcess:
     """`python -m mailer worker` as a separate process, configured through MAILER_ variables."""
 
-    def __init__(self, data_dir: Path, *, redis_url: str, smtp_port: int, extra: dict[str, str] | None = None):
+    def __init__(
+        self, data_dir: Path, *, redis_url: str, smtp_port: int, extra: dict[str, str] | None = None
+    ):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         env = dict(os.environ)
@@ -131,8 +154,12 @@ class WorkerProcess:
             # cwd is the fresh data dir: no stray .env from the checkout is read.
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mailer", "worker"],
-                cwd=data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                cwd=data_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     @property
     def pid(self) -> int:
@@ -158,7 +185,7 @@ class WorkerProcess:
         return ""
 
 
-def wait_ready(r: redis.Redis, worker: WorkerProcess, health_key: str, timeout: float = 60.0) -> None:
+def wait_ready(r: Any, worker: WorkerProcess, health_key: str, timeout: float = 60.0) -> None:
     """A worker is ready when it has written arq's health-check key (done on its first poll)."""
     deadline = time.monotonic() + timeout
     while not r.exists(health_key):

@@ -52,9 +52,16 @@ def memory(
 ) -> dict[str, Any]:
     """N registrations, event 10 days ahead, reminders P1D and PT1H, through one real worker."""
     result = throughput(
-        redis, sink, base_dir, n=n, workers=1, run=run, timeout=timeout, days_ahead=10,
+        redis,
+        sink,
+        base_dir,
+        n=n,
+        workers=1,
+        run=run,
+        timeout=timeout,
+        days_ahead=10,
         MAILER_REMINDER_OFFSETS=OFFSETS,
-    )  # fmt: skip
+    )
     breakdown = _breakdown(redis, run, n)
     return {
         "n": n,
@@ -70,7 +77,7 @@ def memory(
 
 
 async def _populate_and_move(url: str, n: int, run: str, repeats: int) -> dict[str, Any]:
-    redis = await connect(url)
+    redis: Any = await connect(url)
     try:
         planner = Planner(redis, default_offsets=bench_settings().reminder_offsets)
         events = registrations(n, run=run, days_ahead=10)
@@ -88,7 +95,12 @@ async def _populate_and_move(url: str, n: int, run: str, repeats: int) -> dict[s
             if plan.notes:
                 raise RuntimeError(f"the update was not applied: {plan.notes[0].detail}")
         schedule = [m.decode() for m in await redis.zrange(SCHEDULE_KEY, 0, -1)]
-        return {"populate_seconds": populate, "active_registrations": active, "times": times, "schedule": schedule}
+        return {
+            "populate_seconds": populate,
+            "active_registrations": active,
+            "times": times,
+            "schedule": schedule,
+        }
     finally:
         await redis.aclose()
 
@@ -123,8 +135,12 @@ def enqueue_cli(redis: RedisServer, *, lines: int, run: str, timeout: float) -> 
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "mailer", "enqueue", str(path)],
-                cwd=tmp, env=env, capture_output=True, timeout=timeout, check=False,
-            )  # fmt: skip
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise PhaseTimeout(f"mailer enqueue did not finish within {timeout:.0f}s") from None
         seconds = time.perf_counter() - began

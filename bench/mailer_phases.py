@@ -35,9 +35,11 @@ class Workers:
         for i in range(count):
             r.delete(HEALTH_KEY)
             worker = WorkerProcess(
-                self.base_dir / f"worker-{i}", redis_url=self.redis.url, smtp_port=self.sink.port,
+                self.base_dir / f"worker-{i}",
+                redis_url=self.redis.url,
+                smtp_port=self.sink.port,
                 extra=self.extra_env,
-            )  # fmt: skip
+            )
             self.processes.append(worker)
             wait_ready(r, worker, HEALTH_KEY)
 
@@ -52,7 +54,9 @@ class Workers:
 
 
 @contextlib.contextmanager
-def running_workers(redis: RedisServer, sink: Sink, base_dir: Path, count: int, **env: str) -> Iterator[Workers]:
+def running_workers(
+    redis: RedisServer, sink: Sink, base_dir: Path, count: int, **env: str
+) -> Iterator[Workers]:
     workers = Workers(redis, sink, base_dir, extra_env=env)
     try:
         workers.start(count)
@@ -104,6 +108,7 @@ def throughput(
     memory_before = redis.used_memory()
     events = registrations(n, run=run, days_ahead=days_ahead)
     with running_workers(redis, sink, base_dir, workers, **env) as procs:
+        r.config_resetstat()
         cpu = (procs.cpu(), cpu_seconds(sink.pid), cpu_seconds(redis.process.pid if redis.process else 0))
         baseline = sink.count
         started, published, accepted = asyncio.run(publish_many(redis.url, events))
@@ -116,6 +121,7 @@ def throughput(
         )
         records = sink.take()
         drained = wait_drained(redis, 30)
+        commands = command_stats(r, n)
         rss = procs.peak_rss_kib()
         exits = procs.stop()
     if not done:
@@ -144,9 +150,21 @@ def throughput(
         "queue_drained": drained,
         "jobs_left_in_queue": left_in_queue,
         "log_entries": log_entries,
+        "redis_commands": commands,
         "redis_used_memory_before": memory_before,
         "redis_used_memory_after": memory_after,
         "redis_bytes_per_registration": (memory_after - memory_before) / n,
+    }
+
+
+def command_stats(r: Any, mails: int) -> dict[str, Any]:
+    """Redis commands per mail since the last CONFIG RESETSTAT (calls inside Lua scripts included)."""
+    stats: dict[str, Any] = r.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    top = sorted(calls.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "per_mail": sum(calls.values()) / mails,
+        "top_per_mail": {name: round(count / mails, 2) for name, count in top},
     }
 
 
@@ -178,13 +196,17 @@ def latency(
     n = max(1, round(rate * seconds))
     events = registrations(n, run=run)
     by_address = {address(run, i): event["registration"]["id"] for i, event in enumerate(events)}
+    r = redis.client()
     with running_workers(redis, sink, base_dir, 1) as procs:
-        baseline = sink.count
+        r.config_resetstat()
+        baseline, cpu = sink.count, procs.cpu()
         began = time.monotonic()
         published = asyncio.run(_paced_publish(redis.url, events, rate))
         publish_span = time.monotonic() - began
         done = sink.wait_for(baseline + n, timeout=timeout)
+        cpu = procs.cpu() - cpu
         records: list[Record] = sink.take()
+        commands = command_stats(r, n)
         rss = procs.peak_rss_kib()
     accepted = {by_address[rcpt]: t for rcpt, t in records if rcpt in by_address}
     if not done:
@@ -199,5 +221,8 @@ def latency(
         "p99_ms": _percentile(lat, 0.99),
         "max_ms": max(lat),
         "mean_ms": statistics.fmean(lat),
+        "worker_cpu_us_per_mail": 1e6 * cpu / n,
+        "worker_busy_share": cpu / publish_span,
+        "redis_commands": commands,
         "worker_peak_rss_kib": rss,
     }

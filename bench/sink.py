@@ -150,7 +150,7 @@ class Sink:
     def __init__(self, port: int) -> None:
         self.port = port
         ctx = multiprocessing.get_context("spawn")
-        self._counter: Synchronized[int] = ctx.Value("q", 0, lock=False)  # type: ignore[assignment]
+        self._counter: Synchronized[int] = ctx.Value("q", 0, lock=False)
         self._control, child = ctx.Pipe()
         self.process = ctx.Process(target=_main, args=(port, self._counter, child), daemon=True)
 

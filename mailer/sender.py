@@ -313,6 +313,18 @@ class Sender:
         )
         return jobs[:granted]
 
+    async def _maybe_back_off(self, results: list[DeliveryError | str], now: datetime) -> None:
+        codes = {r.code for r in results if isinstance(r, DeliveryError) and r.code is not None}
+        if codes & RELAY_BACKOFF_CODES:
+            until = ms(now) + int(1000 * self.settings.retry_base_seconds)
+            await self.throttle.back_off_relay(until, ms(now))
+            logger.warning(
+                "relay %s answered %s: all workers hold their sends until %d",
+                self.transport.name,
+                sorted(codes & RELAY_BACKOFF_CODES),
+                until,
+            )
+
     async def _run_lane(
         self, queue: deque[_Job], entries: list[LogEntry], results: list[DeliveryError | str]
     ) -> None:
@@ -327,7 +339,9 @@ class Sender:
             done: tuple[_Job, DeliveryError | str] | None = None
             while queue:
                 job = queue.popleft()
-                await self._handover(done, job, entries)
+                if not await self._handover(done, job, entries):
+                    done = None
+                    continue  # our claim lapsed and another worker holds the message now
                 try:
                     accepted = await lane.send(
                         sender=self.builder.sender.email, recipient=job.recipient, data=job.data
@@ -342,8 +356,11 @@ class Sender:
 
     async def _handover(
         self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, entries: list[LogEntry]
-    ) -> None:
-        """Record one outcome and mark the next message as handed over, in one round trip."""
+    ) -> bool:
+        """Record one outcome and mark the next message as handed over, in one round trip.
+
+        False if the next message's claim no longer holds (it must not be sent).
+        """
         now = self.clock()
         async with self.redis.pipeline(transaction=False) as pipe:
             if done is not None:
@@ -355,20 +372,9 @@ class Sender:
                 claim = following.claim
                 lease = ms(now) + self.lease_ms
                 state = MessageState("sending", claim.attempt, claim.since_ms, ms(now), lease)
-                self.store.write_state(pipe, claim.ref, state)
-            await pipe.execute()
-
-    async def _maybe_back_off(self, results: list[DeliveryError | str], now: datetime) -> None:
-        codes = {r.code for r in results if isinstance(r, DeliveryError) and r.code is not None}
-        if codes & RELAY_BACKOFF_CODES:
-            until = ms(now) + int(1000 * self.settings.retry_base_seconds)
-            await self.throttle.back_off_relay(until, ms(now))
-            logger.warning(
-                "relay %s answered %s: all workers hold their sends until %d",
-                self.transport.name,
-                sorted(codes & RELAY_BACKOFF_CODES),
-                until,
-            )
+                await self.store.hand_over(pipe, claim.ref, attempt=claim.attempt, state=state)
+            replies = await pipe.execute()
+        return following is None or bool(replies[-1])
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime

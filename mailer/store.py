@@ -199,6 +199,19 @@ return out
 """
 
 
+# Mark a claimed message as handed over, only if the claim is still ours (same status and
+# attempt): a lane that waited past its lease must not send what another worker re-claimed.
+HANDOVER_SCRIPT = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local status, attempts = string.match(raw, '^([^|]+)|([^|]+)|')
+if status ~= 'claimed' or tonumber(attempts) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     ref: MessageRef
@@ -214,6 +227,7 @@ class MessageStore:
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self._claim = redis.register_script(CLAIM_SCRIPT)
+        self._handover = redis.register_script(HANDOVER_SCRIPT)
 
     async def claim(self, refs: list[MessageRef], *, now_ms: int, lease_ms: int) -> list[Claim]:
         if not refs:
@@ -239,6 +253,14 @@ class MessageStore:
             pipe.zrem(DUE_KEY, ref.id)
         else:
             pipe.zadd(DUE_KEY, {ref.id: state.aux_ms or state.at_ms})
+
+    async def hand_over(self, pipe: Any, ref: MessageRef, *, attempt: int, state: MessageState) -> None:
+        """Queue the claimed → sending step on a pipeline; its result is 1 if the claim held."""
+        await self._handover(
+            keys=[registration_key(ref.registration_id), DUE_KEY],
+            args=[ref.field, attempt, state.encode(), state.aux_ms, ref.id],
+            client=pipe,
+        )
 
     def plan(self, pipe: Any, ref: MessageRef, *, now_ms: int, recheck_ms: int) -> None:
         """Materialise a planned message unless it already has a state."""

@@ -1,0 +1,251 @@
+"""Turns a run's phase results into the summary table with PASS/MISS verdicts, and writes the JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    metric: str
+    value: str
+    target: str = ""
+    verdict: str = ""
+    note: str = ""
+
+
+def _ok(phases: dict[str, Any], name: str) -> dict[str, Any] | None:
+    phase = phases.get(name)
+    return phase if phase and phase.get("status") == "ok" else None
+
+
+def _status(phases: dict[str, Any], name: str) -> str:
+    phase = phases.get(name)
+    return "not run" if phase is None else str(phase.get("status"))
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "MISS"
+
+
+def _rate_rows(phases: dict[str, Any]) -> list[Row]:
+    rows = []
+    for name, label in (
+        ("protocol", "protocol ceiling: aiosmtplib, pre-built bytes"),
+        ("queue", "queue ceiling: arq no-op jobs, worker settings"),
+        ("naive", "naive baseline, arq tuned like mailer's worker"),
+        ("naive-default", "naive baseline, arq defaults (max_jobs 10, poll 0.5 s)"),
+    ):
+        phase = _ok(phases, name)
+        if phase is None:
+            rows.append(Row(label, _status(phases, name)))
+            continue
+        rows.append(Row(label, f"{phase['rate']:,.0f} mails/s", note=phase.get("note", "")))
+    return rows
+
+
+def summary_rows(phases: dict[str, Any]) -> list[Row]:
+    """Every reported number, with its target where the issue sets one."""
+    rows = _rate_rows(phases)
+    mailer = _ok(phases, "mailer")
+    runs: dict[str, Any] = mailer["runs"] if mailer else {}
+    one, two = runs.get("1"), runs.get("2")
+    if one:
+        rows.append(
+            Row(
+                "publish_many (events/s)",
+                f"{one['publish_rate']:,.0f}",
+                "≥ 30,000",
+                _verdict(one["publish_rate"] >= 30_000),
+                f"N={one['n']}, workers idle",
+            )
+        )
+    for count, run in sorted(runs.items()):
+        if run.get("status", "ok") != "ok":
+            rows.append(Row(f"mailer, {count} worker(s)", str(run.get("status"))))
+            continue
+        rss = max(v or 0 for v in run["worker_peak_rss_kib"]) / 1024
+        rows.append(
+            Row(
+                f"mailer, {count} worker(s)",
+                f"{run['rate']:,.0f} mails/s",
+                note=f"worker CPU {run['worker_cpu_us_per_mail']:,.0f} µs/mail, "
+                f"{run['redis_commands']['per_mail']:.1f} Redis commands/mail, peak RSS {rss:,.0f} MiB",
+            )
+        )
+    if mailer is None:
+        rows.append(Row("mailer", _status(phases, "mailer")))
+    rows += _ratio_rows(phases, one, two)
+    rows += _lifecycle_rows(phases, one)
+    return rows
+
+
+def _ratio_rows(phases: dict[str, Any], one: dict[str, Any] | None, two: dict[str, Any] | None) -> list[Row]:
+    rows = []
+    if one is None or one.get("status", "ok") != "ok":
+        return [Row("ratios against 1 worker", "n/a (no 1-worker run)")]
+    for name, label, goal in (
+        ("queue", "1 worker / queue ceiling", 0.8),
+        ("protocol", "1 worker / protocol ceiling", 0.6),
+        ("naive", "1 worker / naive (tuned arq)", 6.0),
+    ):
+        phase = _ok(phases, name)
+        if phase is None:
+            rows.append(Row(label, "n/a", f"≥ {goal}×", "", f"{name}: {_status(phases, name)}"))
+            continue
+        ratio = one["rate"] / phase["rate"]
+        rows.append(Row(label, f"{ratio:.2f}×", f"≥ {goal}×", _verdict(ratio >= goal)))
+    if two and two.get("status", "ok") == "ok":
+        ratio = two["rate"] / one["rate"]
+        cores = {k: v / two["seconds"] for k, v in two["cpu_s"].items()}
+        note = "CPU cores busy in the 2-worker run: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+        rows.append(Row("2 workers / 1 worker", f"{ratio:.2f}×", "≥ 1.7×", _verdict(ratio >= 1.7), note))
+    else:
+        rows.append(Row("2 workers / 1 worker", "not measured", "≥ 1.7×"))
+    return rows
+
+
+def _lifecycle_rows(phases: dict[str, Any], one: dict[str, Any] | None) -> list[Row]:
+    rows = []
+    latency = _ok(phases, "latency")
+    if latency:
+        rows += _latency_rows(latency)
+    else:
+        rows.append(Row("latency publish→250", _status(phases, "latency")))
+    if one:
+        rows.append(
+            Row(
+                "Redis bytes/registration (mailer run)",
+                f"{one['redis_bytes_per_registration']:,.0f} B",
+                note="mailer:log deleted before measuring; confirmation sent",
+            )
+        )
+    rows += _memory_rows(phases)
+    resched = _ok(phases, "reschedule")
+    if resched:
+        rows.append(
+            Row(
+                "reschedule (Planner.apply of event.updated)",
+                f"{1000 * resched['max_s']:,.1f} ms",
+                "< 1 s",
+                _verdict(resched["max_s"] < 1.0),
+                f"max of {resched['repeats']}, N={resched['n']:,}",
+            )
+        )
+    else:
+        rows.append(Row("reschedule", _status(phases, "reschedule")))
+    enqueue = _ok(phases, "enqueue")
+    if enqueue:
+        rows.append(
+            Row(
+                f"mailer enqueue, {enqueue['lines']:,}-line NDJSON",
+                f"{enqueue['seconds']:,.1f} s",
+                "< 10 s",
+                _verdict(enqueue["seconds"] < 10),
+                f"{enqueue['events_per_second']:,.0f} events/s",
+            )
+        )
+    else:
+        rows.append(Row("mailer enqueue", _status(phases, "enqueue")))
+    aof = _ok(phases, "aof")
+    if aof:
+        rows.append(Row("mailer, 1 worker, Redis appendonly everysec", f"{aof['rate']:,.0f} mails/s"))
+    return rows
+
+
+def _latency_rows(latency: dict[str, Any]) -> list[Row]:
+    load = (
+        f"{latency['rate']:,.0f} events/s × {latency['n']} ({latency['rate_source']}); "
+        f"worker busy {100 * latency['worker_busy_share']:.0f} %, "
+        f"{latency['worker_cpu_us_per_mail']:,.0f} µs CPU/mail"
+    )
+    rows = [
+        Row(
+            "latency p50 publish→250",
+            f"{latency['p50_ms']:,.1f} ms",
+            "≤ 50 ms",
+            _verdict(latency["p50_ms"] <= 50),
+            load,
+        ),
+        Row(
+            "latency p99 publish→250",
+            f"{latency['p99_ms']:,.1f} ms",
+            "≤ 150 ms",
+            _verdict(latency["p99_ms"] <= 150),
+            f"max {latency['max_ms']:,.1f} ms",
+        ),
+    ]
+    light = latency.get("light")
+    if light:
+        rows.append(
+            Row(
+                f"latency p50 / p99 at {light['rate']:,.0f} events/s (reference)",
+                f"{light['p50_ms']:,.1f} / {light['p99_ms']:,.1f} ms",
+                note=f"worker busy {100 * light['worker_busy_share']:.0f} %",
+            )
+        )
+    return rows
+
+
+def _memory_rows(phases: dict[str, Any]) -> list[Row]:
+    memory = _ok(phases, "memory")
+    if memory is None:
+        return [Row("Redis bytes/registration with reminders", _status(phases, "memory"))]
+    at_n = memory["at_n"]
+    n = at_n["n"]
+    scope = "" if n == 100_000 else f" (at N={n:,}; target is stated for 100,000)"
+    rows = [
+        Row(
+            f"Redis bytes/registration, 2 reminders, N={n:,}",
+            f"{at_n['bytes_per_registration']:,.0f} B",
+            "≤ 1,024 B",
+            _verdict(at_n["bytes_per_registration"] <= 1024),
+            "mailer:log deleted" + scope,
+        )
+    ]
+    small = memory.get("at_10k")
+    if small and n != small["n"]:
+        change = at_n["bytes_per_registration"] / small["bytes_per_registration"] - 1
+        verdict = _verdict(abs(change) <= 0.10) if n == 100_000 else ""
+        rows.append(
+            Row(
+                f"bytes/registration N={n:,} vs N=10,000",
+                f"{100 * change:+.1f} %",
+                "within ±10 % at 100k",
+                verdict,
+                "" if n == 100_000 else "not measured at 100,000 in this run",
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = Row("metric", "value", "target", "verdict", "note")
+    table = [header, *rows]
+    widths = [max(len(getattr(r, f)) for r in table) for f in ("metric", "value", "target", "verdict")]
+    lines = []
+    for i, row in enumerate(table):
+        cells = [row.metric, row.value, row.target, row.verdict]
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + "  " + row.note
+        lines.append(line.rstrip())
+        if i == 0:
+            lines.append("-" * min(160, len(line)))
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], stamp: str) -> Path:
+    """bench/results/<stamp>.json and latest.json, each written to a .tmp and renamed."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    path = RESULTS_DIR / f"{stamp}.json"
+    for target in (path, RESULTS_DIR / "latest.json"):
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    return path
