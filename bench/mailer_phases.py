@@ -107,7 +107,9 @@ def throughput(
     sink.take()
     memory_before = redis.used_memory()
     events = registrations(n, run=run, days_ahead=days_ahead)
+    began = time.monotonic()
     with running_workers(redis, sink, base_dir, workers, **env) as procs:
+        startup = time.monotonic() - began
         r.config_resetstat()
         cpu = (procs.cpu(), cpu_seconds(sink.pid), cpu_seconds(redis.process.pid if redis.process else 0))
         baseline = sink.count
@@ -123,7 +125,9 @@ def throughput(
         drained = wait_drained(redis, 30)
         commands = command_stats(r, n)
         rss = procs.peak_rss_kib()
+        began = time.monotonic()
         exits = procs.stop()
+        stop = time.monotonic() - began
     if not done:
         raise PhaseTimeout(f"sink had {len(records)} of {n} mails after {timeout:.0f}s")
     left_in_queue = int(r.zcard(QUEUE_NAME))  # the deferred per-second cron job, normally
@@ -147,6 +151,8 @@ def throughput(
         "worker_cpu_us_per_mail": 1e6 * cpu_used[0] / n,
         "worker_peak_rss_kib": rss,
         "worker_exit_codes": exits,
+        "worker_startup_s": startup,
+        "worker_stop_s": stop,
         "queue_drained": drained,
         "jobs_left_in_queue": left_in_queue,
         "log_entries": log_entries,
@@ -212,6 +218,7 @@ def latency(
     if not done:
         raise PhaseTimeout(f"sink had {len(accepted)} of {n} mails {timeout:.0f}s after publishing")
     lat = [1000 * (accepted[rid] - t) for rid, t in published.items()]
+    busy_span = max(accepted.values()) - min(published.values())
     return {
         "rate": rate,
         "n": n,
@@ -222,7 +229,8 @@ def latency(
         "max_ms": max(lat),
         "mean_ms": statistics.fmean(lat),
         "worker_cpu_us_per_mail": 1e6 * cpu / n,
-        "worker_busy_share": cpu / publish_span,
+        # Worker CPU over first publish → last 250: above ~0.9 the worker is saturated.
+        "worker_busy_share": cpu / busy_span,
         "redis_commands": commands,
         "worker_peak_rss_kib": rss,
     }

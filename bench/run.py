@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if env:
         s, src = env["settings"], env["mailer_source"]
         print(
-            f"mailer settings: {s['smtp_max_connections']} SMTP connections, max_jobs {s['worker_max_jobs']}, "
+            f"mailer settings: {s['smtp_max_connections']} SMTP connections, "
+            f"max_jobs {s['worker_max_jobs']}, "
             f"poll_delay {s['poll_delay']} s, batch_size {s['batch_size']}; message {env['message_bytes']:,} "
             f"bytes; mailer source {src['sha256']} (newest {src['newest_file']})"
         )

@@ -8,6 +8,8 @@ from typing import Any
 
 import icalendar
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailer.client import MailerClient
 from mailer.deliverylog import read_log
@@ -223,3 +225,29 @@ async def test_event_that_already_started_gets_no_confirmation(
     assert [e.status for e in entries] == ["skipped"]
     assert "started" in entries[0].detail
     assert smtp_server.handler.received == []
+
+
+@given(
+    st.one_of(
+        st.emails(),
+        st.builds("{}@example.org".format, st.text(min_size=1, max_size=40)),
+        st.from_regex(r"[a-zA-Z0-9._%+\-]{1,70}@[a-zA-Z0-9\-ü.]{1,30}\.[a-z]{2,6}", fullmatch=True),
+    )
+)
+def test_fast_address_check_agrees_with_email_validator(address: str) -> None:
+    """The per-domain cache gives email-validator's verdict and normal form for every address."""
+    from email_validator import EmailNotValidError, validate_email
+
+    from mailer.events import _normalise_email
+
+    try:
+        expected: str | None = validate_email(
+            address, check_deliverability=False, allow_smtputf8=False
+        ).ascii_email
+    except EmailNotValidError:
+        expected = None
+    try:
+        got: str | None = _normalise_email(address)
+    except ValueError:
+        got = None
+    assert got == expected
