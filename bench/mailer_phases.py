@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.data import address, registrations
 from bench.infra import PhaseTimeout, RedisServer, WorkerProcess, cpu_seconds, vm_hwm_kib, wait_ready
+from bench.machine import ForeignLoad
 from bench.sink import Record, Sink
 from mailer.client import MailerClient
 from mailer.constants import LOG_STREAM, QUEUE_NAME
@@ -111,11 +112,14 @@ def throughput(
     with running_workers(redis, sink, base_dir, workers, **env) as procs:
         startup = time.monotonic() - began
         r.config_resetstat()
+        foreign = ForeignLoad()
+        foreign.start()
         cpu = (procs.cpu(), cpu_seconds(sink.pid), cpu_seconds(redis.process.pid if redis.process else 0))
         baseline = sink.count
         started, published, accepted = asyncio.run(publish_many(redis.url, events))
         done = sink.wait_for(baseline + n, timeout=timeout)
         finished = time.time()
+        foreign_cores = foreign.cores()
         cpu_used = (
             procs.cpu() - cpu[0],
             cpu_seconds(sink.pid) - cpu[1],
@@ -148,6 +152,7 @@ def throughput(
         "accepted_total": len(records),
         "wall_to_done_s": finished - published,
         "cpu_s": {"workers": cpu_used[0], "sink": cpu_used[1], "redis": cpu_used[2]},
+        "foreign_cpu_cores": foreign_cores,
         "worker_cpu_us_per_mail": 1e6 * cpu_used[0] / n,
         "worker_peak_rss_kib": rss,
         "worker_exit_codes": exits,
@@ -206,11 +211,14 @@ def latency(
     with running_workers(redis, sink, base_dir, 1) as procs:
         r.config_resetstat()
         baseline, cpu = sink.count, procs.cpu()
+        foreign = ForeignLoad()
+        foreign.start()
         began = time.monotonic()
         published = asyncio.run(_paced_publish(redis.url, events, rate))
         publish_span = time.monotonic() - began
         done = sink.wait_for(baseline + n, timeout=timeout)
         cpu = procs.cpu() - cpu
+        foreign_cores = foreign.cores()
         records: list[Record] = sink.take()
         commands = command_stats(r, n)
         rss = procs.peak_rss_kib()
@@ -233,4 +241,5 @@ def latency(
         "worker_busy_share": cpu / busy_span,
         "redis_commands": commands,
         "worker_peak_rss_kib": rss,
+        "foreign_cpu_cores": foreign_cores,
     }

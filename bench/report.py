@@ -83,7 +83,25 @@ def summary_rows(phases: dict[str, Any]) -> list[Row]:
         rows.append(Row("mailer", _status(phases, "mailer")))
     rows += _ratio_rows(phases, one, two)
     rows += _lifecycle_rows(phases, one)
+    rows.append(_disturbance_row(phases))
     return rows
+
+
+def _disturbance_row(phases: dict[str, Any]) -> Row:
+    """Other processes' CPU during each phase: above ~0.2 cores of 2, that phase's numbers are suspect."""
+    loads = {name: p["foreign_cpu_cores"] for name, p in phases.items() if "foreign_cpu_cores" in p}
+    runs = phases.get("mailer", {}).get("runs", {})
+    loads.update(
+        {f"mailer/{k}w": r["foreign_cpu_cores"] for k, r in runs.items() if "foreign_cpu_cores" in r}
+    )
+    disturbed = sorted(name for name, cores in loads.items() if cores > 0.2)
+    return Row(
+        "other processes' CPU (cores) during phases",
+        f"max {max(loads.values(), default=0):.2f}",
+        "< 0.2",
+        _verdict(not disturbed),
+        "disturbed: " + ", ".join(f"{n} {loads[n]:.2f}" for n in disturbed) if disturbed else "quiet machine",
+    )
 
 
 def _ratio_rows(phases: dict[str, Any], one: dict[str, Any] | None, two: dict[str, Any] | None) -> list[Row]:

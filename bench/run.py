@@ -24,6 +24,7 @@ from typing import Any
 from bench import ceilings, lifecycle, mailer_phases
 from bench.data import SampleMessage, bench_settings, sample_message
 from bench.infra import ROOT, PhaseTimeout, RedisServer, free_port, run_isolated
+from bench.machine import ForeignLoad, wait_for_quiet
 from bench.report import format_table, summary_rows, write_results
 from bench.sink import Sink
 from mailer.settings import Settings
@@ -66,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--naive-default-n",
         type=int,
-        default=500,
-        help="N for the naive baseline on arq's defaults (~20 mails/s; default 500)",
+        default=2000,
+        help="N for the naive baseline on arq's default settings (default 2000)",
     )
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument(
@@ -77,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="events/s for the latency phase (default: half the 1-worker throughput)",
     )
     parser.add_argument("--enqueue-lines", type=int, default=100_000)
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.25,
+        help="before each phase, wait until other processes use fewer cores than this (default 0.25)",
+    )
+    parser.add_argument("--quiet-timeout", type=float, default=120.0, help="…but at most this many seconds")
     args = parser.parse_args(argv)
     args.only = [p.strip() for p in args.only.split(",") if p.strip()] or list(PHASES)
     unknown = sorted(set(args.only) - set(PHASES))
@@ -156,7 +164,7 @@ def phase_naive(ctx: Context) -> dict[str, Any]:
 def phase_naive_default(ctx: Context) -> dict[str, Any]:
     n = min(ctx.args.n, ctx.args.naive_default_n)
     result = _naive(ctx, n, 10, 0.5, 2)
-    result["note"] = f"N={n} (smaller N: about 20 jobs/s)"
+    result["note"] = f"N={n:,} (a smaller N, for reference)"
     return result
 
 
@@ -271,7 +279,10 @@ def _short(result: dict[str, Any]) -> str:
 
 
 def run_phase(ctx: Context, name: str) -> None:
-    _progress(f"[{name}] running …")
+    quiet = wait_for_quiet(threshold=ctx.args.quiet_threshold, timeout=ctx.args.quiet_timeout)
+    _progress(f"[{name}] running … (other processes used {quiet:.2f} cores just before)")
+    meter = ForeignLoad()
+    meter.start()
     began = time.monotonic()
     try:
         result = {"status": "ok", **RUNNERS[name](ctx)}
@@ -280,6 +291,8 @@ def run_phase(ctx: Context, name: str) -> None:
     except Exception as exc:  # one broken phase must not lose the others' results
         result = {"status": "ERROR", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     result["phase_wall_s"] = time.monotonic() - began
+    result["foreign_cpu_cores"] = meter.cores()
+    result["foreign_cpu_cores_before"] = quiet
     ctx.phases[name] = result
     _progress(f"[{name}] {result['phase_wall_s']:.1f} s: {_short(result)}")
 
@@ -375,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         _progress("interrupted: everything started was stopped; writing what was measured")
+    if "environment" in results:
+        results["environment"]["mailer_source_at_end"] = _source_fingerprint()
     rows = summary_rows(results["phases"])
     results.update(finished_utc=datetime.now(UTC).isoformat(), interrupted=interrupted)
     results["summary"] = [
@@ -395,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             f"poll_delay {s['poll_delay']} s, batch_size {s['batch_size']}; message {env['message_bytes']:,} "
             f"bytes; mailer source {src['sha256']} (newest {src['newest_file']})"
         )
+        if env["mailer_source_at_end"] != src:
+            print(f"WARNING: mailer/ changed during the run (now {env['mailer_source_at_end']['sha256']})")
     print(format_table(rows))
     print(f"\nJSON: {path} (and {path.parent / 'latest.json'})")
     return 130 if interrupted else 0
