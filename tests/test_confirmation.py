@@ -251,3 +251,18 @@ def test_fast_address_check_agrees_with_email_validator(address: str) -> None:
     except ValueError:
         got = None
     assert got == expected
+
+
+async def test_internationalised_domain_is_sent_in_ascii_form(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """juergen@bücher.example goes out to juergen@xn--bcher-kva.example, in the envelope and in To."""
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event(email="juergen@bücher.example", name="Jürgen Groß"))
+    await wait_for(lambda: len(smtp_server.handler.received) == 1)
+    got = smtp_server.handler.received[0]
+    assert got.rcpt_tos == ["juergen@xn--bcher-kva.example"]
+    assert got.message["To"].addresses[0].addr_spec == "juergen@xn--bcher-kva.example"
+    assert got.message["To"].addresses[0].display_name == "Jürgen Groß"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from typing import Any
 
@@ -119,3 +120,67 @@ def test_enhanced_code_wins_over_the_basic_code() -> None:
 def test_backoff_stays_within_the_full_jitter_window(attempt: int, base: float, cap: float) -> None:
     delay = backoff_seconds(attempt, base=base, cap=cap)
     assert 0 <= delay <= min(cap, base * 2 ** (attempt - 1))
+
+
+async def test_attempts_run_out_and_the_message_is_dead_lettered(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """A relay that keeps greylisting: after MAILER_MAX_ATTEMPTS the message is `failed`, not retried."""
+    smtp_server.handler.fault = lambda rcpt, n: "451 4.7.1 try later"
+    settings = make_settings(
+        redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port, max_attempts=2
+    )
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    for _ in range(1000):
+        if "failed" in await statuses(redis_url, "reg-1001/confirmation"):
+            break
+        await asyncio.sleep(0.01)
+    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    assert [e.status for e in entries] == ["retrying", "failed"]
+    assert "no attempts or time left" in entries[-1].detail
+
+
+async def test_a_template_that_fails_on_this_data_fails_permanently(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any, tmp_path: Any
+) -> None:
+    """An operator's template error is logged as `failed` with the template's message, never retried."""
+    broken = tmp_path / "tpl" / "confirmation"
+    broken.mkdir(parents=True)
+    (broken / "subject.de.txt").write_text("{{ attendee.phone }}")
+    settings = make_settings(
+        redis_url=redis_url,
+        smtp_host=smtp_server.host,
+        smtp_port=smtp_server.port,
+        template_dir=tmp_path / "tpl",
+    )
+    await running_worker(settings)
+    async with MailerClient(redis_url) as client:
+        await client.publish(make_event())
+    for _ in range(500):
+        if await statuses(redis_url, "reg-1001/confirmation"):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    assert [e.status for e in entries] == ["failed"]
+    assert "subject.de.txt" in entries[0].detail
+    assert "phone" in entries[0].detail
+    assert smtp_server.handler.received == []
+
+
+@given(st.integers(1, 40), st.floats(0.1, 100), st.floats(100, 10_000))
+def test_backoff_window_grows_monotonically_up_to_the_cap(attempt: int, base: float, cap: float) -> None:
+    """The jitter window doubles per attempt and never exceeds MAILER_RETRY_MAX_SECONDS."""
+    top = _TopOfWindow()
+    now, later = (backoff_seconds(n, base=base, cap=cap, rng=top) for n in (attempt, attempt + 1))
+    assert now <= later <= cap
+    assert later == min(cap, base * 2**attempt)
+
+
+class _TopOfWindow(random.Random):
+    """A 'random' source that always picks the top of the window, to read the window itself."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
