@@ -20,7 +20,8 @@ EVENT_KEY: Final = PREFIX + "event:{event_id}"
 # Set of the event's active registration ids, the fan-out list for reminders and notices.
 EVENT_REGISTRATIONS_KEY: Final = PREFIX + "event:{event_id}:regs"
 
-# Hash per registration: attendee (a), event id (e), status (s), occurred_at ms (t),
+# Hash per registration: attendee email/name/locale (ae, an, al), event id (e), status (s),
+# occurred_at ms (t), registered ms (c),
 # plus one field "m:<kind>[/<disc>]" per message holding that message's state.
 REGISTRATION_KEY: Final = PREFIX + "reg:{registration_id}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import unicodedata
 from datetime import datetime
@@ -236,10 +237,8 @@ def parse_event(data: bytes | str | dict[str, Any]) -> IncomingEvent:
     if isinstance(event, dict) and raw.get("type") in ("registration.created", "event.updated"):
         # A bulk import repeats the same event object for every registration: validate it
         # once. An invalid one falls through to the full validation below for its messages.
-        try:
+        with contextlib.suppress(ValidationError, TypeError):
             raw = {**raw, "event": _event_from_json(orjson.dumps(event))}
-        except (ValidationError, TypeError):
-            pass
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
