@@ -8,7 +8,6 @@ run from the same directory finds it by that socket.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -152,11 +151,3 @@ def resolve_redis_url(configured: str | None, data_dir: Path) -> str:
             "Start `mailer worker` (or `make run`) in this directory first, or set MAILER_REDIS_URL."
         )
     return f"unix://{path}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import re
 import unicodedata
-from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -251,18 +250,9 @@ def _event_from_json(data: bytes) -> Event:
     return Event.model_validate_json(data)
 
 
-def dump_event(event: IncomingEvent) -> dict[str, Any]:
-    """The JSON-ready form of a validated event, as it travels in a queue job."""
-    return event.model_dump(mode="json", exclude_defaults=False)
-
-
 def json_schema() -> dict[str, Any]:
     """The contract as JSON Schema (what `mailer schema` prints)."""
     schema = _adapter.json_schema()
     schema["title"] = "mailer event"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
-
-
-def event_started(event: Event, now: datetime) -> bool:
-    return now >= event.starts_at

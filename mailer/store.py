@@ -154,9 +154,6 @@ async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str
     ids = list(dict.fromkeys(producer_event_ids))
     if not ids:
         return set()
-    flags = await redis.exists(*[seen_key(i) for i in ids]) if len(ids) == 1 else None
-    if flags is not None:
-        return set(ids) if flags else set()
     async with redis.pipeline(transaction=False) as pipe:
         for i in ids:
             pipe.exists(seen_key(i))
@@ -271,12 +268,6 @@ class MessageStore:
             args=[ref.field, attempt, state.encode(), state.aux_ms, ref.id],
             client=pipe,
         )
-
-    def plan(self, pipe: Any, ref: MessageRef, *, now_ms: int, recheck_ms: int) -> None:
-        """Materialise a planned message unless it already has a state."""
-        state = MessageState("planned", 0, now_ms, now_ms, 0)
-        pipe.hsetnx(registration_key(ref.registration_id), ref.field, state.encode())
-        pipe.zadd(DUE_KEY, {ref.id: recheck_ms}, nx=True)
 
     async def due(self, *, now_ms: int, limit: int) -> list[str]:
         rows = await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit)
