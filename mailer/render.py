@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import jinja2
+import markupsafe
 from babel.dates import (
     format_date,
     format_interval,
@@ -176,11 +178,121 @@ class Renderer:
         return Rendered(subject=subject, text=out["text"].strip() + "\n", html=out["html"])
 
 
+# Stand-ins for the attendee while a message is rendered once for everyone: private-use
+# characters survive escaping unchanged, and the two sets differ in length so a template
+# that measures or transforms the name cannot pass the equality check below.
+# They span every possible length (1 and past the 300/254-character limits).
+_STAND_INS = (("\ue000", "\ue001"), ("\ue002" * 301, "\ue003" * 255))
+_NEUTRAL = ("\ue00e", "\ue00f")
+
+
+def _neutral(rendered: Rendered, stand_in: tuple[str, str]) -> tuple[str, ...]:
+    return tuple(
+        part.replace(stand_in[0], _NEUTRAL[0]).replace(stand_in[1], _NEUTRAL[1])
+        for part in (rendered.subject, rendered.text, rendered.html)
+    )
+
+
+class SharedRenderer:
+    """Renders a kind once per event version and locale, then fills in each attendee.
+
+    The templates cost hundreds of µs a mail, and everything in them but the attendee's
+    name and address is the same for all registrants of an event. A template that does
+    more with the name than print it or test it for emptiness (a filter, a comparison) is
+    found in its syntax tree, and rendering with two stand-ins of extreme lengths must give
+    the same result; otherwise it is rendered per attendee as before.
+    """
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+        self._shared: dict[Hashable, Rendered | None] = {}
+        self._plain_cache: dict[tuple[str, str], bool] = {}
+
+    def render(
+        self,
+        key: Hashable,
+        kind: str,
+        locale: str,
+        attendee: Attendee,
+        context: Callable[[Any], dict[str, Any]],
+    ) -> Rendered:
+        """`context(attendee_view)` builds the full context; `key` names everything else it uses."""
+        name, email = attendee.name, attendee.email
+        if any("\ue000" <= ch <= "\ue00f" for ch in name + email) or not self._plain(kind, locale):
+            return self.renderer.render(kind, locale, context(SimpleNamespace(name=name, email=email)))
+        slot = (key, bool(name))
+        if slot not in self._shared:
+            if len(self._shared) > 4096:
+                self._shared.clear()
+            self._shared[slot] = self._prepare(kind, locale, context, has_name=bool(name))
+        shared = self._shared[slot]
+        if shared is None:
+            return self.renderer.render(kind, locale, context(SimpleNamespace(name=name, email=email)))
+        stand_name, stand_email = _STAND_INS[0]
+        html_name, html_email = str(markupsafe.escape(name)), str(markupsafe.escape(email))
+        return Rendered(
+            subject=" ".join(shared.subject.replace(stand_name, name).replace(stand_email, email).split()),
+            text=shared.text.replace(stand_name, name).replace(stand_email, email),
+            html=shared.html.replace(stand_name, html_name).replace(stand_email, html_email),
+        )
+
+    def _plain(self, kind: str, locale: str) -> bool:
+        """True if the templates only print the attendee's fields or test them for emptiness."""
+        found = self._plain_cache.get((kind, locale))
+        if found is None:
+            names = [self.renderer.template(kind, locale, part).name for part in PARTS]
+            found = all(_prints_attendee_only(self.renderer.env, n) for n in names)
+            self._plain_cache[(kind, locale)] = found
+        return found
+
+    def _prepare(
+        self, kind: str, locale: str, context: Callable[[Any], dict[str, Any]], *, has_name: bool
+    ) -> Rendered | None:
+        results = []
+        for stand_name, stand_email in _STAND_INS:
+            view = SimpleNamespace(name=stand_name if has_name else "", email=stand_email)
+            results.append(self.renderer.render(kind, locale, context(view)))
+        if _neutral(results[0], _STAND_INS[0]) != _neutral(results[1], _STAND_INS[1]):
+            return None  # the template uses the name or address in a way a stand-in can't carry
+        return results[0]
+
+
+def _prints_attendee_only(env: jinja2.Environment, name: str | None, seen: set[str] | None = None) -> bool:
+    """Walk a template (and what it extends or includes): is `attendee` only ever printed as
+    `{{ attendee.x }}` or tested as `{% if attendee.x %}`?"""
+    from jinja2 import meta, nodes
+
+    seen = seen if seen is not None else set()
+    if name is None or name in seen:
+        return name is not None
+    seen.add(name)
+    assert env.loader is not None
+    source, _, _ = env.loader.get_source(env, name)
+    tree = env.parse(source)
+
+    def fine(node: nodes.Node, parent: nodes.Node | None) -> bool:
+        if isinstance(node, nodes.Name) and node.name == "attendee":
+            return False  # attendee on its own, not as attendee.x
+        if (
+            isinstance(node, nodes.Getattr)
+            and isinstance(node.node, nodes.Name)
+            and node.node.name == "attendee"
+        ):
+            return (isinstance(parent, nodes.Output) and node in parent.nodes) or (
+                isinstance(parent, nodes.If) and parent.test is node
+            )
+        return all(fine(child, node) for child in node.iter_child_nodes())
+
+    if not fine(tree, None):
+        return False
+    return all(_prints_attendee_only(env, ref, seen) for ref in meta.find_referenced_templates(tree))
+
+
 def build_context(
     *,
     kind: str,
     locale: str,
-    attendee: Attendee,
+    attendee: Attendee | SimpleNamespace,
     event: Event,
     event_view_cache: SimpleNamespace | None = None,
     previous: Event | None = None,
@@ -196,7 +308,9 @@ def build_context(
     return {
         "locale": locale,
         "kind": kind,
-        "attendee": SimpleNamespace(name=attendee.name, email=attendee.email),
+        "attendee": attendee
+        if isinstance(attendee, SimpleNamespace)
+        else SimpleNamespace(name=attendee.name, email=attendee.email),
         "event": event_view_cache or event_view(event, locale),
         "show_join_url": bool(show_join and event.join_url),
         "reminder": SimpleNamespace(

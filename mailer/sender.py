@@ -19,7 +19,7 @@ from mailer.events import Event
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
 from mailer.messages import MessageRef, MessageState
 from mailer.planner import Clock, ms, utc_now
-from mailer.render import Renderer, build_context, event_view
+from mailer.render import CALENDAR_FILENAMES, Renderer, SharedRenderer, build_context, event_view
 from mailer.retry import RetryPolicy
 from mailer.settings import Settings
 from mailer.store import (
@@ -105,6 +105,7 @@ class MessageBuilder:
 
     def __init__(self, *, settings: Settings, renderer: Renderer) -> None:
         self.renderer = renderer
+        self.shared = SharedRenderer(renderer)
         name, address = parseaddr(settings.sender)
         self.sender = Address(name=name, email=address)
         self.domain = settings.sender_domain
@@ -124,24 +125,29 @@ class MessageBuilder:
             view = self._views[view_key] = event_view(event, locale)
         offset = Offset.parse(ref.disc.split("/", 1)[0]) if ref.kind == "reminder" else None
         method = CALENDAR_KINDS.get(ref.kind)
-        context = build_context(
-            kind=ref.kind,
-            locale=locale,
-            attendee=attendee,
-            event=event,
-            event_view_cache=view,
-            previous=stored.previous if ref.kind == "event_changed" else None,
-            offset=offset,
-            has_calendar=method is not None,
-        )
-        rendered = self.renderer.render(ref.kind, locale, context)
+
+        def context(person: Any) -> dict[str, Any]:
+            return build_context(
+                kind=ref.kind,
+                locale=locale,
+                attendee=person,
+                event=event,
+                event_view_cache=view,
+                previous=stored.previous if ref.kind == "event_changed" else None,
+                offset=offset,
+                has_calendar=method is not None,
+            )
+
+        # Everything but the attendee is the same for every message with this key.
+        shared_key = (event.id, stored.version, ref.kind, ref.disc, locale)
+        rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
         attachment = None
         if method is not None:
             # A registration's own cancellation must outrank every PUBLISH it received.
             sequence = stored.version + (1 if ref.kind == "registration_cancelled" else 0)
             calendar = self._calendar(event, sequence, method, now)
             attachment = Attachment(
-                filename=context["calendar_filename"],
+                filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
                 content_type=f'text/calendar; method={method}; charset="utf-8"',
                 data=calendar.for_registration(reg.id),
             )
