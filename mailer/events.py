@@ -30,6 +30,8 @@ from mailer.errors import FieldProblem, InvalidEvent
 
 def _no_control_characters(value: str) -> str:
     # Anything that ends up in a header must not be able to start a new header line.
+    if value.isprintable():
+        return value  # the common case: no Cc, Zl or Zp is printable, so nothing to look for
     for ch in value:
         if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
             raise ValueError(f"must not contain control characters or line breaks (found {ch!r})")

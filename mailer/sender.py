@@ -12,6 +12,7 @@ from email.utils import parseaddr
 from typing import Any
 
 from mailer.compose import Address, Attachment, MailParts, compose
+from mailer.constants import LOG_STREAM
 from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 from mailer.durations import Offset
 from mailer.errors import DeliveryError, MailerError, PermanentDeliveryError, UncertainDeliveryError
@@ -363,24 +364,24 @@ class Sender:
     async def _handover(
         self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, entries: list[LogEntry]
     ) -> bool:
-        """Record one outcome and mark the next message as handed over, in one round trip.
+        """Record one outcome and mark the next message as handed over, in one command.
 
         False if the next message's claim no longer holds (it must not be sent).
         """
         now = self.clock()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if done is not None:
-                state, entry = self._outcome(done[0], done[1], now)
-                self.store.write_state(pipe, done[0].claim.ref, state)
-                self.log.add(pipe, entry)
-                entries.append(entry)
-            if following is not None:
-                claim = following.claim
-                lease = ms(now) + self.lease_ms
-                state = MessageState("sending", claim.attempt, claim.since_ms, ms(now), lease)
-                await self.store.hand_over(pipe, claim.ref, attempt=claim.attempt, state=state)
-            replies = await pipe.execute()
-        return following is None or bool(replies[-1])
+        recorded = None
+        if done is not None:
+            state, entry = self._outcome(done[0], done[1], now)
+            entries.append(entry)
+            recorded = (done[0].claim.ref, state, entry.to_json())
+        handed = None
+        if following is not None:
+            claim = following.claim
+            sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
+            handed = (claim.ref, claim.attempt, sending)
+        return await self.store.step(
+            recorded, handed, log_stream=LOG_STREAM, log_max_entries=self.settings.log_max_entries
+        )
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime

@@ -206,15 +206,28 @@ return out
 """
 
 
-# Mark a claimed message as handed over, only if the claim is still ours (same status and
-# attempt): a lane that waited past its lease must not send what another worker re-claimed.
-HANDOVER_SCRIPT = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
+# The send path's one round trip per mail, as a single command: record the previous
+# message's outcome (state, due index, delivery log) and hand the next one over (only if
+# the claim is still ours: same status and attempt, so a lane that waited past its lease
+# never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
+# reg may be the empty string). Returns 1 if the next message may be sent.
+STEP_SCRIPT = """
+if KEYS[3] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+  if ARGV[3] == '1' then
+    redis.call('ZREM', KEYS[1], ARGV[4])
+  else
+    redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'j', ARGV[6])
+end
+if KEYS[4] == '' then return 1 end
+local raw = redis.call('HGET', KEYS[4], ARGV[8])
 if not raw then return 0 end
 local status, attempts = string.match(raw, '^([^|]+)|([^|]+)|')
-if status ~= 'claimed' or tonumber(attempts) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+if status ~= 'claimed' or tonumber(attempts) ~= tonumber(ARGV[9]) then return 0 end
+redis.call('HSET', KEYS[4], ARGV[8], ARGV[10])
+redis.call('ZADD', KEYS[1], ARGV[11], ARGV[12])
 return 1
 """
 
@@ -234,7 +247,7 @@ class MessageStore:
     def __init__(self, redis: RedisClient) -> None:
         self.redis = redis
         self._claim = redis.register_script(CLAIM_SCRIPT)
-        self._handover = redis.register_script(HANDOVER_SCRIPT)
+        self._step = redis.register_script(STEP_SCRIPT)
 
     async def claim(self, refs: list[MessageRef], *, now_ms: int, lease_ms: int) -> list[Claim]:
         if not refs:
@@ -261,13 +274,34 @@ class MessageStore:
         else:
             pipe.zadd(DUE_KEY, {ref.id: state.aux_ms or state.at_ms})
 
-    async def hand_over(self, pipe: Any, ref: MessageRef, *, attempt: int, state: MessageState) -> None:
-        """Queue the claimed → sending step on a pipeline; its result is 1 if the claim held."""
-        await self._handover(
-            keys=[registration_key(ref.registration_id), DUE_KEY],
-            args=[ref.field, attempt, state.encode(), state.aux_ms, ref.id],
-            client=pipe,
-        )
+    async def step(
+        self,
+        done: tuple[MessageRef, MessageState, bytes] | None,
+        following: tuple[MessageRef, int, MessageState] | None,
+        *,
+        log_stream: str,
+        log_max_entries: int,
+    ) -> bool:
+        """Record `done` (ref, final-or-retry state, log JSON) and hand `following` (ref,
+        claimed attempt, sending state) over, in one command. False: don't send `following`."""
+        keys = [DUE_KEY, log_stream, "", ""]
+        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, ""]
+        if done is not None:
+            ref, state, entry = done
+            keys[2] = registration_key(ref.registration_id)
+            args[0:6] = [
+                ref.field,
+                state.encode(),
+                "1" if state.final else "0",
+                ref.id,
+                state.aux_ms or state.at_ms,
+                entry,
+            ]
+        if following is not None:
+            ref, attempt, state = following
+            keys[3] = registration_key(ref.registration_id)
+            args[7:12] = [ref.field, attempt, state.encode(), state.aux_ms, ref.id]
+        return bool(await self._step(keys=keys, args=args))
 
     async def due(self, *, now_ms: int, limit: int) -> list[str]:
         rows = await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit)
