@@ -1,0 +1,1 @@
+"""The benchmark behind `make bench` (see bench/README.md): mailer against its protocol and queue ceilings."""

@@ -18,7 +18,6 @@ import redis
 
 from mailer.embedded import find_redis_server
 
-ROOT = Path(__file__).resolve().parent.parent
 SENDER = "Stadt Kaiserslautern <noreply@example.org>"
 SENDER_ADDRESS = "noreply@example.org"
 LOCAL_HOSTNAME = "bench"

@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any
@@ -175,11 +176,13 @@ class Sink:
         records: list[Record] = self._control.recv()
         return records
 
-    def wait_for(self, total: int, *, timeout: float, interval: float = 0.005) -> bool:
-        """Poll the shared counter until it reaches `total`; False on timeout."""
+    def wait_for(
+        self, total: int, *, timeout: float, interval: float = 0.005, alive: Callable[[], bool] | None = None
+    ) -> bool:
+        """Poll the shared counter until it reaches `total`; False on timeout or once `alive()` is false."""
         deadline = time.monotonic() + timeout
         while self.count < total:
-            if time.monotonic() > deadline or not self.process.is_alive():
+            if time.monotonic() > deadline or not self.process.is_alive() or (alive and not alive()):
                 return False
             time.sleep(interval)
         return True
