@@ -259,3 +259,37 @@ def test_one_day_reminder_keeps_local_time_across_the_dst_change() -> None:
     assert (day_before.day, day_before.hour) == (last_sunday.day - 1, 10)
     exact = Offset.parse("PT24H").before(start, "Europe/Berlin").astimezone(BERLIN)
     assert exact.hour == 9
+
+
+async def test_an_older_update_arriving_late_changes_nothing(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """Updates out of order: the newer occurred_at wins, the older one is ignored and sends nothing."""
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    await running_worker(settings)
+    start = datetime.now(BERLIN).replace(microsecond=0) + timedelta(days=10)
+    base = make_event(starts_at=start)
+    now = datetime.now(UTC) + timedelta(seconds=1)  # strictly after the registration's occurred_at
+    newer = dict(base["event"], location="Rathaus")
+    older = dict(base["event"], location="Stadtbibliothek")
+    async with MailerClient(redis_url) as client:
+        await client.publish(base)
+        await wait_for(lambda: len(smtp_server.handler.received) == 1)
+        await client.publish(
+            {"type": "event.updated", "id": "u2", "occurred_at": now.isoformat(), "event": newer}
+        )
+        await wait_for(lambda: len(smtp_server.handler.received) == 2)
+        await client.publish(
+            {
+                "type": "event.updated",
+                "id": "u1",
+                "occurred_at": (now - timedelta(minutes=1)).isoformat(),
+                "event": older,
+            }
+        )
+    await asyncio.sleep(1.0)
+    assert len(smtp_server.handler.received) == 2
+    notice = smtp_server.handler.received[1].message.get_body(("plain",)).get_content()
+    assert "Rathaus" in notice
+    entries = await log_entries(redis_url)
+    assert any(e.status == "ignored" and e.source_event == "u1" for e in entries)
