@@ -407,3 +407,19 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         if "arq.worker" in line and " failed, " in line
     ]
     assert not raised, raised[:5]
+
+
+@pytest.fixture
+def mail_worker(
+    redis_url: str, smtp_server: SmtpServer, make_settings: Callable[..., Settings], running_worker: Any
+) -> Callable[..., Any]:
+    """Start an in-process worker sending to the test's SMTP server; returns its settings."""
+
+    async def start(**overrides: Any) -> Settings:
+        settings = make_settings(
+            redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port, **overrides
+        )
+        await running_worker(settings)
+        return settings
+
+    return start

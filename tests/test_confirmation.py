@@ -27,11 +27,10 @@ async def log_entries(url: str) -> list[Any]:
 
 
 async def test_registration_yields_a_german_confirmation_with_calendar(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """A registration.created event becomes one German mail with text, HTML and an .ics at 18:00 Berlin."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = event_day(15)
     async with MailerClient(redis_url) as client:
         assert await client.publish(make_event(starts_at=start))
@@ -82,12 +81,9 @@ async def test_registration_yields_a_german_confirmation_with_calendar(
     assert sent[0].attempt == 1
 
 
-async def test_same_event_id_twice_sends_one_mail(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
-) -> None:
+async def test_same_event_id_twice_sends_one_mail(redis_url: str, smtp_server: Any, mail_worker: Any) -> None:
     """The producer's id is the idempotency key, however long apart the two deliveries are."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     event = make_event()
     async with MailerClient(redis_url) as client:
         await client.publish(event)
@@ -113,12 +109,9 @@ async def test_same_event_id_twice_sends_one_mail(
     assert any(e.status == "ignored" and "replay" in e.detail for e in entries)
 
 
-async def test_html_escapes_markup_in_title(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
-) -> None:
+async def test_html_escapes_markup_in_title(redis_url: str, smtp_server: Any, mail_worker: Any) -> None:
     """A <script> in the title reaches the HTML part escaped, and the text part as written."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(title="Dialog <script>alert(1)</script> & mehr"))
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
@@ -172,11 +165,10 @@ async def test_invalid_events_are_refused_with_field_and_reason(
 
 
 async def test_garbage_in_the_queue_is_rejected_and_logged(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Bytes that are no job, an unknown function and a contract-breaking event: logged, worker goes on."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     redis = await connect(redis_url)
     try:
         now = 1  # arq skips a job whose score is 0 (it reads it as "not queued")
@@ -205,13 +197,12 @@ async def test_garbage_in_the_queue_is_rejected_and_logged(
 
 
 async def test_event_that_already_started_gets_no_confirmation(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Nothing but cancellations is sent after the start; the log says why."""
     from datetime import UTC, datetime
 
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=datetime.now(UTC) - timedelta(minutes=5)))
     entries: list[Any] = []
@@ -254,11 +245,10 @@ def test_fast_address_check_agrees_with_email_validator(address: str) -> None:
 
 
 async def test_internationalised_domain_is_sent_in_ascii_form(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """juergen@bücher.example goes out to juergen@xn--bcher-kva.example, in the envelope and in To."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(email="juergen@bücher.example", name="Jürgen Groß"))
     await wait_for(lambda: len(smtp_server.handler.received) == 1)

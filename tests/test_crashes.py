@@ -114,12 +114,11 @@ async def test_enqueue_fails_clearly_when_redis_is_unreachable(tmp_path: Any) ->
 
 
 async def test_a_dropped_connection_mid_data_is_retried_as_uncertain(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """The server drops the connection during DATA: outcome unknown, retried, then delivered."""
     smtp_server.handler.fault = lambda rcpt, n: "drop" if n == 1 else None
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
@@ -130,14 +129,11 @@ async def test_a_dropped_connection_mid_data_is_retried_as_uncertain(
 
 
 async def test_a_stalled_server_times_out_and_the_mail_is_retried(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """A server that stops answering past MAILER_SMTP_TIMEOUT: the client is closed, the mail retried."""
     smtp_server.handler.fault = lambda rcpt, n: "stall" if n == 1 else None
-    settings = make_settings(
-        redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port, smtp_timeout=0.5
-    )
-    await running_worker(settings)
+    await mail_worker(smtp_timeout=0.5)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)

@@ -21,12 +21,11 @@ async def statuses(url: str, message_id: str) -> list[str]:
 
 
 async def test_greylisting_is_retried_until_accepted(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """451 twice, then 250: two `retrying` entries with the SMTP codes, then `sent`, one mail."""
     smtp_server.handler.fault = lambda rcpt, n: "451 4.7.1 Greylisted, try later" if n <= 2 else None
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
@@ -39,13 +38,12 @@ async def test_greylisting_is_retried_until_accepted(
 
 
 async def test_unknown_user_fails_permanently_and_can_be_redriven(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """550 5.1.1 is never retried; `mailer retry` sends it again with the same Message-ID."""
     rejecting = {"on": True}
     smtp_server.handler.fault = lambda rcpt, n: "550 5.1.1 User unknown" if rejecting["on"] else None
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     for _ in range(500):
@@ -76,12 +74,11 @@ async def test_unknown_user_fails_permanently_and_can_be_redriven(
 
 
 async def test_server_down_then_back_loses_nothing(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Connection refused is transient: once the server is back, the mail goes out."""
     smtp_server.controller.stop()
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     for _ in range(500):
@@ -123,14 +120,11 @@ def test_backoff_stays_within_the_full_jitter_window(attempt: int, base: float, 
 
 
 async def test_attempts_run_out_and_the_message_is_dead_lettered(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """A relay that keeps greylisting: after MAILER_MAX_ATTEMPTS the message is `failed`, not retried."""
     smtp_server.handler.fault = lambda rcpt, n: "451 4.7.1 try later"
-    settings = make_settings(
-        redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port, max_attempts=2
-    )
-    await running_worker(settings)
+    await mail_worker(max_attempts=2)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     for _ in range(1000):

@@ -26,11 +26,10 @@ def calendar_of(received: Any) -> Any:
 
 
 async def test_reminder_falls_due_and_carries_the_join_link(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """An event one hour and a few seconds away: the one-hour reminder arrives seconds later."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = datetime.now(UTC) + timedelta(hours=1, seconds=3)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=start, reminder_offsets=["PT1H", "P1D"]))
@@ -44,11 +43,10 @@ async def test_reminder_falls_due_and_carries_the_join_link(
 
 
 async def test_late_registration_gets_no_reminder_it_registered_after(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Registered 30 minutes before the start: a confirmation only, no day-before or hour-before mail."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = datetime.now(UTC) + timedelta(minutes=30)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=start))
@@ -61,11 +59,10 @@ async def test_late_registration_gets_no_reminder_it_registered_after(
 
 
 async def test_registration_cancelled_sends_notice_and_stops_reminders(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """A cancellation confirms itself with a METHOD:CANCEL calendar; the due reminder is not sent."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = datetime.now(UTC) + timedelta(hours=1, seconds=3)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=start, reminder_offsets=["PT1H"]))
@@ -90,11 +87,10 @@ async def test_registration_cancelled_sends_notice_and_stops_reminders(
 
 
 async def test_event_update_moves_the_calendar_entry_and_notifies(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """A time change: each active registrant gets a notice in their locale; same UID, higher SEQUENCE."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = datetime.now(BERLIN).replace(microsecond=0) + timedelta(days=10)
     base = make_event(starts_at=start)
     async with MailerClient(redis_url) as client:
@@ -157,11 +153,10 @@ async def test_event_update_moves_the_calendar_entry_and_notifies(
 
 
 async def test_event_cancelled_notifies_every_active_registrant(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """event.cancelled: a notice with a CANCEL calendar to everyone still registered; reminders removed."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish_many(
             [
@@ -190,11 +185,10 @@ async def test_event_cancelled_notifies_every_active_registrant(
 
 
 async def test_cancellation_before_its_registration_ends_the_same_as_in_order(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Out of order: the later occurred_at wins; the cancellation notice goes out, no confirmation."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     created_at = datetime.now(UTC) - timedelta(minutes=5)
     async with MailerClient(redis_url) as client:
         await client.publish(
@@ -215,11 +209,10 @@ async def test_cancellation_before_its_registration_ends_the_same_as_in_order(
 
 
 async def test_dry_run_reports_and_changes_nothing(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """--dry-run's planner pass counts what would happen and writes nothing to Redis."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    settings = await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
@@ -262,11 +255,10 @@ def test_one_day_reminder_keeps_local_time_across_the_dst_change() -> None:
 
 
 async def test_an_older_update_arriving_late_changes_nothing(
-    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+    redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
     """Updates out of order: the newer occurred_at wins, the older one is ignored and sends nothing."""
-    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
-    await running_worker(settings)
+    await mail_worker()
     start = datetime.now(BERLIN).replace(microsecond=0) + timedelta(days=10)
     base = make_event(starts_at=start)
     now = datetime.now(UTC) + timedelta(seconds=1)  # strictly after the registration's occurred_at
