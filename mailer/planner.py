@@ -192,6 +192,18 @@ class Planner:
             return
         # The same registration again under a new producer id may update the attendee's
         # details, but sends nothing twice: the confirmation's state already exists.
+        if current is not None and current.status == "active":
+            why = "registration already active: details updated, nothing sent again"
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    "ignored",
+                    why,
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
         registration = StoredRegistration(
             id=reg_in.id,
             attendee=attendee,

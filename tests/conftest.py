@@ -423,3 +423,22 @@ def mail_worker(
         return settings
 
     return start
+
+
+async def log_until(url: str, predicate: Callable[[list[Any]], bool], within: float = 10.0) -> list[Any]:
+    """Poll the delivery log until `predicate(entries)` holds; return the entries (oldest first)."""
+    from mailer.deliverylog import read_log
+    from mailer.queue import connect
+
+    redis = await connect(url)
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            entries = [e async for e in read_log(redis, newest_first=False)]
+            if predicate(entries):
+                return entries
+            if time.monotonic() > deadline:
+                raise AssertionError(f"log condition not met in time; log: {entries[-5:]}")
+            await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +14,7 @@ from mailer.client import MailerClient
 from mailer.deliverylog import read_log
 from mailer.errors import InvalidEvent
 from mailer.queue import connect
-from tests.conftest import BERLIN, event_day, make_event, wait_for
+from tests.conftest import BERLIN, event_day, log_until, make_event, wait_for
 
 
 async def log_entries(url: str) -> list[Any]:
@@ -92,19 +91,7 @@ async def test_same_event_id_twice_sends_one_mail(redis_url: str, smtp_server: A
         await client.publish(event)
         again = dict(event, id="evt-other-id-same-registration")
         await client.publish(again)
-        await wait_for(lambda: not False)
-    entries: list[Any] = []
-
-    async def settled() -> bool:
-        entries[:] = await log_entries(redis_url)
-        return sum(1 for e in entries if e.status in ("ignored",)) >= 1
-
-    for _ in range(500):
-        if await settled():
-            break
-        import asyncio
-
-        await asyncio.sleep(0.01)
+    entries = await log_until(redis_url, lambda log: sum(e.status == "ignored" for e in log) >= 2)
     assert len(smtp_server.handler.received) == 1
     assert any(e.status == "ignored" and "replay" in e.detail for e in entries)
 
@@ -184,12 +171,8 @@ async def test_garbage_in_the_queue_is_rejected_and_logged(
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
-    rejected: list[str] = []
-    for _ in range(500):
-        rejected = [e.detail for e in await log_entries(redis_url) if e.status == "rejected"]
-        if len(rejected) >= 3:
-            break
-        await asyncio.sleep(0.01)
+    entries = await log_until(redis_url, lambda log: sum(e.status == "rejected" for e in log) >= 3)
+    rejected = [e.detail for e in entries if e.status == "rejected"]
     assert len(rejected) == 3, rejected
     assert any("not valid JSON" in d for d in rejected)
     assert any("rm_rf" in d for d in rejected)
@@ -205,14 +188,7 @@ async def test_event_that_already_started_gets_no_confirmation(
     await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=datetime.now(UTC) - timedelta(minutes=5)))
-    entries: list[Any] = []
-    import asyncio
-
-    for _ in range(500):
-        entries = await log_entries(redis_url)
-        if entries:
-            break
-        await asyncio.sleep(0.01)
+    entries = await log_until(redis_url, bool)
     assert [e.status for e in entries] == ["skipped"]
     assert "started" in entries[0].detail
     assert smtp_server.handler.received == []

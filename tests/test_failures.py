@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mailer.client import MailerClient
 from mailer.retry import backoff_seconds, enhanced_code, is_transient
-from tests.conftest import make_event, wait_for
+from tests.conftest import log_until, make_event, wait_for
 from tests.test_confirmation import log_entries
 
 
@@ -46,10 +46,7 @@ async def test_unknown_user_fails_permanently_and_can_be_redriven(
     await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
-    for _ in range(500):
-        if "failed" in await statuses(redis_url, "reg-1001/confirmation"):
-            break
-        await asyncio.sleep(0.01)
+    await log_until(redis_url, lambda log: any(e.status == "failed" for e in log))
     await asyncio.sleep(1.2)  # a retry would have happened by now
     assert await statuses(redis_url, "reg-1001/confirmation") == ["failed"]
     assert smtp_server.handler.attempts["maria.mueller@example.org"] == 1
@@ -81,10 +78,7 @@ async def test_server_down_then_back_loses_nothing(
     await mail_worker()
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
-    for _ in range(500):
-        if "retrying" in await statuses(redis_url, "reg-1001/confirmation"):
-            break
-        await asyncio.sleep(0.01)
+    await log_until(redis_url, lambda log: any(e.status == "retrying" for e in log))
     # A new server on the same port, as after a relay's maintenance window.
     from aiosmtpd.controller import Controller
 
@@ -127,10 +121,7 @@ async def test_attempts_run_out_and_the_message_is_dead_lettered(
     await mail_worker(max_attempts=2)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
-    for _ in range(1000):
-        if "failed" in await statuses(redis_url, "reg-1001/confirmation"):
-            break
-        await asyncio.sleep(0.01)
+    await log_until(redis_url, lambda log: any(e.status == "failed" for e in log))
     entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
     assert [e.status for e in entries] == ["retrying", "failed"]
     assert "no attempts or time left" in entries[-1].detail
@@ -152,10 +143,7 @@ async def test_a_template_that_fails_on_this_data_fails_permanently(
     await running_worker(settings)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
-    for _ in range(500):
-        if await statuses(redis_url, "reg-1001/confirmation"):
-            break
-        await asyncio.sleep(0.01)
+    await log_until(redis_url, bool)
     await asyncio.sleep(0.5)
     entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
     assert [e.status for e in entries] == ["failed"]
