@@ -52,7 +52,9 @@ async def ingest(ctx: dict[str, Any], *, events: Any = None) -> dict[str, int]:
             rejected.append(_rejected(app.log, f"invalid event: {exc}", source_event=exc.event_id or ""))
     plan = await app.planner.apply(valid)
     await app.log.write(rejected + plan.notes)
-    outcomes = await app.sender.deliver(plan.deliver_now)
+    outcomes = await app.sender.deliver(
+        plan.deliver_now, registrations=plan.registrations, events=plan.events
+    )
     return {"events": len(valid), "rejected": len(rejected), "sent": _count(outcomes, "sent")}
 
 

@@ -73,6 +73,10 @@ class Plan:
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     writes: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    # The state after the batch, as written: the send path starts from it instead of reading
+    # back from Redis what was just put there.
+    registrations: dict[str, StoredRegistration] = field(default_factory=dict)
+    events: dict[str, StoredEvent] = field(default_factory=dict)
 
     def write(self, command: str, *args: Any, **kwargs: Any) -> None:
         """Record a Redis write; nothing touches Redis until the whole batch is decided."""
@@ -140,6 +144,8 @@ class Planner:
                 for command, args, kwargs in plan.writes:
                     getattr(pipe, command)(*args, **kwargs)
                 await pipe.execute()
+        plan.registrations = {k: v for k, v in regs.items() if v is not None}
+        plan.events = {k: v for k, v in stored.items() if v is not None}
         return plan
 
     # --- registration.created -------------------------------------------------------------

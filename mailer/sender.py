@@ -224,13 +224,24 @@ class Sender:
         # Lease on a claimed message: if its worker dies, it is sent again after this.
         self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
 
-    async def deliver(self, messages: Iterable[MessageRef | str]) -> list[LogEntry]:
+    async def deliver(
+        self,
+        messages: Iterable[MessageRef | str],
+        *,
+        registrations: dict[str, StoredRegistration] | None = None,
+        events: dict[str, StoredEvent] | None = None,
+    ) -> list[LogEntry]:
+        """Send these messages; `registrations`/`events` are state the caller already holds."""
         refs = [m if isinstance(m, MessageRef) else MessageRef.parse(m) for m in messages]
         if not refs:
             return []
         now = self.clock()
-        regs = await load_registrations(self.redis, [r.registration_id for r in refs])
-        events = await load_events(self.redis, [r.event_id for r in regs.values() if r.event_id])
+        regs = dict(registrations or {})
+        missing = [r.registration_id for r in refs if r.registration_id not in regs]
+        regs.update(await load_registrations(self.redis, missing))
+        events = dict(events or {})
+        missing = [r.event_id for r in regs.values() if r.event_id and r.event_id not in events]
+        events.update(await load_events(self.redis, missing))
         claims = await self.store.claim(refs, now_ms=ms(now), lease_ms=self.lease_ms)
 
         entries: list[LogEntry] = []
