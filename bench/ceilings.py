@@ -18,7 +18,7 @@ from arq.worker import Worker, func
 
 from bench.infra import LOCAL_HOSTNAME, SENDER, SENDER_ADDRESS, cpu_seconds
 from mailer.constants import QUEUE_NAME
-from mailer.queue import SEND, Enqueuer, connect, deserialize, serialize
+from mailer.queue import SEND, Enqueuer, connect, worker_options
 
 # First job start and last job end, set by the job functions of the phase's own process.
 _marks: dict[str, float] = {}
@@ -79,15 +79,7 @@ async def _run_burst(
         worker = Worker(
             functions=[func(job, name=SEND, timeout=job_timeout, keep_result=0, max_tries=1000)],  # type: ignore[arg-type]
             redis_pool=pool,
-            queue_name=QUEUE_NAME,
-            job_serializer=serialize,
-            job_deserializer=deserialize,
-            max_jobs=max_jobs,
-            poll_delay=poll_delay,
-            job_timeout=job_timeout,
-            keep_result=0,
-            max_tries=1000,
-            handle_signals=False,
+            **worker_options(max_jobs=max_jobs, poll_delay=poll_delay, job_timeout=job_timeout),
             burst=True,
         )
         started = time.time()

@@ -51,6 +51,24 @@ def _rejection(reason: str, raw: bytes) -> dict[str, Any]:
     return {"t": 1, "f": REJECT, "a": [], "k": {"reason": reason, "preview": preview}, "et": 0}
 
 
+def worker_options(*, max_jobs: int, poll_delay: float, job_timeout: int) -> dict[str, Any]:
+    """The arq Worker settings of every mailer worker (the benchmark's queue ceiling uses them too)."""
+    return {
+        "queue_name": QUEUE_NAME,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "max_jobs": max_jobs,
+        "poll_delay": poll_delay,
+        "job_timeout": job_timeout,
+        # mailer keeps its own state; arq's result keys would only cost memory.
+        "keep_result": 0,
+        # A crash re-runs a job (arq counts that as a try); mailer's per-message state, not
+        # arq's try counter, decides what is sent, so tries are effectively unlimited.
+        "max_tries": 1000,
+        "handle_signals": False,
+    }
+
+
 def redis_settings(url: str) -> RedisSettings:
     settings = RedisSettings.from_dsn(url)
     # Fail fast on a dead server; the worker's own loop does the patient retrying.

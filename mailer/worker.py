@@ -15,10 +15,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer import jobs
-from mailer.constants import QUEUE_NAME
 from mailer.deliverylog import DeliveryLog
 from mailer.planner import Clock, Planner, utc_now
-from mailer.queue import FAN_OUT, INGEST, REJECT, SEND, connect, deserialize, serialize
+from mailer.queue import FAN_OUT, INGEST, REJECT, SEND, connect, worker_options
 from mailer.render import Renderer
 from mailer.scheduler import Scheduler
 from mailer.sender import Sender
@@ -64,11 +63,11 @@ def build_worker(
     timeout = settings.job_timeout
     return Worker(
         functions=[
-            # keep_result=0: mailer keeps its own state; arq's result keys would only cost memory.
-            func(jobs.ingest, name=INGEST, timeout=timeout, keep_result=0, max_tries=1000),
-            func(jobs.send, name=SEND, timeout=timeout, keep_result=0, max_tries=1000),
-            func(jobs.fan_out, name=FAN_OUT, timeout=timeout, keep_result=0, max_tries=1000),
-            func(jobs.reject, name=REJECT, timeout=timeout, keep_result=0, max_tries=1),
+            func(jobs.ingest, name=INGEST, timeout=timeout),
+            func(jobs.send, name=SEND, timeout=timeout),
+            func(jobs.fan_out, name=FAN_OUT, timeout=timeout),
+            # Results and tries default to worker_options; a malformed job is never worth a retry.
+            func(jobs.reject, name=REJECT, timeout=timeout, max_tries=1),
         ],
         cron_jobs=[
             cron(
@@ -76,23 +75,14 @@ def build_worker(
                 name="cron:tick",
                 second=set(range(60)),
                 timeout=timeout,
-                keep_result=0,
                 run_at_startup=True,
             )
         ],
         redis_pool=redis,
-        queue_name=QUEUE_NAME,
-        job_serializer=serialize,
-        job_deserializer=deserialize,
         on_startup=startup,
-        max_jobs=settings.worker_max_jobs,
-        poll_delay=settings.poll_delay,
-        job_timeout=timeout,
-        keep_result=0,
-        # A crash re-runs a job (arq counts that as a try); mailer's per-message state, not
-        # arq's try counter, decides what is sent, so tries are effectively unlimited.
-        max_tries=1000,
-        handle_signals=False,
+        **worker_options(
+            max_jobs=settings.worker_max_jobs, poll_delay=settings.poll_delay, job_timeout=timeout
+        ),
         burst=burst,
         health_check_interval=10,
     )
