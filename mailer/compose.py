@@ -107,11 +107,21 @@ _AUTO_HEADERS = (
 )
 
 
-def compose(parts: MailParts) -> bytes:
+class WireMessage(bytes):
+    """Bytes compose() built: CRLF line endings only, lines <= 998 octets, no line starting with ".".
+
+    The transport sends these as the DATA payload unchanged; any other bytes it first
+    normalises and dot-stuffs. The property tests in tests/test_compose.py hold compose() to it.
+    """
+
+    __slots__ = ()
+
+
+def compose(parts: MailParts) -> WireMessage:
     """Return the message as SMTP-ready bytes (CRLF, lines <= 998 octets); raise ComposeError."""
     _validate(parts)
     try:
-        return _compose(parts)
+        return WireMessage(_compose(parts))
     except UnicodeEncodeError as exc:  # lone surrogates from upstream decoding
         raise ComposeError(f"text is not valid Unicode ({exc.reason})") from exc
 

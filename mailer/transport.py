@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 
+from mailer.compose import WireMessage
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -161,30 +163,89 @@ class _SmtpLane:
                 self.client = None
                 raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
             self.client = client
+        transaction = _Transaction(client, sender, recipient, data)
         try:
-            errors, reply = await client.sendmail(sender, [recipient], data)
+            reply = await transaction.run()
         except aiosmtplib.SMTPResponseException as exc:
             # A clean reply: the connection stays usable unless the server closed it (421).
             if exc.code == 421 or not client.is_connected:
                 await self._drop()
-            raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
-        except aiosmtplib.SMTPRecipientsRefused as exc:
+            else:
+                await transaction.reset()
             raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
         except BaseException as exc:
             # Timeouts, drops and cancellation leave the client out of step: never reuse it.
             await self._drop()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise _map_smtp_error(exc, recipient=recipient, data_sent=True) from exc
-        if errors:
-            # Partly refused recipients come back as a dict, not an exception.
-            code, text = next(iter(errors.values()))
-            raise _classified(code, text, recipient)
-        return Accepted(code=250, detail=reply)
+            raise _map_smtp_error(exc, recipient=recipient, data_sent=transaction.data_sent) from exc
+        return Accepted(code=reply.code, detail=reply.message)
 
     async def _drop(self) -> None:
         await _close_quietly(self.client)
         self.client = None
+
+
+def wire_payload(message: bytes) -> bytes:
+    """The DATA payload for a message: dot-stuffed, CRLF line endings, ended by CRLF.CRLF.
+
+    What compose() built is already in that form and only gets the terminator. Other bytes
+    are checked with byte counts and one search at C speed. aiosmtplib's own DATA path runs
+    two regular expressions over every message, which cost a third of the worker's time.
+    """
+    if isinstance(message, WireMessage):
+        return message + b".\r\n"
+    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(b"\r\n"):
+        message = normalize_message_line_endings(message)
+    elif not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    if message.startswith(b"."):
+        message = b"." + message
+    if b"\n." in message:
+        message = message.replace(b"\n.", b"\n..")
+    return message + b".\r\n"
+
+
+class _Transaction:
+    """MAIL, RCPT, DATA and the payload for one message on one connected client.
+
+    Not `SMTP.sendmail`: that normalises line endings and dot-stuffs with regular
+    expressions, twice over with SIZE. Only public aiosmtplib calls are used; the lane
+    guarantees that nothing else uses the client meanwhile.
+    """
+
+    def __init__(self, client: aiosmtplib.SMTP, sender: str, recipient: str, message: bytes) -> None:
+        self.client = client
+        self.sender = sender
+        self.recipient = recipient
+        self.payload = wire_payload(message)
+        # Once the payload is written, a lost reply means the server may have the message.
+        self.data_sent = False
+
+    async def run(self) -> aiosmtplib.SMTPResponse:
+        client = self.client
+        options = []
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(self.payload) - 3}")  # RFC 1870: without the final ".CRLF"
+        await client.mail(self.sender, options=options)
+        await client.rcpt(self.recipient)
+        reply = await client.execute_command(b"DATA")
+        if reply.code != 354:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message was sent")
+        self.data_sent = True
+        protocol.write(self.payload)
+        reply = await protocol.read_response(timeout=client.timeout)
+        if reply.code != 250:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        return reply
+
+    async def reset(self) -> None:
+        """After a refusal, clear the envelope for the next message (as sendmail does)."""
+        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPException):
+            await self.client.rset()
 
 
 async def _close_quietly(client: aiosmtplib.SMTP | None) -> None:

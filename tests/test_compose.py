@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mailer.compose import Address, Attachment, MailParts, compose, compose_reference
+from mailer.compose import Address, Attachment, MailParts, WireMessage, compose, compose_reference
 from mailer.errors import ComposeError
+from mailer.transport import wire_payload
 
 BERLIN = ZoneInfo("Europe/Berlin")
 GOLDEN = Path(__file__).parent / "golden" / "confirmation_de.eml"
@@ -36,10 +37,14 @@ def parse(raw: bytes) -> EmailMessage:
 
 
 def assert_wire_form(raw: bytes) -> None:
-    """SMTP wire form: CRLF only, no line over 998 octets."""
+    """SMTP wire form: CRLF only, no line over 998 octets; from compose(), no line starting with "."."""
     assert raw.endswith(b"\r\n")
     assert re.search(rb"\r(?!\n)|(?<!\r)\n", raw) is None
     assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    if isinstance(raw, WireMessage):  # the transport sends these without dot-stuffing
+        assert not raw.startswith(b".")
+        assert b"\n." not in raw
+        assert wire_payload(raw) == wire_payload(bytes(raw))  # the shortcut changes nothing
 
 
 def expected_name(name: str) -> str:
@@ -238,6 +243,7 @@ def test_compose_reads_back_exactly_what_it_was_given(parts: MailParts) -> None:
     subject whitespace dropped.
     """
     raw = compose(parts)
+    assert isinstance(raw, WireMessage)
     assert_wire_form(raw)
     message = parse(raw)
     assert all(not part.defects for part in message.walk())
