@@ -25,6 +25,14 @@ EVENT_REGISTRATIONS_KEY: Final = PREFIX + "event:{event_id}:regs"
 # plus one field "m:<kind>[/<disc>]" per message holding that message's state.
 REGISTRATION_KEY: Final = PREFIX + "reg:{registration_id}"
 
+# Single events from publish(), oldest first, until a worker has applied them (mailer.inbox);
+# "armed" holds when the pending drain job was started (ms), "lease" the token of the one
+# worker draining, "seq" numbers the drain jobs.
+INBOX_KEY: Final = PREFIX + "inbox"
+INBOX_ARMED_KEY: Final = PREFIX + "inbox:armed"
+INBOX_LEASE_KEY: Final = PREFIX + "inbox:lease"
+INBOX_SEQ_KEY: Final = PREFIX + "inbox:seq"
+
 # Sorted set of fan-outs still to run, member "<event_id>|<kind>|<disc>", score = due ms.
 # One entry per event and reminder offset, so a reschedule touches a constant number of keys.
 SCHEDULE_KEY: Final = PREFIX + "schedule"

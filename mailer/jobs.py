@@ -9,6 +9,7 @@ from typing import Any
 from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 from mailer.errors import InvalidEvent
 from mailer.events import IncomingEvent, parse_event
+from mailer.inbox import Inbox
 from mailer.messages import MessageRef
 from mailer.planner import Planner
 from mailer.scheduler import Scheduler
@@ -24,6 +25,7 @@ class App:
     planner: Planner
     sender: Sender
     scheduler: Scheduler
+    inbox: Inbox
     log: DeliveryLog
 
 
@@ -37,11 +39,25 @@ def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
 
 
 async def ingest(ctx: dict[str, Any], *, events: Any = None) -> dict[str, int]:
-    """Apply producer events and send what they yield right away (confirmations, notices)."""
+    """Apply a batch of producer events (publish_many, enqueue) and send what they yield."""
     app = _app(ctx)
     if not isinstance(events, list):
         await app.log.write([_rejected(app.log, "ingest job without a list of events")])
         return {"rejected": 1}
+    return await _apply_and_send(app, events)
+
+
+async def drain(ctx: dict[str, Any]) -> dict[str, int]:
+    """Apply the single events publish() put in the inbox, batch by batch (mailer.inbox)."""
+    app = _app(ctx)
+    # Hand over to a fresh drain job well before arq's job timeout would cancel this one.
+    turn_s = app.sender.settings.job_timeout / 4
+    applied = await app.inbox.drain(lambda events: _apply_and_send(app, events), turn_s=turn_s)
+    return {"events": applied}
+
+
+async def _apply_and_send(app: App, events: list[Any]) -> dict[str, int]:
+    """Plan the events and send right away what they yield (confirmations, notices)."""
     valid: list[IncomingEvent] = []
     rejected: list[LogEntry] = []
     for raw in events:
@@ -86,8 +102,11 @@ async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") ->
 
 
 async def tick(ctx: dict[str, Any]) -> dict[str, int]:
-    """Every second: start due fan-outs and re-drive due or stranded messages."""
-    return await _app(ctx).scheduler.tick()
+    """Every second: start due fan-outs, re-drive due or stranded messages, unstick the inbox."""
+    app = _app(ctx)
+    result = await app.scheduler.tick()
+    result["drains_started"] = int(await app.inbox.rearm())
+    return result
 
 
 def _count(entries: list[LogEntry], status: str) -> int:

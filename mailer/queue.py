@@ -15,13 +15,18 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from mailer.constants import QUEUE_NAME
 
 # Job functions the worker knows; anything else in the queue is recorded as rejected.
-INGEST, SEND, FAN_OUT, REJECT = "ingest", "send", "fan_out", "reject"
-KNOWN_FUNCTIONS = frozenset({INGEST, SEND, FAN_OUT, REJECT, "cron:tick"})
+INGEST, DRAIN, SEND, FAN_OUT, REJECT = "ingest", "drain", "send", "fan_out", "reject"
+KNOWN_FUNCTIONS = frozenset({INGEST, DRAIN, SEND, FAN_OUT, REJECT, "cron:tick"})
 
 _ARQ_JOB_PREFIX = "arq:job:"
 _ARQ_RESULT_PREFIX = "arq:result:"
 # Job keys expire a day after they were due, as arq's own enqueue_job does.
-_JOB_EXPIRY_MS = 86_400_000
+JOB_EXPIRY_MS = 86_400_000
+
+
+def job_key(job_id: str) -> str:
+    """Where arq keeps a job's body."""
+    return _ARQ_JOB_PREFIX + job_id
 
 
 def serialize(obj: Any) -> bytes:
@@ -125,7 +130,7 @@ class Enqueuer:
         async with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(jobs), chunk):
                 keys: list[str] = []
-                args: list[Any] = [QUEUE_NAME, max(score - now, 0) + _JOB_EXPIRY_MS]
+                args: list[Any] = [QUEUE_NAME, max(score - now, 0) + JOB_EXPIRY_MS]
                 for job_id, function, kwargs in jobs[start : start + chunk]:
                     keys += [_ARQ_JOB_PREFIX + job_id, _ARQ_RESULT_PREFIX + job_id]
                     body = serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": now})

@@ -16,8 +16,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer import jobs
 from mailer.deliverylog import DeliveryLog
+from mailer.inbox import Inbox
 from mailer.planner import Clock, Planner, utc_now
-from mailer.queue import FAN_OUT, INGEST, REJECT, SEND, connect, worker_options
+from mailer.queue import DRAIN, FAN_OUT, INGEST, REJECT, SEND, connect, worker_options
 from mailer.render import Renderer
 from mailer.scheduler import Scheduler
 from mailer.sender import Sender
@@ -57,6 +58,7 @@ def build_worker(
                 redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
             ),
             scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock),
+            inbox=Inbox(redis),
             log=log,
         )
 
@@ -64,6 +66,7 @@ def build_worker(
     return Worker(
         functions=[
             func(jobs.ingest, name=INGEST, timeout=timeout),
+            func(jobs.drain, name=DRAIN, timeout=timeout),
             func(jobs.send, name=SEND, timeout=timeout),
             func(jobs.fan_out, name=FAN_OUT, timeout=timeout),
             # Results and tries default to worker_options; a malformed job is never worth a retry.

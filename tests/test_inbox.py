@@ -1,0 +1,133 @@
+"""publish() → the inbox → one drainer at a time: nothing lost, nothing twice, nothing stuck."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from mailer.client import MailerClient
+from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, QUEUE_NAME
+from mailer.inbox import SPILL_ABOVE, Inbox
+from mailer.queue import connect
+from tests.conftest import log_until, make_event, wait_for
+
+
+def registration(i: int) -> dict[str, Any]:
+    return make_event(event_id=f"evt-{i}", registration_id=f"reg-{i}", email=f"person{i}@example.org")
+
+
+async def test_singles_published_while_a_drain_runs_all_arrive_once(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """Events that arrive while a drainer is busy or just finishing are never stranded."""
+    await mail_worker()
+    async with MailerClient(redis_url) as client:
+        for i in range(150):
+            await client.publish(registration(i))
+            if i % 10 == 0:
+                await asyncio.sleep(0.005)  # let drains start and end in between
+    await wait_for(lambda: len(smtp_server.handler.received) >= 150, 30)
+    await asyncio.sleep(0.2)
+    assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == sorted(
+        f"person{i}@example.org" for i in range(150)
+    )
+    redis = await connect(redis_url)
+    try:
+        assert await redis.llen(INBOX_KEY) == 0
+        assert not await redis.exists(INBOX_LEASE_KEY)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_backlog_is_shared_out_as_ingest_jobs_and_delivered_once(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """More than SPILL_ABOVE waiting: the drainer hands batches to ingest jobs, two workers send."""
+    n = SPILL_ABOVE + 150
+    async with MailerClient(redis_url) as client:
+        for i in range(n):
+            await client.publish(registration(i))
+    redis = await connect(redis_url)
+    try:
+        assert await redis.llen(INBOX_KEY) == n
+        assert await redis.zcard(QUEUE_NAME) == 1  # one drain job for all of them
+    finally:
+        await redis.aclose()
+    await mail_worker()
+    await mail_worker(worker_name="second-worker")
+    await wait_for(lambda: len(smtp_server.handler.received) >= n, 60)
+    await asyncio.sleep(0.3)
+    recipients = [r.rcpt_tos[0] for r in smtp_server.handler.received]
+    assert len(recipients) == len(set(recipients)) == n
+    workers = {e.worker for e in await log_until(redis_url, lambda log: True) if e.status == "sent"}
+    assert workers == {"test-worker", "second-worker"}
+
+
+async def test_an_inbox_nobody_drains_is_picked_up_by_the_tick(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """Events in the inbox with no drain job (lost with a Redis restore, say) still go out,
+    and bytes that are not an event are rejected in the delivery log, not dropped silently."""
+    redis = await connect(redis_url)
+    try:
+        await redis.rpush(
+            INBOX_KEY, orjson.dumps(registration(1)), b"not json {", orjson.dumps(registration(2))
+        )
+        await redis.set(INBOX_ARMED_KEY, 1)  # "a drain is pending", long ago
+    finally:
+        await redis.aclose()
+    await mail_worker()
+    await wait_for(lambda: len(smtp_server.handler.received) == 2, 15)
+    entries = await log_until(redis_url, lambda log: any(e.status == "rejected" for e in log))
+    (rejected,) = [e for e in entries if e.status == "rejected"]
+    assert "not valid JSON" in rejected.detail
+
+
+async def test_only_the_lease_holder_drains_and_trims(redis_url: str) -> None:
+    """A second drainer backs off; a drainer whose lease was taken over trims nothing."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+    seen: list[list[bytes]] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(batch: list[bytes]) -> None:
+        seen.append(batch)
+        inside.set()
+        await release.wait()
+        # Meanwhile the lease lapsed and another worker took it over.
+        await redis.set(INBOX_LEASE_KEY, "someone-else")
+
+    try:
+        await inbox.push([b'{"n": 1}', b'{"n": 2}'])
+        first = asyncio.create_task(inbox.drain(slow))
+        await inside.wait()
+        assert await inbox.drain(slow) == 0  # lease held: the second drainer does nothing
+        release.set()
+        assert await first == 2
+        assert seen == [[b'{"n": 1}', b'{"n": 2}']]
+        assert await redis.lrange(INBOX_KEY, 0, -1) == [b'{"n": 1}', b'{"n": 2}']  # not trimmed
+    finally:
+        await redis.aclose()
+
+
+async def test_a_drain_hands_over_to_a_new_job_when_its_turn_is_up(redis_url: str) -> None:
+    """A long drain ends its turn with a fresh drain job queued, so arq's timeout never hits it."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+
+    async def apply(batch: list[bytes]) -> None:
+        await inbox.push([b'{"more": true}'])  # the producer keeps publishing
+
+    try:
+        await inbox.push([b"{}"])
+        await redis.delete(QUEUE_NAME)  # the drain job publish() enqueued: we run drain by hand
+        assert await inbox.drain(apply, turn_s=0.0) == 1
+        assert await redis.llen(INBOX_KEY) == 1
+        assert not await redis.exists(INBOX_LEASE_KEY)
+        (job_id,) = await redis.zrange(QUEUE_NAME, 0, -1)
+        assert job_id.startswith(b"drain:")
+    finally:
+        await redis.aclose()
