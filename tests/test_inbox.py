@@ -10,7 +10,7 @@ import orjson
 from mailer.client import MailerClient
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, QUEUE_NAME
 from mailer.inbox import SPILL_ABOVE, Inbox
-from mailer.queue import connect
+from mailer.queue import connect, deserialize, job_key
 from tests.conftest import log_until, make_event, wait_for
 
 
@@ -41,28 +41,48 @@ async def test_singles_published_while_a_drain_runs_all_arrive_once(
         await redis.aclose()
 
 
-async def test_a_backlog_is_shared_out_as_ingest_jobs_and_delivered_once(
+async def test_a_backlog_is_delivered_once_by_two_workers(
     redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
-    """More than SPILL_ABOVE waiting: the drainer hands batches to ingest jobs, two workers send."""
     n = SPILL_ABOVE + 150
     async with MailerClient(redis_url) as client:
         for i in range(n):
             await client.publish(registration(i))
-    redis = await connect(redis_url)
-    try:
-        assert await redis.llen(INBOX_KEY) == n
-        assert await redis.zcard(QUEUE_NAME) == 1  # one drain job for all of them
-    finally:
-        await redis.aclose()
     await mail_worker()
     await mail_worker(worker_name="second-worker")
     await wait_for(lambda: len(smtp_server.handler.received) >= n, 60)
     await asyncio.sleep(0.3)
     recipients = [r.rcpt_tos[0] for r in smtp_server.handler.received]
     assert len(recipients) == len(set(recipients)) == n
-    workers = {e.worker for e in await log_until(redis_url, lambda log: True) if e.status == "sent"}
-    assert workers == {"test-worker", "second-worker"}
+
+
+async def test_a_backlog_is_handed_to_ingest_jobs_any_worker_can_run(redis_url: str) -> None:
+    """Over SPILL_ABOVE waiting, the drainer moves batches into ingest jobs, oldest first."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+    applied: list[bytes] = []
+
+    async def apply(batch: list[bytes]) -> None:
+        applied.extend(batch)
+
+    n = SPILL_ABOVE + 250
+    events = [orjson.dumps({"n": i}) for i in range(n)]
+    try:
+        await inbox.push(events)
+        await redis.delete(QUEUE_NAME)  # the drain job publish() enqueued: we run drain by hand
+        assert await inbox.drain(apply) == n - 300
+        job_ids = await redis.zrange(QUEUE_NAME, 0, -1)
+        assert len(job_ids) == 3
+        spilled = []
+        for job_id in job_ids:
+            job = deserialize(await redis.get(job_key(job_id.decode())))
+            assert job["f"] == "ingest"
+            spilled += [orjson.loads(e)["n"] for e in job["k"]["events"]]
+        assert sorted(spilled) == list(range(300))
+        assert applied == events[300:]
+        assert await redis.llen(INBOX_KEY) == 0
+    finally:
+        await redis.aclose()
 
 
 async def test_an_inbox_nobody_drains_is_picked_up_by_the_tick(
