@@ -7,10 +7,14 @@ settings, (de)serialising jobs without pickle, and enqueueing many jobs in one r
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.connection import HiredisRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 from mailer.constants import QUEUE_NAME
 
@@ -84,12 +88,59 @@ def redis_settings(url: str) -> RedisSettings:
 
 async def connect(url: str) -> ArqRedis:
     """A Redis pool that speaks mailer's job format (JSON, mailer's queue)."""
-    return await create_pool(
+    pool = await create_pool(
         redis_settings(url),
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=QUEUE_NAME,
     )
+    connections = pool.connection_pool
+    faster = _HIREDIS_PACKING.get(connections.connection_class)
+    if faster is not None:
+        connections.connection_class = faster
+        await connections.disconnect()  # the one create_pool opened to ping; reopened on use
+    return pool
+
+
+class _HiredisPacking:
+    """Commands packed by hiredis (C), as redis-py's sync connections do when it is installed.
+
+    redis-py 5's asyncio connections pack every command in Python, re-joining the buffer
+    per argument: with a few hundred commands per batch that was ~8 % of a worker's CPU
+    (py-spy); hiredis packs a 15-argument HSET in 1.5 us instead of 13.6 us.
+    """
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        return [b"".join(self._packer.pack(*command)[0] for command in commands)]
+
+
+class _HiredisConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+class _HiredisSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+_HIREDIS_PACKING: dict[type[Any], type[Any]] = (
+    {
+        Connection: _HiredisConnection,
+        UnixDomainSocketConnection: _HiredisUnixConnection,
+        SSLConnection: _HiredisSSLConnection,
+    }
+    if HIREDIS_AVAILABLE
+    else {}
+)
 
 
 # Enqueue one job unless a job (or a kept result) with its id exists: arq's enqueue_job
