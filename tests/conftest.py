@@ -156,6 +156,16 @@ class RecordingHandler:
         self.fault: Callable[[str, int], str | None] | None = None
         self.delay = 0.0  # seconds per DATA, to stretch a burst out
         self.arrived = asyncio.Event()
+        # Most relays offer PIPELINING (RFC 2920); aiosmtpd handles it but does not say so.
+        self.pipelining = True
+
+    async def handle_EHLO(
+        self, server: SMTPServer, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTPServer, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
