@@ -19,6 +19,7 @@ from mailer.settings import Settings
 LIGHT_RATE = 50.0  # events/s for the light-load latency reference
 PHASES = (
     "protocol",
+    "transport",
     "queue",
     "naive",
     "naive-default",
@@ -71,6 +72,16 @@ def phase_protocol(ctx: Context) -> dict[str, Any]:
     result["connections"] = conns
     result["message_bytes"] = len(ctx.message.data)
     return _rate(result, ctx)
+
+
+def phase_transport(ctx: Context) -> dict[str, Any]:
+    n = ctx.args.n
+    settings = ctx.settings.model_copy(update={"smtp_port": ctx.sink.port})
+    result: dict[str, Any] = run_isolated(
+        ceilings.transport_phase, timeout=ctx.timeout(n, 50), settings=settings, n=n, data=ctx.message.data
+    )
+    result["connections"] = settings.smtp_max_connections
+    return _rate(result, ctx)  # sink_accepted includes one warm-up mail per connection
 
 
 def phase_queue(ctx: Context) -> dict[str, Any]:
@@ -211,6 +222,7 @@ def phase_aof(ctx: Context) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "protocol": phase_protocol,
+    "transport": phase_transport,
     "queue": phase_queue,
     "naive": phase_naive,
     "naive-default": phase_naive_default,

@@ -38,6 +38,7 @@ def _rate_rows(phases: dict[str, Any]) -> list[Row]:
     rows = []
     for name, label in (
         ("protocol", "protocol ceiling: aiosmtplib, pre-built bytes"),
+        ("transport", "mailer's SMTP transport (pipelining), pre-built bytes"),
         ("queue", "queue ceiling: arq no-op jobs, worker settings"),
         ("naive", "naive baseline, arq tuned like mailer's worker"),
         ("naive-default", "naive baseline, arq defaults (max_jobs 10, poll 0.5 s)"),
