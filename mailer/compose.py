@@ -434,11 +434,9 @@ def _qp_body(text: str) -> bytes:
     # the runs cached: in a batch of one event's mails only the runs holding the attendee's
     # name differ, and b2a_qp over ~9 KB was the largest cost of composing (~100 µs).
     lines = data.splitlines(keepends=True)
-    encoded = b"".join(
-        _qp_run(b"".join(lines[i : i + _QP_RUN_LINES])) for i in range(0, len(lines), _QP_RUN_LINES)
+    return b"".join(
+        [_qp_run(b"".join(lines[i : i + _QP_RUN_LINES])) for i in range(0, len(lines), _QP_RUN_LINES)]
     )
-    # b2a_qp only encodes a lone "." line; soft breaks can also start a line with "." or "From ".
-    return _RISKY_LINE.sub(_escape_line_start, b"\n" + encoded)[1:]
 
 
 _QP_RUN_LINES = 12
@@ -447,7 +445,10 @@ _QP_RUN_LINES = 12
 @lru_cache(maxsize=4096)
 def _qp_run(lines: bytes) -> bytes:
     # With a CRLF as the first line end, b2a_qp writes every line end, soft ones too, as CRLF.
-    return binascii.b2a_qp(lines.replace(b"\n", b"\r\n"), istext=True)
+    encoded = binascii.b2a_qp(lines.replace(b"\n", b"\r\n"), istext=True)
+    # b2a_qp only encodes a lone "." line; soft breaks can also start a line with "." or "From ".
+    # A run starts at a line start, so this is the same as over the whole body, and cached.
+    return _RISKY_LINE.sub(_escape_line_start, b"\n" + encoded)[1:]
 
 
 def _escape_line_start(match: re.Match[bytes]) -> bytes:
