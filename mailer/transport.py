@@ -84,8 +84,6 @@ def _map_smtp_error(exc: BaseException, *, recipient: str, data_sent: bool) -> D
         return cls(f"connection lost: {exc}", recipient=recipient)
     if isinstance(exc, aiosmtplib.SMTPException):
         return TransientDeliveryError(f"SMTP error: {exc}", recipient=recipient)
-    if isinstance(exc, ValueError):  # an address that cannot be put into a command
-        return PermanentDeliveryError(str(exc), recipient=recipient)
     return TransientDeliveryError(f"{type(exc).__name__}: {exc}", recipient=recipient)
 
 
@@ -164,6 +162,39 @@ class _SmtpLane:
         self.client = client
 
     async def send(self, *, sender: str, recipient: str, data: bytes) -> Accepted:
+        try:
+            envelope = (_address(sender), _address(recipient))
+        except ValueError as exc:
+            raise PermanentDeliveryError(str(exc), recipient=recipient) from None
+        payload = wire_payload(data)
+        for attempt in (1, 2):
+            session = await self._session(recipient)
+            try:
+                reply = await session.transact(*envelope, payload)
+            except _OutOfStep as exc:
+                # Replies no longer pair with commands (a stray reply, often an idle-timeout
+                # 421): a new connection, and once more if nothing of this message was sent.
+                self._drop()
+                if attempt == 1 and not session.data_sent:
+                    logger.info("SMTP connection out of step (%s); reconnecting", exc)
+                    continue
+                cls = UncertainDeliveryError if session.data_sent else TransientDeliveryError
+                raise cls(f"SMTP replies out of step: {exc}", recipient=recipient) from exc
+            except SmtpRefused as exc:
+                # A clean reply: the connection stays usable unless the server closed it (421).
+                if exc.code == 421 or session.closed:
+                    self._drop()
+                raise _classified(exc.code, exc.text, recipient) from exc
+            except BaseException as exc:
+                # Timeouts, drops and cancellation leave the connection out of step: never reuse it.
+                self._drop()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise _map_smtp_error(exc, recipient=recipient, data_sent=session.data_sent) from exc
+            return Accepted(code=reply.code, detail=reply.text)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _session(self, recipient: str) -> _Session:
         session = self.client
         if session is None or session.closed:
             try:
@@ -172,20 +203,7 @@ class _SmtpLane:
                 self.client = None
                 raise _map_smtp_error(exc, recipient=recipient, data_sent=False) from exc
             self.client = session
-        try:
-            reply = await session.transact(sender, recipient, wire_payload(data))
-        except SmtpRefused as exc:
-            # A clean reply: the connection stays usable unless the server closed it (421).
-            if exc.code == 421 or session.closed:
-                self._drop()
-            raise _classified(exc.code, exc.text, recipient) from exc
-        except BaseException as exc:
-            # Timeouts, drops and cancellation leave the connection out of step: never reuse it.
-            self._drop()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise _map_smtp_error(exc, recipient=recipient, data_sent=session.data_sent) from exc
-        return Accepted(code=reply.code, detail=reply.text)
+        return session
 
     def _drop(self) -> None:
         if self.client is not None:
@@ -197,6 +215,13 @@ class _SmtpLane:
 class _Reply:
     code: int
     text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text[:80]}"
+
+
+class _OutOfStep(Exception):
+    """Commands and replies no longer pair up; the connection must be replaced."""
 
 
 class SmtpRefused(Exception):
@@ -251,15 +276,18 @@ class _Session(asyncio.Protocol):
     def closed(self) -> bool:
         return self._lost is not None or self._transport.is_closing()
 
-    async def transact(self, sender: str, recipient: str, payload: bytes) -> _Reply:
-        """Send one message to one recipient; its final reply, or SmtpRefused."""
+    async def transact(self, sender: bytes, recipient: bytes, payload: bytes) -> _Reply:
+        """Send one message to one recipient; its final reply, or SmtpRefused / _OutOfStep."""
         self.data_sent = False
-        if self._replies:  # the server said something nobody asked for (often 421, then closes)
-            raise SmtpRefused(self._replies.popleft())
-        mail = b"MAIL FROM:<" + _address(sender) + b">"
+        if self._replies:
+            self._raise_if_refused_and_lost()
+            raise _OutOfStep(
+                f"unsolicited reply {self._replies[0]}" if self._replies else "connection closed"
+            )
+        mail = b"MAIL FROM:<" + sender + b">"
         if self._size:
             mail += b" SIZE=%d" % (len(payload) - 3)  # RFC 1870: without the final ".CRLF"
-        rcpt = b"RCPT TO:<" + _address(recipient) + b">\r\n"
+        rcpt = b"RCPT TO:<" + recipient + b">\r\n"
         rcpt_reply: _Reply | None
         data_reply: _Reply | None
         if self._pipelining:
@@ -267,24 +295,30 @@ class _Session(asyncio.Protocol):
             mail_reply, rcpt_reply, data_reply = await self._read(3)
         else:
             mail_reply = (await self._command(mail + b"\r\n"))[0]
-            rcpt_reply = (await self._command(rcpt))[0] if mail_reply.code == 250 else None
-            ready = rcpt_reply is not None and rcpt_reply.code in (250, 251)
+            rcpt_reply = (await self._command(rcpt))[0] if mail_reply.code < 400 else None
+            ready = rcpt_reply is not None and rcpt_reply.code < 400
             data_reply = (await self._command(b"DATA\r\n"))[0] if ready else None
         refusal = next(
             (r for r in (mail_reply, rcpt_reply, data_reply) if r is not None and r.code >= 400), None
         )
-        if refusal is not None or data_reply is None or data_reply.code != 354:
+        if refusal is not None:
             if data_reply is not None and data_reply.code == 354:
                 # DATA was accepted although the envelope was not: end it with nothing in it.
                 await self._command(b".\r\n")
             await self._reset()
-            raise SmtpRefused(refusal or data_reply or _Reply(503, "transaction not accepted"))
+            raise SmtpRefused(refusal)
+        if data_reply is None or data_reply.code != 354:
+            raise _OutOfStep(f"replies {mail_reply}, {rcpt_reply}, {data_reply} to MAIL, RCPT, DATA")
+        if self.closed:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message was sent")
         self.data_sent = True
         (final,) = await self._command(payload)
-        if final.code != 250:
+        if 200 <= final.code < 300:
+            return final
+        if final.code >= 400:
             await self._reset()
             raise SmtpRefused(final)
-        return final
+        raise _OutOfStep(f"reply {final} to the end of the message")
 
     async def quit(self) -> None:
         with contextlib.suppress(Exception):
@@ -311,17 +345,30 @@ class _Session(asyncio.Protocol):
 
     async def _read(self, n: int) -> list[_Reply]:
         if len(self._replies) < n:
-            if self._lost is not None:
-                raise self._lost
+            self._raise_if_refused_and_lost()
             self._wanted = n
             waiter = self._waiter = self._loop.create_future()
             timer = self._loop.call_later(self._timeout, _expire, waiter, self._timeout)
             try:
                 await waiter
+            except aiosmtplib.SMTPServerDisconnected:
+                self._raise_if_refused_and_lost()
+                raise
             finally:
                 timer.cancel()
                 self._waiter = None
         return [self._replies.popleft() for _ in range(n)]
+
+    def _raise_if_refused_and_lost(self) -> None:
+        """A server that refuses and hangs up (421 to a pipelined MAIL): report its reply,
+        which carries the code the relay back-off needs, rather than "connection lost"."""
+        if self._lost is None:
+            return
+        refusal = next((r for r in self._replies if r.code >= 400), None)
+        self._replies.clear()
+        if refusal is not None:
+            raise SmtpRefused(refusal)
+        raise self._lost
 
     def _wake(self, error: Exception | None = None) -> None:
         waiter = self._waiter
@@ -345,6 +392,9 @@ class _Session(asyncio.Protocol):
                 self._fail(aiosmtplib.SMTPServerDisconnected(f"malformed reply line {line[:80]!r}"))
                 return
             self._lines.append(line[4:].strip())
+            if len(self._lines) > 200:
+                self._fail(aiosmtplib.SMTPServerDisconnected("reply of over 200 lines"))
+                return
             if line[3:4] != b"-":
                 text = b"\n".join(self._lines).decode("utf-8", "replace")
                 self._replies.append(_Reply(int(line[:3]), text))
@@ -375,7 +425,10 @@ def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
 
 def _address(address: str) -> bytes:
     """The address for MAIL/RCPT: already validated, so only a last guard against injection."""
-    encoded = address.encode("ascii")
+    try:
+        encoded = address.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"address {address!r} is not ASCII (SMTPUTF8 is not used)") from None
     if any(c in encoded for c in b"\r\n<> "):
         raise ValueError(f"address {address!r} cannot go into an SMTP command")
     return encoded

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -10,7 +12,12 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.errors import PermanentDeliveryError, TransientDeliveryError
+from mailer.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UncertainDeliveryError,
+)
 from mailer.transport import SmtpTransport, wire_payload
 
 
@@ -81,69 +88,105 @@ async def test_a_refusal_leaves_the_connection_ready_for_the_next_message(
 
 
 class ScriptedServer:
-    """A raw SMTP server that answers in awkward but valid ways: replies split across
-    packets, multi-line replies, all pipelined replies in one packet. Records what it got."""
+    """A raw SMTP server that offers PIPELINING and answers in awkward but valid ways (or, on
+    request, misbehaves): all pipelined replies in one write, or split into 3-byte pieces;
+    multi-line replies. Records the commands and messages it got."""
 
-    def __init__(self, refuse_rcpt: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        refuse_rcpt: str = "",
+        split: bool = False,
+        mail_reply: bytes = b"",  # e.g. 421 then hang up
+        extra_after_final: bytes = b"",
+        stall: str = "",  # "data": never answer the pipelined commands; "final": not the message
+    ) -> None:
         self.refuse_rcpt = refuse_rcpt
+        self.split = split
+        self.mail_reply = mail_reply
+        self.extra_after_final = extra_after_final
+        self.stall = stall
         self.commands: list[bytes] = []
         self.messages: list[bytes] = []
+        self.connections = 0
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        pieces = [data[i : i + 3] for i in range(0, len(data), 3)] if self.split else [data]
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            if self.split:
+                await asyncio.sleep(0.001)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220-scripted\r\n")
-        await writer.drain()
-        writer.write(b"220 ready\r\n")
+        self.connections += 1
+        await self._send(writer, b"220-scripted\r\n220 ready\r\n")
         pending: list[bytes] = []
         while line := await reader.readline():
             self.commands.append(line)
             verb = line[:4].upper()
             if verb == b"EHLO":
-                for piece in (b"250-scripted\r\n250-PIPE", b"LINING\r\n250-SIZE 100000\r\n", b"250 OK\r\n"):
-                    writer.write(piece)
-                    await writer.drain()
-                    await asyncio.sleep(0.01)
-                continue
-            if verb == b"MAIL":
+                await self._send(writer, b"250-scripted\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 OK\r\n")
+            elif verb == b"MAIL":
+                if self.mail_reply:
+                    await self._send(writer, self.mail_reply)
+                    break
                 pending.append(b"250 2.1.0 sender ok\r\n")
             elif verb == b"RCPT":
                 refused = self.refuse_rcpt and self.refuse_rcpt.encode() in line
                 pending.append(b"550 5.1.1 no such user\r\n" if refused else b"250 2.1.5 ok\r\n")
             elif verb == b"DATA":
+                if self.stall == "data":
+                    await asyncio.sleep(5)
+                    break
                 if any(p.startswith(b"550") for p in pending):
-                    pending.append(b"503 5.5.1 no valid recipients\r\n")
-                else:
-                    pending.append(b"354 go ahead\r\n")
-                    writer.write(b"".join(pending))  # three replies, one packet
+                    await self._send(writer, b"".join([*pending, b"503 5.5.1 no valid recipients\r\n"]))
                     pending = []
-                    body = await reader.readuntil(b"\r\n.\r\n")
-                    self.messages.append(body)
-                    writer.write(b"250-2.0.0 queued\r\n250 as 4711\r\n")
                     continue
-            elif verb == b"RSET":
-                pending.append(b"250 flushed\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            if verb in (b"DATA", b"RSET") or not line.startswith((b"MAIL", b"RCPT")):
-                writer.write(b"".join(pending))
+                await self._send(writer, b"".join([*pending, b"354 go ahead\r\n"]))
                 pending = []
+                self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                if self.stall == "final":
+                    await asyncio.sleep(5)
+                    break
+                await self._send(writer, b"250-2.0.0 queued\r\n250 as 4711\r\n" + self.extra_after_final)
+            elif verb == b"RSET":
+                await self._send(writer, b"250 flushed\r\n")
+            elif verb == b"QUIT":
+                await self._send(writer, b"221 bye\r\n")
+                break
         writer.close()
 
 
-async def test_pipelined_multi_line_and_split_replies_are_read_in_order(make_settings: Any) -> None:
-    scripted = ScriptedServer(refuse_rcpt="nobody@")
-    server = await asyncio.start_server(scripted.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    transport = SmtpTransport(make_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_max_connections=1))
+@contextlib.asynccontextmanager
+async def scripted_lane(make_settings: Any, server: ScriptedServer, **settings: Any) -> AsyncIterator[Any]:
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    transport = SmtpTransport(
+        make_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_max_connections=1, **settings)
+    )
     try:
         async with transport.lane() as lane:
-            accepted = await lane.send(sender="a@example.org", recipient="b@example.org", data=b"one\r\n")
-            with pytest.raises(PermanentDeliveryError) as refused:
-                await lane.send(sender="a@example.org", recipient="nobody@example.org", data=b"two\r\n")
-            again = await lane.send(sender="a@example.org", recipient="c@example.org", data=b"three\r\n")
+            yield lane
     finally:
         await transport.close()
-        server.close()
+        listening.close()
+
+
+async def send(lane: Any, recipient: str, data: bytes = b"body\r\n") -> Any:
+    return await lane.send(sender="a@example.org", recipient=recipient, data=data)
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_pipelined_multi_line_and_split_replies_are_read_in_order(
+    make_settings: Any, split: bool
+) -> None:
+    scripted = ScriptedServer(refuse_rcpt="nobody@", split=split)
+    async with scripted_lane(make_settings, scripted) as lane:
+        accepted = await send(lane, "b@example.org", b"one\r\n")
+        with pytest.raises(PermanentDeliveryError) as refused:
+            await send(lane, "nobody@example.org", b"two\r\n")
+        again = await send(lane, "c@example.org", b"three\r\n")
     assert (accepted.code, accepted.detail) == (250, "2.0.0 queued\nas 4711")
     assert again.code == 250
     assert refused.value.code == 550  # the RCPT's refusal, not DATA's 503 after it
@@ -151,3 +194,39 @@ async def test_pipelined_multi_line_and_split_replies_are_read_in_order(make_set
     mail_commands = [c for c in scripted.commands if c.startswith(b"MAIL")]
     assert mail_commands[0] == b"MAIL FROM:<a@example.org> SIZE=5\r\n"
     assert b"RSET\r\n" in scripted.commands
+    assert scripted.connections == 1
+
+
+async def test_a_421_to_a_pipelined_mail_keeps_its_code_for_the_relay_back_off(make_settings: Any) -> None:
+    """The server refuses MAIL with 421 and hangs up before answering RCPT and DATA."""
+    scripted = ScriptedServer(mail_reply=b"421 4.7.0 too many connections, slow down\r\n")
+    async with scripted_lane(make_settings, scripted) as lane:
+        with pytest.raises(TransientDeliveryError) as refused:
+            await send(lane, "b@example.org")
+    assert refused.value.code == 421  # type: ignore[attr-defined]
+    assert refused.value.enhanced_code == "4.7.0"  # type: ignore[attr-defined]
+
+
+async def test_a_stray_reply_costs_a_reconnect_not_the_next_message(make_settings: Any) -> None:
+    scripted = ScriptedServer(extra_after_final=b"250 said twice\r\n")
+    async with scripted_lane(make_settings, scripted) as lane:
+        await send(lane, "b@example.org", b"one\r\n")
+        await asyncio.sleep(0.05)  # the stray reply arrives while the connection is idle
+        second = await send(lane, "c@example.org", b"two\r\n")
+    assert second.code == 250
+    assert scripted.messages == [b"one\r\n.\r\n", b"two\r\n.\r\n"]
+    assert scripted.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("stall", "error"), [("data", TransientDeliveryError), ("final", UncertainDeliveryError)]
+)
+async def test_a_silent_server_times_out_as_uncertain_only_once_the_message_was_sent(
+    make_settings: Any, stall: str, error: type[Exception]
+) -> None:
+    scripted = ScriptedServer(stall=stall)
+    async with scripted_lane(make_settings, scripted, smtp_timeout=0.3) as lane:
+        with pytest.raises(DeliveryError) as failed:
+            await send(lane, "b@example.org")
+    assert type(failed.value) is error
+    assert "timed out" in str(failed.value)
