@@ -42,14 +42,17 @@ DRAIN_TURN_S = 30.0
 STRANDED_MS = 3_000
 
 # Enqueue a drain job (ids drain:<n>) and mark it pending. ARGV[1] queue, ARGV[2] job key
-# prefix, ARGV[3] now ms, ARGV[4] job expiry ms.
+# prefix, ARGV[3] unused, ARGV[4] job expiry ms. Times come from Redis's clock, not the
+# caller's: one producer host with a fast clock must not park every drain in the future.
 _ENQUEUE_DRAIN = """
+local clock = redis.call('TIME')
+local now = string.format('%d', clock[1] * 1000 + math.floor(clock[2] / 1000))
 local function enqueue_drain()
-  redis.call('SET', KEYS[2], ARGV[3])
+  redis.call('SET', KEYS[2], now)
   local id = 'drain:' .. redis.call('INCR', KEYS[3])
-  local body = '{"t":1,"f":"drain","a":[],"k":{},"et":' .. ARGV[3] .. '}'
+  local body = '{"t":1,"f":"drain","a":[],"k":{},"et":' .. now .. '}'
   redis.call('SET', ARGV[2] .. id, body, 'PX', ARGV[4])
-  redis.call('ZADD', ARGV[1], ARGV[3], id)
+  redis.call('ZADD', ARGV[1], now, id)
 end
 """
 
@@ -70,7 +73,7 @@ REARM_SCRIPT = (
     + """
 if redis.call('LLEN', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local armed = tonumber(redis.call('GET', KEYS[2]) or '0')
-if armed > tonumber(ARGV[3]) - tonumber(ARGV[5]) then return 0 end
+if armed > tonumber(now) - tonumber(ARGV[5]) then return 0 end
 enqueue_drain()
 return 1
 """
@@ -137,7 +140,7 @@ class Inbox:
         self._spill = redis.register_script(SPILL_SCRIPT)
 
     def _drain_args(self) -> list[Any]:
-        return [QUEUE_NAME, job_key(""), _now_ms(), JOB_EXPIRY_MS]
+        return [QUEUE_NAME, job_key(""), "", JOB_EXPIRY_MS]
 
     async def push(self, events: list[bytes]) -> None:
         """Append events (JSON) and make sure a drain is pending; one round trip."""
@@ -163,7 +166,7 @@ class Inbox:
             return 0  # another worker drains; it looks again before it lets go
         keys = [INBOX_KEY, INBOX_ARMED_KEY, INBOX_SEQ_KEY, INBOX_LEASE_KEY]
         renewing = asyncio.create_task(self._renew(token))
-        started, applied = time.monotonic(), 0
+        started, applied, finished = time.monotonic(), 0, False
         try:
             while True:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -174,25 +177,45 @@ class Inbox:
                     handover = "handover" if time.monotonic() - started > turn_s else ""
                     outcome = await self._finish(keys=keys, args=[*self._drain_args(), token, handover])
                     if outcome != 0:
+                        finished = True
                         return applied
                     continue
                 if waiting > SPILL_ABOVE:
                     if not await self._spill_batch(token, raws):
+                        finished = True
                         return applied
                     continue
-                await process(raws)
+                try:
+                    await process(raws)
+                except Exception:
+                    # Not a reason to hold up every event behind this batch: it becomes an
+                    # ingest job, which arq retries with back-off (and which logs the events
+                    # as rejected if they can never be applied).
+                    logger.exception("applying %d inbox events failed; moved to an ingest job", len(raws))
+                    if not await self._spill_batch(token, raws):
+                        finished = True
+                        return applied
+                    continue
                 applied += len(raws)
                 if not await self._trim(keys=[INBOX_KEY, INBOX_LEASE_KEY], args=[token, len(raws), LEASE_MS]):
                     logger.warning("inbox lease lapsed while applying a batch; another drainer goes on")
+                    finished = True
                     return applied
                 if time.monotonic() - started > turn_s:
                     outcome = await self._finish(keys=keys, args=[*self._drain_args(), token, "handover"])
                     if outcome != 0:
+                        finished = True
                         return applied
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
+            if not finished:
+                # Cancelled (arq's job timeout, shutdown) or Redis trouble: let go of the lease
+                # and queue the next drain now, rather than after the lease and the tick.
+                with contextlib.suppress(Exception):
+                    handover = self._finish(keys=keys, args=[*self._drain_args(), token, "handover"])
+                    await asyncio.shield(handover)
 
     async def _spill_batch(self, token: str, raws: list[bytes]) -> bool:
         job_id = "events:" + hashlib.blake2b(b"\n".join(raws), digest_size=12).hexdigest()
@@ -206,7 +229,7 @@ class Inbox:
         return bool(await self._spill(keys=keys, args=args))
 
     async def _renew(self, token: str) -> None:
-        """Keep the lease while a batch is applied (a slow relay can take minutes)."""
+        """Keep the lease while a batch is applied (sends to a slow relay take a while)."""
         while True:
             await asyncio.sleep(LEASE_MS / 3000)
             with contextlib.suppress(Exception):

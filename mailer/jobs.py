@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+from arq.worker import Retry
 
 from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 from mailer.errors import InvalidEvent
@@ -16,6 +20,10 @@ from mailer.scheduler import Scheduler
 from mailer.sender import Sender
 
 logger = logging.getLogger("mailer.jobs")
+
+# With delays of 2, 4, ... 60 s: about nine minutes of retrying before the events of an
+# ingest job that keeps failing are written off as rejected in the delivery log.
+INGEST_TRIES = 12
 
 
 @dataclass(slots=True)
@@ -39,12 +47,23 @@ def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
 
 
 async def ingest(ctx: dict[str, Any], *, events: Any = None) -> dict[str, int]:
-    """Apply a batch of producer events (publish_many, enqueue) and send what they yield."""
+    """Apply a batch of producer events (publish_many, enqueue, the inbox) and send what they yield."""
     app = _app(ctx)
     if not isinstance(events, list):
         await app.log.write([_rejected(app.log, "ingest job without a list of events")])
         return {"rejected": 1}
-    return await _apply_and_send(app, events)
+    try:
+        return await _apply_and_send(app, events)
+    except Exception as exc:
+        # The events exist nowhere else: arq would drop a job that raised, so retry it.
+        tries = int(ctx.get("job_try", 1))
+        if tries >= INGEST_TRIES:
+            detail = f"could not be applied in {tries} tries, giving up: {type(exc).__name__}: {exc}"
+            await app.log.write([_rejected(app.log, detail, source_event=_event_id(e)) for e in events])
+            logger.exception("ingest job gave up after %d tries", tries)
+            return {"rejected": len(events)}
+        logger.warning("ingest job failed (try %d of %d), retrying: %r", tries, INGEST_TRIES, exc)
+        raise Retry(defer=_retry_delay(tries)) from exc
 
 
 async def drain(ctx: dict[str, Any]) -> dict[str, int]:
@@ -91,7 +110,14 @@ async def send(ctx: dict[str, Any], *, messages: Any = None) -> dict[str, int]:
 
 async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int = 0) -> int:
     """One slice of a reminder or notice for all of an event's active registrations."""
-    return await _app(ctx).scheduler.fan_out(member, int(due_ms), int(cursor))
+    try:
+        return await _app(ctx).scheduler.fan_out(member, int(due_ms), int(cursor))
+    except Exception as exc:
+        # The schedule entry is gone once its fan-out started: a slice dropped here is a
+        # reminder nobody gets, so retry for as long as arq allows (max_tries).
+        tries = int(ctx.get("job_try", 1))
+        logger.warning("fan-out %s slice %s failed (try %d), retrying: %r", member, cursor, tries, exc)
+        raise Retry(defer=_retry_delay(tries)) from exc
 
 
 async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") -> None:
@@ -107,6 +133,17 @@ async def tick(ctx: dict[str, Any]) -> dict[str, int]:
     result = await app.scheduler.tick()
     result["drains_started"] = int(await app.inbox.rearm())
     return result
+
+
+def _retry_delay(tries: int) -> float:
+    return float(min(60, 2**tries))
+
+
+def _event_id(raw: Any) -> str:
+    if isinstance(raw, str | bytes):  # spilled from the inbox as JSON text
+        with contextlib.suppress(ValueError):
+            raw = orjson.loads(raw)
+    return str(raw.get("id", ""))[:200] if isinstance(raw, dict) else ""
 
 
 def _count(entries: list[LogEntry], status: str) -> int:

@@ -7,6 +7,7 @@ import random
 import sys
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -166,3 +167,40 @@ class _TopOfWindow(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return b
+
+
+async def test_an_ingest_job_that_raises_is_retried_then_its_events_are_logged_as_rejected(
+    redis_url: str, make_settings: Any
+) -> None:
+    """arq drops a job that raised, and a batch's events exist nowhere else: mailer retries it
+    with back-off, and after INGEST_TRIES writes every event off in the delivery log."""
+    from arq.worker import Retry
+
+    from mailer import jobs
+    from mailer.queue import connect
+    from mailer.render import Renderer
+    from mailer.transport import build_transport
+    from mailer.worker import build_worker
+
+    settings = make_settings(redis_url=redis_url)
+    redis = await connect(redis_url)
+    transport = build_transport(settings)
+    try:
+        worker = build_worker(settings, redis, transport=transport, renderer=Renderer(settings.template_dir))
+        ctx: dict[str, Any] = {}
+        await worker.on_startup(ctx)  # type: ignore[misc]
+        # Someone else's data under mailer's key: every read of this registration fails.
+        await redis.set("mailer:reg:reg-1001", "not a hash")
+        event = make_event()
+        with pytest.raises(Retry) as retry:
+            await jobs.ingest({**ctx, "job_try": 1}, events=[event])
+        assert retry.value.defer_score == 2000
+        result = await jobs.ingest({**ctx, "job_try": jobs.INGEST_TRIES}, events=[event])
+        assert result == {"rejected": 1}
+        (entry,) = [e for e in await log_entries(redis_url) if e.status == "rejected"]
+        assert entry.source_event == event["id"]
+        assert "could not be applied in 12 tries" in entry.detail
+        assert "WRONGTYPE" in entry.detail
+    finally:
+        await transport.close()
+        await redis.aclose()

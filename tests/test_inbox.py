@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from mailer.client import MailerClient
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, QUEUE_NAME
@@ -146,6 +147,86 @@ async def test_a_drain_hands_over_to_a_new_job_when_its_turn_is_up(redis_url: st
         await redis.delete(QUEUE_NAME)  # the drain job publish() enqueued: we run drain by hand
         assert await inbox.drain(apply, turn_s=0.0) == 1
         assert await redis.llen(INBOX_KEY) == 1
+        assert not await redis.exists(INBOX_LEASE_KEY)
+        (job_id,) = await redis.zrange(QUEUE_NAME, 0, -1)
+        assert job_id.startswith(b"drain:")
+    finally:
+        await redis.aclose()
+
+
+async def test_after_every_drain_the_inbox_is_empty_or_a_drain_is_queued(redis_url: str) -> None:
+    """Events pushed while a batch is applied (and between batches) are never left behind."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+    pushed = 0
+
+    async def apply(batch: list[bytes]) -> None:
+        nonlocal pushed
+        if pushed < 5:
+            pushed += 1
+            await inbox.push([orjson.dumps({"late": pushed})])
+
+    try:
+        for turn_s in (30.0, 0.0):
+            pushed = 0
+            await inbox.push([b"{}"])
+            await redis.delete(QUEUE_NAME)
+            await inbox.drain(apply, turn_s=turn_s)
+            waiting = await redis.llen(INBOX_KEY)
+            queued = [j for j in await redis.zrange(QUEUE_NAME, 0, -1) if j.startswith(b"drain:")]
+            assert waiting == 0 or (queued and await redis.exists(INBOX_ARMED_KEY)), (turn_s, waiting)
+            await redis.delete(INBOX_KEY, INBOX_ARMED_KEY)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_that_fails_becomes_an_ingest_job_and_the_drain_goes_on(redis_url: str) -> None:
+    """A batch that raises (a bug meets an event) must not hold up every event behind it."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+    applied: list[bytes] = []
+
+    async def apply(batch: list[bytes]) -> None:
+        if b'{"poison": true}' in batch:
+            raise RuntimeError("a bug meets this event")
+        applied.extend(batch)
+
+    events = [b'{"poison": true}'] + [orjson.dumps({"n": i}) for i in range(100)]
+    try:
+        await inbox.push(events)
+        await redis.delete(QUEUE_NAME)
+        assert await inbox.drain(apply) == 1
+        assert applied == events[100:]  # the second batch: the 100th fine event
+        (job_id,) = await redis.zrange(QUEUE_NAME, 0, -1)
+        job = deserialize(await redis.get(job_key(job_id.decode())))
+        assert job["f"] == "ingest"
+        assert [e.encode() for e in job["k"]["events"]] == events[:100]
+        assert await redis.llen(INBOX_KEY) == 0
+        assert not await redis.exists(INBOX_LEASE_KEY)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_cancelled_drain_lets_go_and_queues_the_next_one(redis_url: str) -> None:
+    """arq's job timeout (or a shutdown) cancels a drain mid-batch: nothing is trimmed, the
+    lease is released and a new drain job is queued at once, not after lease + tick."""
+    redis = await connect(redis_url)
+    inbox = Inbox(redis)
+    started = asyncio.Event()
+
+    async def stuck(batch: list[bytes]) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    try:
+        await inbox.push([b'{"n": 1}'])
+        await redis.delete(QUEUE_NAME)
+        drain = asyncio.create_task(inbox.drain(stuck))
+        await started.wait()
+        drain.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await drain
+        assert await redis.lrange(INBOX_KEY, 0, -1) == [b'{"n": 1}']
         assert not await redis.exists(INBOX_LEASE_KEY)
         (job_id,) = await redis.zrange(QUEUE_NAME, 0, -1)
         assert job_id.startswith(b"drain:")
