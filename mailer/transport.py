@@ -180,7 +180,7 @@ class _SmtpLane:
                     continue
                 cls = UncertainDeliveryError if session.data_sent else TransientDeliveryError
                 raise cls(f"SMTP replies out of step: {exc}", recipient=recipient) from exc
-            except SmtpRefused as exc:
+            except _Refused as exc:
                 # A clean reply: the connection stays usable unless the server closed it (421).
                 if exc.code == 421 or session.closed:
                     self._drop()
@@ -224,8 +224,9 @@ class _OutOfStep(Exception):
     """Commands and replies no longer pair up; the connection must be replaced."""
 
 
-class SmtpRefused(Exception):
-    """The server answered a command of the transaction with a refusal (4xx/5xx)."""
+class _Refused(Exception):
+    """The server refused a command of the transaction (4xx/5xx). Never leaves this module:
+    the lane turns it into a DeliveryError from mailer.errors."""
 
     def __init__(self, reply: _Reply) -> None:
         super().__init__(f"{reply.code} {reply.text}")
@@ -277,7 +278,7 @@ class _Session(asyncio.Protocol):
         return self._lost is not None or self._transport.is_closing()
 
     async def transact(self, sender: bytes, recipient: bytes, payload: bytes) -> _Reply:
-        """Send one message to one recipient; its final reply, or SmtpRefused / _OutOfStep."""
+        """Send one message to one recipient; its final reply, or _Refused / _OutOfStep."""
         self.data_sent = False
         if self._replies:
             self._raise_if_refused_and_lost()
@@ -306,7 +307,7 @@ class _Session(asyncio.Protocol):
                 # DATA was accepted although the envelope was not: end it with nothing in it.
                 await self._command(b".\r\n")
             await self._reset()
-            raise SmtpRefused(refusal)
+            raise _Refused(refusal)
         if data_reply is None or data_reply.code != 354:
             raise _OutOfStep(f"replies {mail_reply}, {rcpt_reply}, {data_reply} to MAIL, RCPT, DATA")
         if self.closed:
@@ -317,7 +318,7 @@ class _Session(asyncio.Protocol):
             return final
         if final.code >= 400:
             await self._reset()
-            raise SmtpRefused(final)
+            raise _Refused(final)
         raise _OutOfStep(f"reply {final} to the end of the message")
 
     async def quit(self) -> None:
@@ -367,7 +368,7 @@ class _Session(asyncio.Protocol):
         refusal = next((r for r in self._replies if r.code >= 400), None)
         self._replies.clear()
         if refusal is not None:
-            raise SmtpRefused(refusal)
+            raise _Refused(refusal)
         raise self._lost
 
     def _wake(self, error: Exception | None = None) -> None:
