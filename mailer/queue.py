@@ -144,15 +144,21 @@ _HIREDIS_PACKING: dict[type[Any], type[Any]] = (
 
 
 # Enqueue one job unless a job (or a kept result) with its id exists: arq's enqueue_job
-# does the same with WATCH/MULTI in three round trips; this does it for many in one.
+# does the same with WATCH/MULTI in three round trips; this does it for many in one. A job
+# due "now" (empty score) is scored with Redis's clock, not the caller's: a producer host
+# whose clock runs fast must not park its jobs in the future.
 _ENQUEUE_SCRIPT = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
 local added = 0
 for i = 1, #KEYS, 2 do
   local n = (i + 1) / 2
   local id = ARGV[3 + 3 * (n - 1)]
   if redis.call('EXISTS', KEYS[i], KEYS[i + 1]) == 0 then
+    local score = ARGV[5 + 3 * (n - 1)]
+    if score == '' then score = now end
     redis.call('SET', KEYS[i], ARGV[4 + 3 * (n - 1)], 'PX', ARGV[2])
-    redis.call('ZADD', ARGV[1], ARGV[5 + 3 * (n - 1)], id)
+    redis.call('ZADD', ARGV[1], score, id)
     added = added + 1
   end
 end
@@ -176,12 +182,12 @@ class Enqueuer:
     ) -> int:
         """Enqueue (job_id, function, kwargs) triples, due now or at `run_at_ms`."""
         now = int(time.time() * 1000)
-        score = run_at_ms or now
+        score: int | str = run_at_ms if run_at_ms is not None else ""
         added = 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(jobs), chunk):
                 keys: list[str] = []
-                args: list[Any] = [QUEUE_NAME, max(score - now, 0) + JOB_EXPIRY_MS]
+                args: list[Any] = [QUEUE_NAME, max((run_at_ms or now) - now, 0) + JOB_EXPIRY_MS]
                 for job_id, function, kwargs in jobs[start : start + chunk]:
                     keys += [_ARQ_JOB_PREFIX + job_id, _ARQ_RESULT_PREFIX + job_id]
                     body = serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": now})

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from mailer.queue import connect
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from mailer.constants import QUEUE_NAME
+from mailer.queue import INGEST, Enqueuer, connect
 
 
 async def test_commands_packed_by_hiredis_read_back_unchanged(redis_url: str) -> None:
@@ -19,5 +25,25 @@ async def test_commands_packed_by_hiredis_read_back_unchanged(redis_url: str) ->
         assert results[2] == {b"name": "Jürgen Groß".encode(), b"n": b"7", b"raw": b"\x00\r\n"}
         assert results[3] == 1764079200123.5
         assert "maxmemory-policy" in results[4]
+    finally:
+        await redis.aclose()
+
+
+async def test_jobs_due_now_are_scored_by_redis_clock_not_the_producers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer host whose clock runs two minutes fast must not park its jobs in the future."""
+    real_time = time.time
+    monkeypatch.setattr("mailer.queue.time", SimpleNamespace(time=lambda: real_time() + 120))
+    redis = await connect(redis_url)
+    try:
+        enqueuer = Enqueuer(redis)
+        await enqueuer.enqueue([("now-job", INGEST, {"events": []})])
+        later = int(real_time() * 1000) + 3_600_000
+        await enqueuer.enqueue([("later-job", INGEST, {"events": []})], run_at_ms=later)
+        seconds, micros = await redis.time()
+        redis_now = seconds * 1000 + micros // 1000
+        assert abs(await redis.zscore(QUEUE_NAME, "now-job") - redis_now) < 5_000
+        assert await redis.zscore(QUEUE_NAME, "later-job") == later
     finally:
         await redis.aclose()
