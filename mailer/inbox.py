@@ -10,8 +10,11 @@ batches to ordinary `ingest` jobs so every worker helps.
 
 Nothing is lost when a drainer dies: events leave the list only after they were applied,
 and only by the holder of the lease; a lapsed lease is noticed by the per-second tick,
-which starts a new drain. Applying an event twice is harmless (the planner's `seen` keys
-and the per-message claims make it a replay).
+which starts a new drain. A drain that is cancelled (arq's job timeout, a shutdown) lets go
+of the lease and queues the next one itself; a batch that raises becomes an ingest job,
+which is retried with back-off, so one bad batch never holds up the events behind it.
+Applying an event twice is harmless (the planner's `seen` keys and the per-message claims
+make it a replay).
 """
 
 from __future__ import annotations
