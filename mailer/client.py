@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -16,7 +15,7 @@ from redis.exceptions import RedisError
 from mailer.errors import InvalidEvent, QueueUnavailable
 from mailer.events import parse_event
 from mailer.inbox import Inbox
-from mailer.queue import INGEST, Enqueuer, connect
+from mailer.queue import INGEST, Enqueuer, batch_job_id, connect
 
 EventInput = dict[str, Any] | str | bytes | BaseModel
 
@@ -157,9 +156,7 @@ class MailerClient:
 
     @staticmethod
     def _job(batch: list[dict[str, Any]]) -> tuple[str, str, dict[str, object]]:
-        ids = "\n".join(str(e.get("id")) for e in batch)
-        digest = hashlib.blake2b(ids.encode(), digest_size=12).hexdigest()
-        return (f"events:{digest}", INGEST, {"events": batch})
+        return (batch_job_id("events:", [str(e.get("id")) for e in batch]), INGEST, {"events": batch})
 
     async def _enqueue(self, jobs: list[tuple[str, str, dict[str, object]]]) -> int:
         await self.connect()

@@ -68,11 +68,16 @@ class DeliveryLog:
         pipe.xadd(LOG_STREAM, {"j": entry.to_json()}, maxlen=self.max_entries, approximate=True)
 
     def print(self, entries: Iterable[LogEntry]) -> None:
+        if self.echo is not None:
+            self.print_json(e.to_json() for e in entries)
+
+    def print_json(self, lines: Iterable[bytes]) -> None:
+        """Echo entries the caller has already encoded (the send path encodes each once)."""
         if self.echo is None:
             return
-        lines = b"".join(e.to_json() + b"\n" for e in entries)
-        if lines:
-            self.echo.write(lines.decode())
+        text = b"".join(line + b"\n" for line in lines)
+        if text:
+            self.echo.write(text.decode())
             self.echo.flush()
 
     async def write(self, entries: list[LogEntry]) -> None:

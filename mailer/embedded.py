@@ -150,4 +150,4 @@ def resolve_redis_url(configured: str | None, data_dir: Path) -> str:
             f"no Redis: MAILER_REDIS_URL is unset and no embedded server runs at {path}. "
             "Start `mailer worker` (or `make run`) in this directory first, or set MAILER_REDIS_URL."
         )
-    return f"unix://{path}"
+    return url_for(data_dir)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -29,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, INBOX_SEQ_KEY, QUEUE_NAME
-from mailer.queue import INGEST, JOB_EXPIRY_MS, job_key, serialize
+from mailer.queue import INGEST, JOB_EXPIRY_MS, REDIS_NOW_MS, batch_job_id, job_body, job_key
 from mailer.store import RedisClient
 
 logger = logging.getLogger("mailer.inbox")
@@ -45,11 +44,11 @@ DRAIN_TURN_S = 30.0
 STRANDED_MS = 3_000
 
 # Enqueue a drain job (ids drain:<n>) and mark it pending. ARGV[1] queue, ARGV[2] job key
-# prefix, ARGV[3] unused, ARGV[4] job expiry ms. Times come from Redis's clock, not the
-# caller's: one producer host with a fast clock must not park every drain in the future.
-_ENQUEUE_DRAIN = """
-local clock = redis.call('TIME')
-local now = string.format('%d', clock[1] * 1000 + math.floor(clock[2] / 1000))
+# prefix, ARGV[3] unused, ARGV[4] job expiry ms. Times come from Redis's clock (REDIS_NOW_MS).
+_ENQUEUE_DRAIN = (
+    REDIS_NOW_MS
+    + """
+now = string.format('%d', now)
 local function enqueue_drain()
   redis.call('SET', KEYS[2], now)
   local id = 'drain:' .. redis.call('INCR', KEYS[3])
@@ -58,6 +57,7 @@ local function enqueue_drain()
   redis.call('ZADD', ARGV[1], now, id)
 end
 """
+)
 
 # KEYS inbox, armed, seq. ARGV[5..] events. Append; start a drain unless one is pending.
 PUSH_SCRIPT = (
@@ -127,10 +127,6 @@ return 1
 Process = Callable[[list[bytes]], Awaitable[Any]]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Inbox:
     """Both ends of the inbox: `push` for producers, `drain` and `rearm` for workers."""
 
@@ -167,9 +163,8 @@ class Inbox:
         token = uuid.uuid4().hex
         if not await self.redis.set(INBOX_LEASE_KEY, token, nx=True, px=LEASE_MS):
             return 0  # another worker drains; it looks again before it lets go
-        keys = [INBOX_KEY, INBOX_ARMED_KEY, INBOX_SEQ_KEY, INBOX_LEASE_KEY]
         renewing = asyncio.create_task(self._renew(token))
-        started, applied, finished = time.monotonic(), 0, False
+        started, applied = time.monotonic(), 0
         try:
             while True:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -177,15 +172,11 @@ class Inbox:
                     pipe.llen(INBOX_KEY)
                     raws, waiting = await pipe.execute()
                 if not raws:
-                    handover = "handover" if time.monotonic() - started > turn_s else ""
-                    outcome = await self._finish(keys=keys, args=[*self._drain_args(), token, handover])
-                    if outcome != 0:
-                        finished = True
+                    if await self._end(token, handover=time.monotonic() - started > turn_s) != 0:
                         return applied
                     continue
                 if waiting > SPILL_ABOVE:
                     if not await self._spill_batch(token, raws):
-                        finished = True
                         return applied
                     continue
                 try:
@@ -196,37 +187,38 @@ class Inbox:
                     # as rejected if they can never be applied).
                     logger.exception("applying %d inbox events failed; moved to an ingest job", len(raws))
                     if not await self._spill_batch(token, raws):
-                        finished = True
                         return applied
                     continue
                 applied += len(raws)
                 if not await self._trim(keys=[INBOX_KEY, INBOX_LEASE_KEY], args=[token, len(raws), LEASE_MS]):
                     logger.warning("inbox lease lapsed while applying a batch; another drainer goes on")
-                    finished = True
                     return applied
-                if time.monotonic() - started > turn_s:
-                    outcome = await self._finish(keys=keys, args=[*self._drain_args(), token, "handover"])
-                    if outcome != 0:
-                        finished = True
-                        return applied
+                if time.monotonic() - started > turn_s and await self._end(token, handover=True) != 0:
+                    return applied
+        except BaseException:
+            # Cancelled (arq's job timeout, shutdown) or Redis trouble: let go of the lease
+            # and queue the next drain now, rather than after the lease and the tick.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._end(token, handover=True))
+            raise
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
-            if not finished:
-                # Cancelled (arq's job timeout, shutdown) or Redis trouble: let go of the lease
-                # and queue the next drain now, rather than after the lease and the tick.
-                with contextlib.suppress(Exception):
-                    handover = self._finish(keys=keys, args=[*self._drain_args(), token, "handover"])
-                    await asyncio.shield(handover)
+
+    async def _end(self, token: str, *, handover: bool) -> int:
+        """FINISH_SCRIPT: 1 inbox empty and released, 2 handed over, 0 go on, -1 not ours."""
+        keys = [INBOX_KEY, INBOX_ARMED_KEY, INBOX_SEQ_KEY, INBOX_LEASE_KEY]
+        args = [*self._drain_args(), token, "handover" if handover else ""]
+        return int(await self._finish(keys=keys, args=args))
 
     async def _spill_batch(self, token: str, raws: list[bytes]) -> bool:
-        job_id = "events:" + hashlib.blake2b(b"\n".join(raws), digest_size=12).hexdigest()
-        now = _now_ms()
+        job_id = batch_job_id("events:", raws)
+        now = int(time.time() * 1000)
         # As JSON text: the ingest job validates each (parse_event takes text), so a record
         # that is not JSON is rejected there with a log entry, not the whole batch here.
         payload = [raw.decode("utf-8", "replace") for raw in raws]
-        body = serialize({"t": 1, "f": INGEST, "a": [], "k": {"events": payload}, "et": now})
+        body = job_body(INGEST, {"events": payload}, now)
         keys = [INBOX_KEY, INBOX_LEASE_KEY, job_key(job_id)]
         args = [token, len(raws), QUEUE_NAME, job_id, body, now, JOB_EXPIRY_MS]
         return bool(await self._spill(keys=keys, args=args))

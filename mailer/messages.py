@@ -32,7 +32,7 @@ class MessageRef:
     @property
     def field(self) -> str:
         """The field in the registration hash that holds this message's state."""
-        return "m:" + self.id.split("/", 1)[1]
+        return f"m:{self.kind}/{self.disc}" if self.disc else f"m:{self.kind}"
 
     @classmethod
     def parse(cls, message_id: str) -> MessageRef:

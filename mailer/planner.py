@@ -77,6 +77,7 @@ class Plan:
     # back from Redis what was just put there.
     registrations: dict[str, StoredRegistration] = field(default_factory=dict)
     events: dict[str, StoredEvent] = field(default_factory=dict)
+    dry_run: bool = False  # also gather the fan-out counts and samples --dry-run shows
 
     def write(self, command: str, *args: Any, **kwargs: Any) -> None:
         """Record a Redis write; nothing touches Redis until the whole batch is decided."""
@@ -108,7 +109,7 @@ class Planner:
 
     async def apply(self, events: list[IncomingEvent], *, dry_run: bool = False) -> Plan:
         now = self.clock()
-        plan = Plan()
+        plan = Plan(dry_run=dry_run)
         already = await seen(self.redis, [e.id for e in events])
         reg_ids = [
             e.registration.id for e in events if isinstance(e, RegistrationCreated | RegistrationCancelled)
@@ -389,7 +390,9 @@ class Planner:
     async def _fan_out_now(self, event_id: str, kind: str, disc: str, plan: Plan, now: datetime) -> None:
         member = schedule_member(event_id, kind, disc)
         plan.write("zadd", SCHEDULE_KEY, {member: ms(now)})
-        # For --dry-run: how many would get it, and a few of them.
+        if not plan.dry_run:
+            return
+        # For --dry-run only: how many would get it, and a few of them (three round trips).
         active = await self.redis.scard(registrations_key(event_id))
         plan.count("send", kind, "*", n=int(active))
         sample = [m.decode() for m in await self.redis.srandmember(registrations_key(event_id), 5)]

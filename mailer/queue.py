@@ -6,6 +6,7 @@ settings, (de)serialising jobs without pickle, and enqueueing many jobs in one r
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,25 @@ JOB_EXPIRY_MS = 86_400_000
 def job_key(job_id: str) -> str:
     """Where arq keeps a job's body."""
     return _ARQ_JOB_PREFIX + job_id
+
+
+def job_body(function: str, kwargs: dict[str, object], enqueued_ms: int) -> bytes:
+    """A job as arq stores it (in mailer's JSON format)."""
+    return serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": enqueued_ms})
+
+
+def batch_job_id(prefix: str, parts: list[str] | list[bytes], digest_size: int = 12) -> str:
+    """A job id naming a batch by its content, so enqueueing the same batch twice is a no-op."""
+    joined = b"\n".join(p if isinstance(p, bytes) else p.encode() for p in parts)
+    return prefix + hashlib.blake2b(joined, digest_size=digest_size).hexdigest()
+
+
+# Lua: `now`, milliseconds by Redis's clock. Jobs due now are scored with it rather than the
+# caller's clock: a producer host whose clock runs fast must not park its jobs in the future.
+REDIS_NOW_MS = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+"""
 
 
 def serialize(obj: Any) -> bytes:
@@ -145,11 +165,10 @@ _HIREDIS_PACKING: dict[type[Any], type[Any]] = (
 
 # Enqueue one job unless a job (or a kept result) with its id exists: arq's enqueue_job
 # does the same with WATCH/MULTI in three round trips; this does it for many in one. A job
-# due "now" (empty score) is scored with Redis's clock, not the caller's: a producer host
-# whose clock runs fast must not park its jobs in the future.
-_ENQUEUE_SCRIPT = """
-local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+# due "now" (empty score) is scored with Redis's clock.
+_ENQUEUE_SCRIPT = (
+    REDIS_NOW_MS
+    + """
 local added = 0
 for i = 1, #KEYS, 2 do
   local n = (i + 1) / 2
@@ -164,6 +183,7 @@ for i = 1, #KEYS, 2 do
 end
 return added
 """
+)
 
 
 class Enqueuer:
@@ -190,7 +210,7 @@ class Enqueuer:
                 args: list[Any] = [QUEUE_NAME, max((run_at_ms or now) - now, 0) + JOB_EXPIRY_MS]
                 for job_id, function, kwargs in jobs[start : start + chunk]:
                     keys += [_ARQ_JOB_PREFIX + job_id, _ARQ_RESULT_PREFIX + job_id]
-                    body = serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": now})
+                    body = job_body(function, kwargs, now)
                     args += [job_id, body, score]
                 await self._script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -193,6 +194,10 @@ def _neutral(rendered: Rendered, stand_in: tuple[str, str]) -> tuple[str, ...]:
     )
 
 
+# The private-use characters the stand-ins are made of; a real name holding one is rendered alone.
+_STAND_IN_CHARS = re.compile("[\ue000-\ue00f]")
+
+
 class SharedRenderer:
     """Renders a kind once per event version and locale, then fills in each attendee.
 
@@ -218,7 +223,7 @@ class SharedRenderer:
     ) -> Rendered:
         """`context(attendee_view)` builds the full context; `key` names everything else it uses."""
         name, email = attendee.name, attendee.email
-        if any("\ue000" <= ch <= "\ue00f" for ch in name + email) or not self._plain(kind, locale):
+        if _STAND_IN_CHARS.search(name) or _STAND_IN_CHARS.search(email) or not self._plain(kind, locale):
             return self.renderer.render(kind, locale, context(SimpleNamespace(name=name, email=email)))
         slot = (key, bool(name))
         if slot not in self._shared:

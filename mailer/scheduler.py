@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import UTC, datetime
 
@@ -10,7 +9,7 @@ from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
 from mailer.messages import MessageRef
 from mailer.planner import Clock, ms, reminder_disc, utc_now
-from mailer.queue import FAN_OUT, SEND, Enqueuer
+from mailer.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
 from mailer.store import (
     UNSCHEDULE_IF_SCRIPT,
     MessageStore,
@@ -25,10 +24,6 @@ logger = logging.getLogger("mailer.scheduler")
 # Registrations read per fan-out slice; each slice is one short job, so a killed worker
 # repeats at most one slice, and no job runs long enough to outlive its lease.
 FAN_OUT_SLICE = 5000
-
-
-def _batch_id(prefix: str, ids: list[str]) -> str:
-    return prefix + hashlib.blake2b("\n".join(ids).encode(), digest_size=10).hexdigest()
 
 
 class Scheduler:
@@ -69,7 +64,9 @@ class Scheduler:
         jobs: list[tuple[str, str, dict[str, object]]] = []
         for start in range(0, len(message_ids), self.batch_size):
             chunk = message_ids[start : start + self.batch_size]
-            jobs.append((_batch_id(f"redrive:{now_ms}:", chunk), SEND, {"messages": chunk}))
+            jobs.append(
+                (batch_job_id(f"redrive:{now_ms}:", chunk, digest_size=10), SEND, {"messages": chunk})
+            )
         await self.enqueuer.enqueue(jobs)
         return len(message_ids)
 

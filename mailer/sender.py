@@ -6,13 +6,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parseaddr
 from typing import Any
 
 from mailer.compose import Address, Attachment, MailParts, compose
-from mailer.constants import LOG_STREAM
 from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 from mailer.durations import Offset
 from mailer.errors import DeliveryError, MailerError, PermanentDeliveryError, UncertainDeliveryError
@@ -43,7 +42,6 @@ CALENDAR_KINDS = {
     "registration_cancelled": "CANCEL",
     "event_cancelled": "CANCEL",
 }
-CANCELLATION_KINDS = frozenset({"registration_cancelled", "event_cancelled"})
 
 
 @dataclass(slots=True)
@@ -55,6 +53,15 @@ class _Job:
     event: StoredEvent
     recipient: str = ""
     data: bytes = b""
+
+
+@dataclass(slots=True)
+class _Outcomes:
+    """What the lanes of one batch sent: log entries, their JSON, and the raw results."""
+
+    entries: list[LogEntry] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
+    results: list[DeliveryError | str] = field(default_factory=list)
 
 
 def why_not_send(
@@ -105,7 +112,6 @@ class MessageBuilder:
     """Renders and composes one message; caches per-event work (dates, calendar) across messages."""
 
     def __init__(self, *, settings: Settings, renderer: Renderer) -> None:
-        self.renderer = renderer
         self.shared = SharedRenderer(renderer)
         name, address = parseaddr(settings.sender)
         self.sender = Address(name=name, email=address)
@@ -212,7 +218,6 @@ class Sender:
         self.redis = redis
         self.settings = settings
         self.transport = transport
-        self.renderer = renderer
         self.log = log
         self.clock = clock
         self.store = MessageStore(redis)
@@ -223,6 +228,7 @@ class Sender:
         self.throttle = Throttle(redis, relay=transport.name, per_minute=settings.rate_limit)
         # Lease on a claimed message: if its worker dies, it is sent again after this.
         self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
+        self.message_ttl_ms = int(settings.message_ttl.total_seconds() * 1000)
 
     async def deliver(
         self,
@@ -282,14 +288,13 @@ class Sender:
 
         await self._record(writes, entries)
         jobs = await self._hold_back(jobs, now)
-        sent: list[LogEntry] = []
-        results: list[DeliveryError | str] = []
+        sent = _Outcomes()
         queue = deque(jobs)
         lanes = min(len(jobs), self.settings.smtp_max_connections)
-        await asyncio.gather(*(self._run_lane(queue, sent, results) for _ in range(lanes)))
-        self.log.print(sent)
-        await self._maybe_back_off(results, self.clock())
-        return entries + sent
+        await asyncio.gather(*(self._run_lane(queue, sent) for _ in range(lanes)))
+        self.log.print_json(sent.lines)
+        await self._maybe_back_off(sent.results, self.clock())
+        return entries + sent.entries
 
     # --- steps --------------------------------------------------------------------------
 
@@ -343,9 +348,7 @@ class Sender:
                 until,
             )
 
-    async def _run_lane(
-        self, queue: deque[_Job], entries: list[LogEntry], results: list[DeliveryError | str]
-    ) -> None:
+    async def _run_lane(self, queue: deque[_Job], outcomes: _Outcomes) -> None:
         """Send messages one after another over one held connection.
 
         A message is marked `sending` only once this connection is free for it, and in the
@@ -357,7 +360,7 @@ class Sender:
             done: tuple[_Job, DeliveryError | str] | None = None
             while queue:
                 job = queue.popleft()
-                if not await self._handover(done, job, entries):
+                if not await self._handover(done, job, outcomes):
                     done = None
                     continue  # our claim lapsed and another worker holds the message now
                 try:
@@ -367,13 +370,13 @@ class Sender:
                     result: DeliveryError | str = accepted.detail
                 except DeliveryError as exc:
                     result = exc
-                results.append(result)
+                outcomes.results.append(result)
                 done = (job, result)
             if done is not None:
-                await self._handover(done, None, entries)
+                await self._handover(done, None, outcomes)
 
     async def _handover(
-        self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, entries: list[LogEntry]
+        self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, outcomes: _Outcomes
     ) -> bool:
         """Record one outcome and mark the next message as handed over, in one command.
 
@@ -383,16 +386,16 @@ class Sender:
         recorded = None
         if done is not None:
             state, entry = self._outcome(done[0], done[1], now)
-            entries.append(entry)
-            recorded = (done[0].claim.ref, state, entry.to_json())
+            line = entry.to_json()  # once: for the Redis step and for the echo
+            outcomes.entries.append(entry)
+            outcomes.lines.append(line)
+            recorded = (done[0].claim.ref, state, line)
         handed = None
         if following is not None:
             claim = following.claim
             sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
             handed = (claim.ref, claim.attempt, sending)
-        return await self.store.step(
-            recorded, handed, log_stream=LOG_STREAM, log_max_entries=self.settings.log_max_entries
-        )
+        return await self.store.step(recorded, handed, log_max_entries=self.log.max_entries)
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime
@@ -408,7 +411,7 @@ class Sender:
             deadline = (
                 ms(stored.event.starts_at)
                 if claim.ref.kind == "reminder"
-                else claim.since_ms + int(self.settings.message_ttl.total_seconds() * 1000)
+                else claim.since_ms + self.message_ttl_ms
             )
             retry_at = self.policy.next_attempt_ms(
                 attempt=claim.attempt, now_ms=ms(now), deadline_ms=deadline

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from mailer.constants import (
     DUE_KEY,
     EVENT_KEY,
     EVENT_REGISTRATIONS_KEY,
+    LOG_STREAM,
     REGISTRATION_KEY,
     SCHEDULE_KEY,
     SEEN_KEY,
@@ -63,7 +62,6 @@ class StoredRegistration:
     status: str  # "active" | "cancelled"
     occurred_ms: int  # occurred_at of the newest applied producer event for it
     created_ms: int  # when the person registered (occurred_at of registration.created)
-    messages: dict[str, MessageState] = field(default_factory=dict)  # field -> state
 
     def to_fields(self) -> dict[str, str | int]:
         fields: dict[str, str | int] = {"s": self.status, "t": self.occurred_ms, "c": self.created_ms}
@@ -94,11 +92,7 @@ class StoredRegistration:
             status=raw.get(b"s", b"active").decode(),
             occurred_ms=int(raw.get(b"t", 0)),
             created_ms=int(raw.get(b"c", 0)),
-            messages={k.decode(): MessageState.decode(v) for k, v in raw.items() if k.startswith(b"m:")},
         )
-
-    def state(self, ref: MessageRef) -> MessageState | None:
-        return self.messages.get(ref.field)
 
 
 def event_key(event_id: str) -> str:
@@ -238,7 +232,6 @@ class Claim:
     code: str  # claimed | reclaimed | busy | wait | final
     attempt: int = 0
     since_ms: int = 0
-    detail: str = ""
 
 
 class MessageStore:
@@ -263,7 +256,7 @@ class MessageStore:
             if parts[0] in ("claimed", "reclaimed"):
                 claims.append(Claim(ref, parts[0], int(parts[1]), int(parts[2])))
             else:
-                claims.append(Claim(ref, parts[0], detail=parts[1] if len(parts) > 1 else ""))
+                claims.append(Claim(ref, parts[0]))
         return claims
 
     def write_state(self, pipe: Any, ref: MessageRef, state: MessageState) -> None:
@@ -279,12 +272,11 @@ class MessageStore:
         done: tuple[MessageRef, MessageState, bytes] | None,
         following: tuple[MessageRef, int, MessageState] | None,
         *,
-        log_stream: str,
         log_max_entries: int,
     ) -> bool:
         """Record `done` (ref, final-or-retry state, log JSON) and hand `following` (ref,
         claimed attempt, sending state) over, in one command. False: don't send `following`."""
-        keys = [DUE_KEY, log_stream, "", ""]
+        keys = [DUE_KEY, LOG_STREAM, "", ""]
         args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, ""]
         if done is not None:
             ref, state, entry = done
@@ -326,7 +318,3 @@ if score and tonumber(score) == tonumber(ARGV[2]) then
 end
 return 0
 """
-
-
-def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)

@@ -71,15 +71,14 @@ def _classified(code: int | None, text: str, recipient: str | None) -> DeliveryE
 
 def _map_smtp_error(exc: BaseException, *, recipient: str, data_sent: bool) -> DeliveryError:
     """Translate aiosmtplib's exceptions into mailer's tree (the one place that knows them)."""
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        refused = exc.recipients[0]
-        return _classified(refused.code, refused.message, recipient)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _classified(exc.code, exc.message, recipient)
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError | TimeoutError):
+    # aiosmtplib's timeout and disconnect errors subclass TimeoutError and OSError; a timeout
+    # is an OSError too, so it is asked first.
+    if isinstance(exc, TimeoutError):
         cls = UncertainDeliveryError if data_sent else TransientDeliveryError
         return cls(f"timed out: {exc}", recipient=recipient)
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | ConnectionError | OSError):
+    if isinstance(exc, OSError):
         cls = UncertainDeliveryError if data_sent else TransientDeliveryError
         return cls(f"connection lost: {exc}", recipient=recipient)
     if isinstance(exc, aiosmtplib.SMTPException):
@@ -101,7 +100,6 @@ class SmtpTransport:
         if settings.smtp_host is None:
             raise ValueError("SmtpTransport needs MAILER_SMTP_HOST")
         self.name = f"smtp:{settings.smtp_host}:{settings.effective_smtp_port}"
-        self.relay = f"{settings.smtp_host}:{settings.effective_smtp_port}"
         self._settings = settings
         self._idle: asyncio.Queue[_Session | None] = asyncio.Queue()
         for _ in range(settings.smtp_max_connections):

@@ -14,6 +14,7 @@ from mailer.queue import connect
 from mailer.throttle import Throttle
 from tests.conftest import make_event, wait_for
 from tests.test_confirmation import log_entries
+from tests.test_failures import publish_one_and_wait_for_delivery
 
 
 def burst(n: int, prefix: str = "p") -> list[dict[str, Any]]:
@@ -119,11 +120,7 @@ async def test_a_dropped_connection_mid_data_is_retried_as_uncertain(
     """The server drops the connection during DATA: outcome unknown, retried, then delivered."""
     smtp_server.handler.fault = lambda rcpt, n: "drop" if n == 1 else None
     await mail_worker()
-    async with MailerClient(redis_url) as client:
-        await client.publish(make_event())
-    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
-    await asyncio.sleep(0.2)
-    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    entries = await publish_one_and_wait_for_delivery(redis_url, smtp_server)
     assert [e.status for e in entries] == ["retrying", "sent"]
     assert "outcome unknown" in entries[0].detail
 
@@ -134,11 +131,7 @@ async def test_a_stalled_server_times_out_and_the_mail_is_retried(
     """A server that stops answering past MAILER_SMTP_TIMEOUT: the client is closed, the mail retried."""
     smtp_server.handler.fault = lambda rcpt, n: "stall" if n == 1 else None
     await mail_worker(smtp_timeout=0.5)
-    async with MailerClient(redis_url) as client:
-        await client.publish(make_event())
-    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
-    await asyncio.sleep(0.2)
-    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    entries = await publish_one_and_wait_for_delivery(redis_url, smtp_server)
     assert [e.status for e in entries] == ["retrying", "sent"]
 
 

@@ -17,8 +17,21 @@ from tests.conftest import log_until, make_event, wait_for
 from tests.test_confirmation import log_entries
 
 
+async def entries_for(url: str, message_id: str = "reg-1001/confirmation") -> list[Any]:
+    return [e for e in await log_entries(url) if e.message_id == message_id]
+
+
 async def statuses(url: str, message_id: str) -> list[str]:
-    return [e.status for e in await log_entries(url) if e.message_id == message_id]
+    return [e.status for e in await entries_for(url, message_id)]
+
+
+async def publish_one_and_wait_for_delivery(url: str, smtp_server: Any) -> list[Any]:
+    """Publish the standard registration, wait for its mail; its confirmation's log entries."""
+    async with MailerClient(url) as client:
+        await client.publish(make_event())
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+    await asyncio.sleep(0.2)  # the `sent` entry is written just after the server's 250
+    return await entries_for(url)
 
 
 async def test_greylisting_is_retried_until_accepted(
@@ -27,11 +40,7 @@ async def test_greylisting_is_retried_until_accepted(
     """451 twice, then 250: two `retrying` entries with the SMTP codes, then `sent`, one mail."""
     smtp_server.handler.fault = lambda rcpt, n: "451 4.7.1 Greylisted, try later" if n <= 2 else None
     await mail_worker()
-    async with MailerClient(redis_url) as client:
-        await client.publish(make_event())
-    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
-    await asyncio.sleep(0.2)
-    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    entries = await publish_one_and_wait_for_delivery(redis_url, smtp_server)
     assert [e.status for e in entries] == ["retrying", "retrying", "sent"]
     assert entries[0].smtp_code == 451
     assert entries[0].enhanced_code == "4.7.1"
@@ -123,7 +132,7 @@ async def test_attempts_run_out_and_the_message_is_dead_lettered(
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await log_until(redis_url, lambda log: any(e.status == "failed" for e in log))
-    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    entries = await entries_for(redis_url)
     assert [e.status for e in entries] == ["retrying", "failed"]
     assert "no attempts or time left" in entries[-1].detail
 
@@ -146,7 +155,7 @@ async def test_a_template_that_fails_on_this_data_fails_permanently(
         await client.publish(make_event())
     await log_until(redis_url, bool)
     await asyncio.sleep(0.5)
-    entries = [e for e in await log_entries(redis_url) if e.message_id == "reg-1001/confirmation"]
+    entries = await entries_for(redis_url)
     assert [e.status for e in entries] == ["failed"]
     assert "subject.de.txt" in entries[0].detail
     assert "phone" in entries[0].detail
