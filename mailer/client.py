@@ -140,6 +140,7 @@ class MailerClient:
         """Refused records also go to the delivery log, so ops see them next to the mail."""
         from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 
+        await self.connect()  # publish() refuses before it needs a connection of its own
         log = DeliveryLog(self._redis, max_entries=1_000_000, echo=None, worker="producer")
         await log.write(
             [

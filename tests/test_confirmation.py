@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.client import MailerClient
+from mailer.client import MailerClient, SyncMailerClient
 from mailer.deliverylog import read_log
 from mailer.errors import InvalidEvent
 from mailer.queue import connect
@@ -149,6 +149,12 @@ async def test_invalid_events_are_refused_with_field_and_reason(
     assert fragment in problems[field]
     assert report.accepted == 1
     assert [i for i, _ in report.invalid] == [0]
+
+
+def test_an_invalid_event_is_refused_by_a_client_that_has_not_connected_yet(redis_url: str) -> None:
+    """The sync client connects lazily: its first call may be a refusal, logged like any other."""
+    with SyncMailerClient(redis_url) as client, pytest.raises(InvalidEvent):
+        client.publish(dict(make_event(), type="registration.exploded"))
 
 
 async def test_garbage_in_the_queue_is_rejected_and_logged(
