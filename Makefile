@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench check clean
+.PHONY: run test lint typecheck bench check clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,39 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Debian packages for tests/test_postfix.py: a private Postfix instance as the relay, with
+# SASL logins from a sasldb that the test edits. Checked with dpkg on every run (fast when
+# present); installed as root with apt, once. Without root or apt the Postfix tests skip and
+# say why. The preseed keeps the package from writing /etc/postfix/main.cf, so the
+# system-wide instance stays unconfigured and never takes port 25.
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules
+
+system-deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "note: missing Debian packages:$$missing (needs root and apt-get); the Postfix tests will skip"; \
+	  exit 0; \
+	fi; \
+	echo "installing Debian packages:$$missing"; \
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && \
+	apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	status=$$?; \
+	if [ -f /etc/postfix/main.cf ] && postfix status >/dev/null 2>&1; then postfix stop; fi; \
+	exit $$status
+
 ## Start the worker on embedded defaults: a private Redis and a Maildir outbox under ./var
 run: $(STAMP)
 	$(BIN)/python examples/generate.py
 	exec $(BIN)/mailer worker
 
 ## Run the whole test suite (real redis-server and aiosmtpd, started by the fixtures)
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
