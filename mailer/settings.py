@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -23,7 +25,12 @@ class Settings(BaseSettings):
     """mailer's settings; see deploy/mailer.env.example for a commented list."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MAILER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="MAILER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # `MAILER_SMTP_PORT=` in a .env file means "the default", as it does for a shell.
+        env_ignore_empty=True,
     )
 
     # Where Redis is. Unset: a private redis-server under data_dir (started by `mailer worker`).
@@ -37,10 +44,20 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = "starttls"
-    smtp_timeout: float = Field(default=30.0, gt=0, le=600)
+    smtp_timeout: float = Field(default=30.0, gt=0, le=600, allow_inf_nan=False)
     smtp_max_connections: int = Field(default=3, ge=1, le=100)
     # Name sent in EHLO; set it to skip a getfqdn() lookup on every connect.
     smtp_local_hostname: str | None = None
+    # AUTH over an unencrypted connection to a host that is not this machine (a private
+    # network, say); without it, MAILER_SMTP_SECURITY=none with credentials is refused.
+    smtp_allow_plaintext_auth: bool = False
+    # Kept-open connections idle this long are closed with QUIT, before the relay's own
+    # timeout (Postfix: smtpd_timeout 300 s) closes them with a "timeout" in its log.
+    smtp_idle_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # The relay circuit (mailer.circuit): a relay fault holds all sends; the probe that
+    # tries again waits twice as long after each failure, from base up to max.
+    relay_probe_base_seconds: float = Field(default=5.0, gt=0, le=3600)
+    relay_probe_max_seconds: float = Field(default=300.0, gt=0, le=86400)
 
     sender: str = Field(default="mailer <noreply@example.org>", alias="MAILER_FROM")
     template_dir: Path | None = None
@@ -50,20 +67,22 @@ class Settings(BaseSettings):
     )
 
     max_attempts: int = Field(default=10, ge=1, le=100)
-    retry_base_seconds: float = Field(default=30.0, gt=0)
-    retry_max_seconds: float = Field(default=3600.0, gt=0)
-    message_ttl: timedelta = timedelta(hours=48)
+    # Bounded by a day: arq drops a job key a day after it was due, retries included.
+    retry_base_seconds: float = Field(default=30.0, gt=0, le=86400, allow_inf_nan=False)
+    retry_max_seconds: float = Field(default=3600.0, gt=0, le=86400, allow_inf_nan=False)
+    message_ttl: timedelta = Field(default=timedelta(hours=48), gt=timedelta(0), le=timedelta(days=30))
     # Messages per minute across all workers; unset means no limit.
-    rate_limit: int | None = Field(default=None, ge=1)
+    rate_limit: int | None = Field(default=None, ge=1, le=1_000_000)
 
     # Messages one send job carries: amortises arq's per-job cost (~330 µs).
     batch_size: int = Field(default=50, ge=1, le=1000)
     worker_max_jobs: int = Field(default=20, ge=1, le=1000)
     # How often an idle worker looks for jobs; bounds the pick-up latency.
-    poll_delay: float = Field(default=0.01, gt=0, le=5)
+    poll_delay: float = Field(default=0.01, gt=0, le=5, allow_inf_nan=False)
     # A job killed with its worker runs again after job_timeout + 10 s (arq's lease).
     job_timeout: int = Field(default=40, ge=5, le=600)
-    log_max_entries: int = Field(default=1_000_000, ge=1000)
+    # A log entry is about 300 bytes of Redis memory: the upper bound is some 30 GB.
+    log_max_entries: int = Field(default=1_000_000, ge=1000, le=100_000_000)
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Print one JSON line per outcome on stdout (the log stream keeps them either way).
     print_outcomes: bool = True
@@ -73,6 +92,20 @@ class Settings(BaseSettings):
     def _parse_offsets(cls, value: object) -> object:
         if isinstance(value, str | list | tuple) and all(isinstance(v, str) for v in value):
             return parse_offsets(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
+
+    @field_validator("template_dir")
+    @classmethod
+    def _check_template_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
         return value
 
     @field_validator("sender")
@@ -90,11 +123,32 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_smtp(self) -> Settings:
+    def _check_combinations(self) -> Settings:
+        # Each message starts with the settings involved: load_settings reads the first as
+        # the one to fix.
         if self.retry_max_seconds < self.retry_base_seconds:
-            raise ValueError("MAILER_RETRY_MAX_SECONDS must be at least MAILER_RETRY_BASE_SECONDS")
+            raise ValueError(
+                "MAILER_RETRY_MAX_SECONDS, MAILER_RETRY_BASE_SECONDS: "
+                f"the maximum ({self.retry_max_seconds:g}) is less than the base "
+                f"({self.retry_base_seconds:g})"
+            )
         if self.smtp_password is not None and not self.smtp_username:
-            raise ValueError("MAILER_SMTP_PASSWORD is set but MAILER_SMTP_USERNAME is not")
+            raise ValueError(
+                "MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username"
+            )
+        if (
+            self.smtp_host
+            and self.smtp_security == "none"
+            and (self.smtp_username or self.smtp_password is not None)
+            and not self.smtp_allow_plaintext_auth
+            and not is_loopback(self.smtp_host)
+        ):
+            raise ValueError(
+                "MAILER_SMTP_SECURITY, MAILER_SMTP_USERNAME, MAILER_SMTP_ALLOW_PLAINTEXT_AUTH: "
+                f"MAILER_SMTP_SECURITY=none would send the password unencrypted to {self.smtp_host}; "
+                "use starttls or tls, or set MAILER_SMTP_ALLOW_PLAINTEXT_AUTH=true if the network "
+                "to the relay is private"
+            )
         return self
 
     @property
@@ -111,13 +165,53 @@ class Settings(BaseSettings):
         return self.sender.rsplit("@", 1)[-1].strip("> ").lower()
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: a connection that never leaves this machine."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a URL redis-py would choke on later; the message never repeats a password."""
+    if any(ord(ch) < 33 or ord(ch) == 127 for ch in url):
+        raise ValueError("contains spaces or control characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs the socket's path, e.g. unix:///run/redis/redis.sock")
+        return
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError("names no host, e.g. redis://127.0.0.1:6379/0")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database {db!r} after the host must be a number, e.g. /0")
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings; any problem becomes one ConfigError naming the variable."""
+    """Read the settings; any problem becomes one ConfigError (one line) naming the variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         error = exc.errors()[0]
-        location = ".".join(str(part) for part in error["loc"]) or "settings"
-        name = location if location.startswith("MAILER_") else f"MAILER_{location.upper()}"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{name}: {message}", setting=name) from None
+        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+        location = ".".join(str(part) for part in error["loc"])
+        if location:
+            name = location if location.startswith("MAILER_") else f"MAILER_{location.upper()}"
+            raise ConfigError(f"{name}: {message}", setting=name) from None
+        # A check across settings names them all at the start of its message.
+        name = message.split(",", 1)[0].split(":", 1)[0]
+        raise ConfigError(message, setting=name) from None

@@ -1,0 +1,273 @@
+"""Settings: every value is checked at start-up, and a bad one is one line naming the variable."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailer.errors import ConfigError
+from mailer.settings import Settings, load_settings
+
+# (field, lowest, highest) as the operator documentation promises them.
+NUMERIC: dict[str, tuple[float, float]] = {
+    "smtp_port": (1, 65535),
+    "smtp_timeout": (0, 600),
+    "smtp_max_connections": (1, 100),
+    "max_attempts": (1, 100),
+    "retry_base_seconds": (0, 86400),
+    "retry_max_seconds": (0, 86400),
+    "message_ttl": (0, 30 * 86400),
+    "rate_limit": (1, 1_000_000),
+    "batch_size": (1, 1000),
+    "worker_max_jobs": (1, 1000),
+    "poll_delay": (0, 5),
+    "job_timeout": (5, 600),
+    "log_max_entries": (1000, 100_000_000),
+}
+HOSTILE = ["-1", "0", "-0.5", "inf", "-inf", "nan", "1e30", "1e400", "abc", "1" * 23, "-PT1H", "P9999999999D"]
+
+
+@pytest.fixture
+def no_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MAILER_ variable and no .env from the developer's checkout."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("MAILER_"):
+            monkeypatch.delenv(name)
+
+
+@contextmanager
+def env(**values: str) -> Iterator[None]:
+    """Set MAILER_ variables for one hypothesis example (monkeypatch is per test, not per example)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def env_name(field: str) -> str:
+    return f"MAILER_{field.upper()}"
+
+
+def as_number(value: object) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("field", sorted(NUMERIC))
+def test_every_numeric_setting_refuses_hostile_values(no_env: None, field: str, value: str) -> None:
+    """Negative, zero, infinite, NaN, huge and non-numeric values are one ConfigError naming the variable."""
+    with env(**{env_name(field): value}), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == env_name(field)
+    assert str(caught.value).startswith(env_name(field) + ":")
+    assert "\n" not in str(caught.value)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(
+    field=st.sampled_from(sorted(NUMERIC)),
+    text=st.one_of(
+        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30),
+        st.floats().map(str),
+        st.integers().map(str),
+        st.integers(min_value=0, max_value=10**6).map(lambda n: f"PT{n}S"),
+    ),
+)
+def test_a_numeric_setting_either_loads_in_bounds_or_is_refused_by_name(
+    no_env: None, field: str, text: str
+) -> None:
+    """Whatever text an operator writes, the result is a finite value within bounds or a ConfigError
+    that names that variable: never a traceback, never an unbounded value."""
+    try:
+        with env(**{env_name(field): text}):
+            loaded = load_settings()
+    except ConfigError as exc:
+        refusal = str(exc)
+        assert env_name(field) in refusal, refusal
+        assert "\n" not in refusal
+        return
+    if getattr(loaded, field) is None:
+        assert field in ("smtp_port", "rate_limit")  # optional: unset means the default
+        return
+    value = as_number(getattr(loaded, field))
+    lowest, highest = NUMERIC[field]
+    assert math.isfinite(value)
+    assert lowest <= value <= highest
+    if lowest == 0:
+        assert value > 0
+
+
+def test_typical_values_load(no_env: None) -> None:
+    """The values of deploy/mailer.env.example load as written."""
+    with env(
+        MAILER_SMTP_PORT="587",
+        MAILER_SMTP_TIMEOUT="30",
+        MAILER_MESSAGE_TTL="PT48H",
+        MAILER_RETRY_BASE_SECONDS="30",
+        MAILER_RETRY_MAX_SECONDS="3600",
+        MAILER_LOG_MAX_ENTRIES="1000000",
+        MAILER_RATE_LIMIT="30",
+    ):
+        loaded = load_settings()
+    assert loaded.message_ttl == timedelta(hours=48)
+    assert loaded.smtp_port == 587
+
+
+def test_an_empty_variable_means_unset(no_env: None) -> None:
+    """`MAILER_SMTP_PORT=` in a .env file is the default, not an error; so is `MAILER_REDIS_URL=`."""
+    with env(MAILER_SMTP_PORT="", MAILER_RATE_LIMIT="", MAILER_REDIS_URL=""):
+        loaded = load_settings()
+    assert loaded.smtp_port is None
+    assert loaded.rate_limit is None
+    assert loaded.redis_url is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nonsense",
+        "http://127.0.0.1:6379/0",
+        "redis://",
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1:6379/abc",
+        "unix://",
+        "redis://127.0.0.1:6379/0\n",
+    ],
+)
+def test_a_malformed_redis_url_is_a_config_error(no_env: None, url: str) -> None:
+    """MAILER_REDIS_URL must be redis://, rediss:// or unix:// with a host or path it can use."""
+    with env(MAILER_REDIS_URL=url), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_REDIS_URL"
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/0", "rediss://:secret@redis.example.org:6380/2", "unix:///run/redis/redis.sock"],
+)
+def test_well_formed_redis_urls_load(no_env: None, url: str) -> None:
+    """The three schemes redis-py speaks are accepted."""
+    with env(MAILER_REDIS_URL=url):
+        assert load_settings().redis_url == url
+
+
+def test_a_redis_url_error_does_not_echo_the_password(no_env: None) -> None:
+    """A URL with a password in it is refused without printing the password."""
+    with env(MAILER_REDIS_URL="redis://:hunter2@host:port/0"), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_missing_template_dir_is_a_config_error(no_env: None, tmp_path: Path) -> None:
+    """MAILER_TEMPLATE_DIR must be an existing directory."""
+    with env(MAILER_TEMPLATE_DIR=str(tmp_path / "nope")), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_TEMPLATE_DIR"
+    (tmp_path / "file").write_text("x")
+    with env(MAILER_TEMPLATE_DIR=str(tmp_path / "file")), pytest.raises(ConfigError):
+        load_settings()
+    (tmp_path / "tpl").mkdir()
+    with env(MAILER_TEMPLATE_DIR=str(tmp_path / "tpl")):
+        assert load_settings().template_dir == tmp_path / "tpl"
+
+
+def test_combination_errors_name_every_setting_involved(no_env: None) -> None:
+    """When two settings contradict each other, the message names both."""
+    with (
+        env(MAILER_RETRY_BASE_SECONDS="600", MAILER_RETRY_MAX_SECONDS="60"),
+        pytest.raises(ConfigError) as c1,
+    ):
+        load_settings()
+    assert "MAILER_RETRY_BASE_SECONDS" in str(c1.value)
+    assert "MAILER_RETRY_MAX_SECONDS" in str(c1.value)
+    assert c1.value.setting == "MAILER_RETRY_MAX_SECONDS"
+    with env(MAILER_SMTP_PASSWORD="pw"), pytest.raises(ConfigError) as c2:  # noqa: S106 - a test value
+        load_settings()
+    assert "MAILER_SMTP_PASSWORD" in str(c2.value)
+    assert "MAILER_SMTP_USERNAME" in str(c2.value)
+
+
+PLAINTEXT = {
+    "MAILER_SMTP_SECURITY": "none",
+    "MAILER_SMTP_USERNAME": "mailer",
+    "MAILER_SMTP_PASSWORD": "secret",
+}
+
+
+def test_credentials_over_plaintext_to_a_remote_host_are_refused(no_env: None) -> None:
+    """AUTH without TLS to a host off this machine would send the password in clear: refused,
+    naming the settings that decide it."""
+    with env(**PLAINTEXT, MAILER_SMTP_HOST="smtp.example.org"), pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    for name in ("MAILER_SMTP_SECURITY", "MAILER_SMTP_USERNAME", "MAILER_SMTP_ALLOW_PLAINTEXT_AUTH"):
+        assert name in message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "127.8.9.10", "::1", "[::1]"])
+def test_credentials_over_plaintext_to_loopback_are_allowed(no_env: None, host: str) -> None:
+    """A relay on this machine (a local Postfix, a test server) sees no network in between."""
+    with env(**PLAINTEXT, MAILER_SMTP_HOST=host):
+        assert load_settings().smtp_username == "mailer"
+
+
+def test_plaintext_auth_can_be_allowed_explicitly(no_env: None) -> None:
+    """MAILER_SMTP_ALLOW_PLAINTEXT_AUTH=true is the operator's explicit choice (a private network)."""
+    with env(**PLAINTEXT, MAILER_SMTP_HOST="10.0.0.5", MAILER_SMTP_ALLOW_PLAINTEXT_AUTH="true"):
+        loaded: Settings = load_settings()
+    assert loaded.smtp_allow_plaintext_auth is True
+    with env(MAILER_SMTP_HOST="smtp.example.org", MAILER_SMTP_SECURITY="none"):
+        assert load_settings().smtp_username is None  # no credentials: nothing to leak
+
+
+def run_worker(tmp_path: Path, **values: str) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mailer", "worker"],
+        cwd=tmp_path,
+        env={**clean, **values},
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"MAILER_MESSAGE_TTL": "-PT1H"},
+        {"MAILER_RETRY_BASE_SECONDS": "inf"},
+        {"MAILER_LOG_MAX_ENTRIES": "1" * 23},
+        {"MAILER_REDIS_URL": "nonsense"},
+        {"MAILER_TEMPLATE_DIR": "/nonexistent/templates"},
+        {**PLAINTEXT, "MAILER_SMTP_HOST": "smtp.example.org"},
+    ],
+    ids=["ttl", "retry", "log", "url", "templates", "plaintext"],
+)
+def test_the_worker_exits_2_with_one_line_on_a_bad_setting(tmp_path: Path, values: dict[str, str]) -> None:
+    """`mailer worker` with a bad setting: exit status 2, one line on stderr, no traceback."""
+    result = run_worker(tmp_path, **values)
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mailer: configuration error: MAILER_")
+    assert "Traceback" not in err
