@@ -77,8 +77,41 @@ class Offset:
         return self.iso
 
 
+# Reminder offsets are bounded so that every due time can be computed (and stays within the
+# contract's date range): more than a year ahead is a typo, not a reminder, and more than a
+# handful per event is a mail storm.
+MAX_REMINDER_OFFSET_DAYS = 366
+MAX_REMINDER_OFFSETS = 10
+_MAX_OFFSET_TEXT = 40
+
+
+def reminder_offset(text: str) -> Offset:
+    """One reminder offset: an ISO 8601 duration of at most MAX_REMINDER_OFFSET_DAYS days."""
+    if len(text) > _MAX_OFFSET_TEXT:
+        raise ValueError(f"{text[:_MAX_OFFSET_TEXT]!r}... is too long for a reminder offset")
+    offset = Offset.parse(text)
+    if offset.total_seconds > MAX_REMINDER_OFFSET_DAYS * 86400:
+        raise ValueError(
+            f"{text!r} is more than {MAX_REMINDER_OFFSET_DAYS} days; a reminder is sent at most "
+            f"P{MAX_REMINDER_OFFSET_DAYS}D before the event"
+        )
+    return offset
+
+
 def parse_offsets(values: list[str] | tuple[str, ...] | str) -> tuple[Offset, ...]:
-    """Parse a list (or a comma-separated string) of offsets, largest first, without repeats."""
-    items = values.split(",") if isinstance(values, str) else list(values)
-    offsets = {Offset.parse(item) for item in items if item.strip()}
+    """Parse reminder offsets (a list, or a comma-separated string), largest first.
+
+    At most MAX_REMINDER_OFFSETS, each at most MAX_REMINDER_OFFSET_DAYS days, none twice
+    (also not in two spellings, "P1D" and "P1DT0H"): a repeat is a mistake worth hearing of.
+    """
+    given = values.split(",") if isinstance(values, str) else list(values)
+    items = [item for item in given if item.strip()]
+    if len(items) > MAX_REMINDER_OFFSETS:
+        raise ValueError(f"at most {MAX_REMINDER_OFFSETS} reminder offsets, got {len(items)}")
+    offsets: dict[Offset, str] = {}
+    for item in items:
+        offset = reminder_offset(item)
+        if offset in offsets:
+            raise ValueError(f"{item!r} repeats {offsets[offset]!r}; give each reminder offset once")
+        offsets[offset] = item
     return tuple(sorted(offsets, key=lambda o: o.total_seconds, reverse=True))

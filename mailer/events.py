@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import unicodedata
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,11 +16,14 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -100,6 +104,44 @@ def _http_url(value: str) -> str:
     return value
 
 
+# Every moment in the contract lies in this range, so every date derived from it (reminders
+# up to P366D earlier, millisecond scores, calendar entries) can be computed.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+_ISO_DATE_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt ]")
+_LAX_MOMENT: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def _iso_text(value: object) -> object:
+    # pydantic's strict mode takes no strings from Python input, and its JSON mode reads a
+    # string of digits as Unix time: so the text is parsed here, and only ISO 8601 text.
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _ISO_DATE_TIME.match(value):
+        raise ValueError(
+            "must be an ISO 8601 date and time with a UTC offset, e.g. 2026-12-10T18:00:00+01:00 "
+            "(a number is not a timestamp)"
+        )
+    return _LAX_MOMENT.validate_python(value)
+
+
+def _in_range(value: datetime) -> datetime:
+    if not EARLIEST <= value < LATEST:
+        raise ValueError("must lie between 2000-01-01 and 2100-01-01 (UTC)")
+    return value
+
+
+Moment = Annotated[
+    AwareDatetime,
+    BeforeValidator(_iso_text),
+    Strict(),
+    AfterValidator(_in_range),
+    Field(
+        description="ISO 8601 date and time with a UTC offset, from 2000-01-01 up to "
+        "2100-01-01 (UTC); numbers are not accepted"
+    ),
+]
+StrictBool = Annotated[bool, Strict(), Field(description="JSON true or false; no strings, no numbers")]
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Line = Annotated[str, StringConstraints(max_length=300), AfterValidator(_no_control_characters)]
 Title = Annotated[
@@ -140,24 +182,33 @@ class RegistrationRef(_Model):
 class Event(_Model):
     id: Id
     title: Title
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    starts_at: Moment
+    ends_at: Moment
     timezone: TimeZoneName
     location: Line | None = None
     join_url: Url | None = None
     description: Text | None = None
     organizer: Organizer
-    registration_deadline: AwareDatetime | None = None
+    registration_deadline: Moment | None = None
     # None: the MAILER_REMINDER_OFFSETS default; []: no reminders for this event.
-    reminder_offsets: list[str] | None = None
-    join_url_in_confirmation: bool = True
+    reminder_offsets: list[str] | None = Field(
+        default=None,
+        description="ISO 8601 durations before starts_at, e.g. P1D, PT1H: at most 10, "
+        "each at most P366D, none twice",
+    )
+    join_url_in_confirmation: StrictBool = True
+
+    @field_validator("reminder_offsets")
+    @classmethod
+    def _check_offsets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            parse_offsets(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Event:
         if self.ends_at <= self.starts_at:
             raise ValueError("ends_at must be after starts_at")
-        if self.reminder_offsets is not None:
-            parse_offsets(self.reminder_offsets)
         return self
 
     def offsets(self, default: tuple[Offset, ...]) -> tuple[Offset, ...]:
@@ -175,7 +226,7 @@ class EventRef(_Model):
 
 class _Envelope(_Model):
     id: Id
-    occurred_at: AwareDatetime
+    occurred_at: Moment
 
 
 class RegistrationCreated(_Envelope):
