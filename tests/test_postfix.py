@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -79,6 +80,28 @@ def error_lines(log_path: Any, setting: str) -> list[str]:
         for line in log_path.read_text(errors="replace").splitlines()
         if "ERROR" in line and setting in line
     ]
+
+
+def test_private_relays_side_by_side_are_strict_and_stop_clean(postfix_relay: StartRelay) -> None:
+    """Two relays, own ports and logs; a command pipelined after EHLO is refused; stop leaves nothing."""
+    strict, other = postfix_relay(), postfix_relay(auth=False)
+    assert strict.port != other.port
+    assert strict.processes()
+    assert other.processes()
+    with socket.create_connection((strict.host, strict.port), 5) as conn:
+        reader = conn.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        conn.sendall(b"EHLO mailer.test\r\nNOOP\r\n")  # EHLO is a sync point (RFC 2920)
+        assert reader.readline().startswith(b"554 5.5.0")
+        assert reader.read() == b""  # and Postfix hangs up
+    assert "improper command pipelining after EHLO" in strict.log()
+    assert "improper command pipelining" not in other.log()
+
+    strict.stop()
+    assert not strict.processes()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((strict.host, strict.port), 5).close()
+    assert other.processes()  # stopping one instance leaves the other alone
 
 
 async def test_confirmations_arrive_once_each_and_parse_without_defects(
