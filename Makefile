@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 # SASL logins from a sasldb that the test edits. Checked with dpkg on every run (fast when
 # present); installed as root with apt, once. Without root or apt the Postfix tests skip and
 # say why. The preseed keeps the package from writing /etc/postfix/main.cf, so the
-# system-wide instance stays unconfigured and never takes port 25.
-APT_PACKAGES := postfix sasl2-bin libsasl2-modules
+# system-wide instance stays unconfigured and never takes port 25; if apt started it anyway,
+# it is stopped (a Postfix that was here before is left alone).
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl
 
 system-deps:
 	@missing=""; \
@@ -35,7 +36,9 @@ system-deps:
 	apt-get update -qq && \
 	apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	status=$$?; \
-	if [ -f /etc/postfix/main.cf ] && postfix status >/dev/null 2>&1; then postfix stop; fi; \
+	case " $$missing " in *" postfix "*) \
+	  if [ -f /etc/postfix/main.cf ] && postfix status >/dev/null 2>&1; then postfix stop; fi;; \
+	esac; \
 	exit $$status
 
 ## Start the worker on embedded defaults: a private Redis and a Maildir outbox under ./var
