@@ -208,7 +208,8 @@ class PostfixRelay:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection((self.host, self.port), timeout=2) as conn:
-                    banner = conn.makefile("rb").readline()
+                    with conn.makefile("rb") as reader:
+                        banner = reader.readline()
                     conn.sendall(b"QUIT\r\n")
                 if banner.startswith(b"220 "):
                     return

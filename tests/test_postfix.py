@@ -88,8 +88,7 @@ def test_private_relays_side_by_side_are_strict_and_stop_clean(postfix_relay: St
     assert strict.port != other.port
     assert strict.processes()
     assert other.processes()
-    with socket.create_connection((strict.host, strict.port), 5) as conn:
-        reader = conn.makefile("rb")
+    with socket.create_connection((strict.host, strict.port), 5) as conn, conn.makefile("rb") as reader:
         assert reader.readline().startswith(b"220 ")
         conn.sendall(b"EHLO mailer.test\r\nNOOP\r\n")  # EHLO is a sync point (RFC 2920)
         assert reader.readline().startswith(b"554 5.5.0")
