@@ -46,12 +46,12 @@ def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
     return LogEntry(ts=now_iso(), status="rejected", detail=detail, worker=log.worker, **fields)
 
 
-async def ingest(ctx: dict[str, Any], *, events: Any = None) -> dict[str, int]:
-    """Apply a batch of producer events (publish_many, enqueue, the inbox) and send what they yield."""
+async def ingest(ctx: dict[str, Any], *, events: list[Any]) -> dict[str, int]:
+    """Apply a batch of producer events (publish_many, enqueue, the inbox) and send what they yield.
+
+    The job's arguments were checked by mailer.queue.deserialize; each event is checked here.
+    """
     app = _app(ctx)
-    if not isinstance(events, list):
-        await app.log.write([_rejected(app.log, "ingest job without a list of events")])
-        return {"rejected": 1}
     try:
         return await _apply_and_send(app, events)
     except Exception as exc:
@@ -84,7 +84,13 @@ async def _apply_and_send(app: App, events: list[Any]) -> dict[str, int]:
             valid.append(parse_event(raw))
         except InvalidEvent as exc:
             # Producers validate too, but anyone can write to the queue: never trust it.
-            rejected.append(_rejected(app.log, f"invalid event: {exc}", source_event=exc.event_id or ""))
+            event_id = (exc.event_id or "")[:200]
+            rejected.append(_rejected(app.log, f"invalid event: {exc}", source_event=event_id))
+        except Exception as exc:
+            # A validator that raised something else is a bug: loud, but only this event's.
+            logger.exception("validating an event raised")
+            detail = f"invalid event: internal error {type(exc).__name__}: {exc}"
+            rejected.append(_rejected(app.log, detail, source_event=_event_id(raw)))
     plan = await app.planner.apply(valid)
     await app.log.write(rejected + plan.notes)
     outcomes = await app.sender.deliver(
@@ -93,16 +99,16 @@ async def _apply_and_send(app: App, events: list[Any]) -> dict[str, int]:
     return {"events": len(valid), "rejected": len(rejected), "sent": _count(outcomes, "sent")}
 
 
-async def send(ctx: dict[str, Any], *, messages: Any = None) -> dict[str, int]:
+async def send(ctx: dict[str, Any], *, messages: list[str]) -> dict[str, int]:
     """Deliver a batch of messages by id (from a fan-out, a retry, or `mailer retry`)."""
     app = _app(ctx)
     refs: list[MessageRef] = []
     rejected: list[LogEntry] = []
-    for message_id in messages if isinstance(messages, list) else [messages]:
+    for message_id in messages:
         try:
-            refs.append(MessageRef.parse(str(message_id)))
+            refs.append(MessageRef.parse(message_id))
         except ValueError as exc:
-            rejected.append(_rejected(app.log, str(exc), message_id=str(message_id)[:200]))
+            rejected.append(_rejected(app.log, str(exc), message_id=message_id[:200]))
     await app.log.write(rejected)
     outcomes = await app.sender.deliver(refs)
     return {"messages": len(refs), "sent": _count(outcomes, "sent"), "rejected": len(rejected)}
@@ -111,7 +117,7 @@ async def send(ctx: dict[str, Any], *, messages: Any = None) -> dict[str, int]:
 async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int = 0) -> int:
     """One slice of a reminder or notice for all of an event's active registrations."""
     try:
-        return await _app(ctx).scheduler.fan_out(member, int(due_ms), int(cursor))
+        return await _app(ctx).scheduler.fan_out(member, due_ms, cursor)
     except Exception as exc:
         # The schedule entry is gone once its fan-out started: a slice dropped here is a
         # reminder nobody gets, so retry for as long as arq allows (max_tries).
@@ -121,10 +127,12 @@ async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int 
 
 
 async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") -> None:
-    """Stands in for a job that could not be read (see mailer.queue.deserialize)."""
+    """Stands in for a job that could not be read (see mailer.queue.deserialize); never retried."""
     app = _app(ctx)
-    logger.warning("rejected a malformed job: %s", reason)
-    await app.log.write([_rejected(app.log, f"malformed job: {reason}; starts with {preview[:80]!r}")])
+    job_id = str(ctx.get("job_id", ""))[:200]
+    logger.warning("rejected malformed job %r: %s", job_id, reason)
+    detail = f"malformed job: {reason}; job {job_id!r} starts with {preview[:80]!r}"
+    await app.log.write([_rejected(app.log, detail)])
 
 
 async def tick(ctx: dict[str, Any]) -> dict[str, int]:

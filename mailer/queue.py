@@ -7,17 +7,25 @@ settings, (de)serialising jobs without pickle, and enqueueing many jobs in one r
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
+import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import Worker
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.connection import HiredisRespSerializer
 from redis.utils import HIREDIS_AVAILABLE
 
-from mailer.constants import QUEUE_NAME
+from mailer.constants import ID_PATTERN, QUEUE_NAME
+from mailer.durations import reminder_offset
+
+logger = logging.getLogger("mailer.queue")
 
 # Job functions the worker knows; anything else in the queue is recorded as rejected.
 INGEST, DRAIN, SEND, FAN_OUT, REJECT = "ingest", "drain", "send", "fan_out", "reject"
@@ -58,26 +66,178 @@ def serialize(obj: Any) -> bytes:
     return orjson.dumps(obj, default=repr)
 
 
+# What arq reads from a job body and trusts: `t` (compared with its try counter), `et`
+# (turned into a datetime, subtracted from clocks), `f`, `a` and `k` (the call). Each is
+# checked here, so a body anyone wrote to Redis can never raise inside arq's run_job,
+# which would take the whole worker down (and every restarted one with it).
+MAX_ENQUEUE_TRY = 100  # well under worker_options' max_tries: a body cannot exhaust them
+EARLIEST_MS = 946_684_800_000  # 2000-01-01 UTC, as in the event contract
+LATEST_MS = 4_102_444_800_000  # 2100-01-01 UTC
+MAX_BATCH = 10_000  # events per ingest job, message ids per send job
+
+
+class _JobArguments(BaseModel):
+    # Strict: validated values are the very values in the body, so the body's dict is
+    # passed on unchanged (no copy per job).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _schedule_member(value: str) -> str:
+    parts = value.split("|")
+    if len(parts) != 3 or not re.fullmatch(ID_PATTERN, parts[0]):
+        raise ValueError("must be EVENT_ID|KIND|DETAIL")
+    _, kind, disc = parts
+    if kind == "reminder":
+        reminder_offset(disc)
+    elif kind not in ("event_changed", "event_cancelled") or len(disc) > 40 or "/" in disc:
+        raise ValueError(
+            f"{kind!r} is not a kind that is fanned out (reminder, event_changed, event_cancelled)"
+        )
+    return value
+
+
+Millis = Annotated[int, Field(ge=EARLIEST_MS, lt=LATEST_MS)]
+
+
+class IngestArguments(_JobArguments):
+    # Each event is validated on its own by the job, so one bad one is one rejection.
+    events: list[Any] = Field(max_length=MAX_BATCH)
+
+
+class SendArguments(_JobArguments):
+    messages: list[Annotated[str, StringConstraints(max_length=400)]] = Field(max_length=MAX_BATCH)
+
+
+class FanOutArguments(_JobArguments):
+    member: Annotated[str, StringConstraints(max_length=300), AfterValidator(_schedule_member)]
+    due_ms: Millis
+    cursor: int = Field(default=0, ge=0, lt=2**64)  # a Redis SSCAN cursor
+
+
+class RejectArguments(_JobArguments):
+    reason: str = ""
+    preview: str = ""
+
+
+class NoArguments(_JobArguments):
+    pass
+
+
+# The keyword arguments each job function takes; none takes positional ones.
+JOB_ARGUMENTS: dict[str, type[_JobArguments]] = {
+    INGEST: IngestArguments,
+    DRAIN: NoArguments,
+    SEND: SendArguments,
+    FAN_OUT: FanOutArguments,
+    REJECT: RejectArguments,
+    "cron:tick": NoArguments,
+}
+assert JOB_ARGUMENTS.keys() == KNOWN_FUNCTIONS
+
+
 def deserialize(raw: bytes) -> dict[str, Any]:
-    """Decode a job; anything malformed becomes a `reject` job that logs why, instead of a crash."""
+    """Decode a job; anything arq or the job could trip over becomes a `reject` job that logs why.
+
+    Nothing read from Redis is trusted: a job is run only if every field arq reads has the
+    type and range arq assumes and its arguments are exactly what its function takes.
+    """
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _rejection(f"job is not valid JSON: {exc}", raw)
-    if not isinstance(data, dict) or not {"f", "a", "k"} <= data.keys():
+    if not isinstance(data, dict):
         return _rejection("job is not an arq job object", raw)
-    if data["f"] not in KNOWN_FUNCTIONS:
-        return _rejection(f"unknown job function {data['f']!r}", raw)
-    if not isinstance(data["a"], list) or not isinstance(data["k"], dict):
-        return _rejection("job arguments are malformed", raw)
+    problem = _envelope_problem(data)
+    if problem is None:
+        problem = _arguments_problem(data["f"], data["k"])
+    if problem is not None:
+        return _rejection(problem, raw)
     data.setdefault("t", 1)
     data.setdefault("et", int(time.time() * 1000))
+    if data["f"] == REJECT:
+        data["t"] = 1  # a rejection runs once (max_tries=1); a higher try would fail it unlogged
     return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _envelope_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the fields arq itself reads, or None."""
+    function = data.get("f")
+    if not isinstance(function, str) or function not in KNOWN_FUNCTIONS:
+        return f"f: unknown job function {_short(function)}"
+    tries = data.get("t", 1)
+    if tries is not None and not (_is_int(tries) and 0 <= tries <= MAX_ENQUEUE_TRY):
+        return f"t: the job try must be a whole number from 0 to {MAX_ENQUEUE_TRY}, not {_short(tries)}"
+    enqueued = data.get("et", EARLIEST_MS)
+    if not (_is_int(enqueued) and EARLIEST_MS <= enqueued < LATEST_MS):
+        return f"et: the enqueue time must be whole milliseconds from 2000 to 2100, not {_short(enqueued)}"
+    if data.get("a") != []:
+        return f"a: {function} takes no positional arguments, got {_short(data.get('a'))}"
+    if not isinstance(data.get("k"), dict):
+        return f"k: the keyword arguments must be an object, not {_short(data.get('k'))}"
+    return None
+
+
+def _arguments_problem(function: str, kwargs: dict[str, Any]) -> str | None:
+    try:
+        JOB_ARGUMENTS[function].model_validate(kwargs)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False)[:5]:
+            where = ".".join(str(p) for p in error["loc"]) or "(arguments)"
+            problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+        return f"{function}: " + "; ".join(problems)
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _rejection(reason: str, raw: bytes) -> dict[str, Any]:
     preview = raw[:200].decode("utf-8", "replace")
-    return {"t": 1, "f": REJECT, "a": [], "k": {"reason": reason, "preview": preview}, "et": 0}
+    kwargs = {"reason": reason[:1000], "preview": preview}
+    return {"t": 1, "f": REJECT, "a": [], "k": kwargs, "et": int(time.time() * 1000)}
+
+
+class QueueWorker(Worker):
+    """arq's Worker, except that a job it gives up on without running it is not dropped unseen.
+
+    arq drops a job whose body is gone or empty ("expired"), or whose tries are used up,
+    with a line in its own log only. Here each becomes a `reject` job, so the delivery log
+    says which job was lost and why, and it counts as rejected, not as a job that raised.
+    """
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        await super().finish_failed_job(job_id, result_data)
+        self.jobs_failed -= 1
+        reason = _arq_reason(result_data)
+        if job_id.startswith(_REJECTED_PREFIX):
+            logger.error("the rejection job %s was not run either (%s)", job_id, reason)
+            return
+        rejection = _rejection(f"not run by arq: {reason}", b"")
+        rejection_id = f"{_REJECTED_PREFIX}{job_id[:100]}:{uuid.uuid4().hex[:12]}"
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)
+            pipe.zadd(self.queue_name, {rejection_id: rejection["et"]})
+            await pipe.execute()
+
+
+_REJECTED_PREFIX = "rejected:"
+
+
+def _arq_reason(result_data: bytes | None) -> str:
+    try:
+        result = orjson.loads(result_data or b"{}").get("r")
+    except (orjson.JSONDecodeError, AttributeError):
+        result = None
+    if isinstance(result, str) and "job expired" in result:
+        return "the job has no body (expired before it ran, or written empty)"
+    return str(result or "unknown reason")[:300]
 
 
 def worker_options(*, max_jobs: int, poll_delay: float, job_timeout: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from mailer import jobs
 from mailer.deliverylog import DeliveryLog
 from mailer.inbox import Inbox
 from mailer.planner import Clock, Planner, utc_now
-from mailer.queue import DRAIN, FAN_OUT, INGEST, REJECT, SEND, connect, worker_options
+from mailer.queue import DRAIN, FAN_OUT, INGEST, REJECT, SEND, QueueWorker, connect, worker_options
 from mailer.render import Renderer
 from mailer.scheduler import Scheduler
 from mailer.sender import Sender
@@ -63,7 +63,7 @@ def build_worker(
         )
 
     timeout = settings.job_timeout
-    return Worker(
+    return QueueWorker(
         functions=[
             func(jobs.ingest, name=INGEST, timeout=timeout),
             func(jobs.drain, name=DRAIN, timeout=timeout),
