@@ -44,8 +44,11 @@ DUE_KEY: Final = PREFIX + "due"
 # The delivery log: a Redis stream, trimmed to MAILER_LOG_MAX_ENTRIES.
 LOG_STREAM: Final = PREFIX + "log"
 
-# Shared back-off for an SMTP relay after 421/432 (value = until ms), and the rate window.
-RELAY_BACKOFF_KEY: Final = PREFIX + "relay:{relay}:backoff"
+# The relay circuit (mailer.circuit): a hash with its state (open/closed), the next probe
+# time, the count of failed probes, and the last fault; and the lock of the one probe running.
+RELAY_CIRCUIT_KEY: Final = PREFIX + "relay:{relay}:circuit"
+RELAY_PROBE_KEY: Final = PREFIX + "relay:{relay}:probe"
+# The rate limit's window (MAILER_RATE_LIMIT).
 RATE_KEY: Final = PREFIX + "rate:{window}"
 
 # Registration ids and event ids may use these characters; "/" and "|" separate key parts.

@@ -8,7 +8,9 @@ MailerError
 ├── ComposeError                a value cannot be put into a mail header or body
 └── DeliveryError               the transport did not deliver a message
     ├── TransientDeliveryError  worth retrying (4xx, timeouts, dropped connections)
-    │   └── UncertainDeliveryError  the server may have accepted it (interrupted DATA)
+    │   ├── TimeoutDeliveryError    no reply in MAILER_SMTP_TIMEOUT (also a TimeoutError)
+    │   ├── UncertainDeliveryError  the server may have accepted it (interrupted DATA)
+    │   └── RelayFault              the relay is unwell, not the message: hold, don't count
     └── PermanentDeliveryError  never retried (5xx, invalid address)
 """
 
@@ -91,8 +93,37 @@ class TransientDeliveryError(DeliveryError):
     """Worth another attempt later: greylisting, throttling, timeouts, dropped connections."""
 
 
+class TimeoutDeliveryError(TransientDeliveryError, TimeoutError):
+    """The relay did not answer within MAILER_SMTP_TIMEOUT."""
+
+
 class UncertainDeliveryError(TransientDeliveryError):
     """Interrupted after the data was handed over: the server may have accepted the message."""
+
+
+class RelayFault(TransientDeliveryError):
+    """What the relay says about itself, not about one message: refused or reset connections,
+    timeouts at connect, 421/432, TLS and login failures, a malformed greeting.
+
+    Such a fault opens the relay circuit (mailer.circuit): every worker holds its sends and
+    one probe at a time tries again. `healable` is False for faults that waiting will not
+    cure (wrong credentials, a refused certificate, STARTTLS missing): those are logged as
+    errors naming `setting`, the MAILER_ variable(s) an operator must fix.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: int | None = None,
+        enhanced_code: str | None = None,
+        recipient: str | None = None,
+        healable: bool = True,
+        setting: str | None = None,
+    ) -> None:
+        super().__init__(detail, code=code, enhanced_code=enhanced_code, recipient=recipient)
+        self.healable = healable
+        self.setting = setting
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -8,7 +8,8 @@ from typing import Literal, cast
 
 from mailer.constants import MESSAGE_KINDS, MessageKind
 
-Status = Literal["planned", "claimed", "sending", "sent", "retrying", "failed", "skipped"]
+# held: waiting for the relay circuit or the rate limit (aux = until); attempts not counted.
+Status = Literal["planned", "claimed", "sending", "sent", "retrying", "held", "failed", "skipped"]
 FINAL_STATUSES: frozenset[str] = frozenset({"sent", "failed", "skipped"})
 
 
@@ -56,7 +57,7 @@ class MessageState:
     attempts: int = 0
     since_ms: int = 0  # when it was first planned: the start of its TTL
     at_ms: int = 0  # last change
-    aux_ms: int = 0  # sending: lease end; retrying: next attempt
+    aux_ms: int = 0  # sending: lease end; retrying: next attempt; held: until
 
     def encode(self) -> str:
         return f"{self.status}|{self.attempts}|{self.since_ms}|{self.at_ms}|{self.aux_ms}"

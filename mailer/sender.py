@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,11 +13,17 @@ from datetime import UTC, datetime
 from email.utils import parseaddr
 from typing import Any
 
+from mailer.circuit import Gate, RelayCircuit
 from mailer.compose import Address, Attachment, MailParts, compose
 from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 from mailer.durations import Offset
-from mailer.errors import DeliveryError, MailerError, PermanentDeliveryError, UncertainDeliveryError
-from mailer.events import Event
+from mailer.errors import (
+    DeliveryError,
+    MailerError,
+    PermanentDeliveryError,
+    RelayFault,
+    UncertainDeliveryError,
+)
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
 from mailer.messages import MessageRef, MessageState
 from mailer.planner import Clock, ms, utc_now
@@ -31,7 +39,7 @@ from mailer.store import (
     load_events,
     load_registrations,
 )
-from mailer.throttle import RELAY_BACKOFF_CODES, Throttle
+from mailer.throttle import Throttle
 from mailer.transport import Transport
 
 logger = logging.getLogger("mailer.sender")
@@ -62,6 +70,9 @@ class _Outcomes:
     entries: list[LogEntry] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     results: list[DeliveryError | str] = field(default_factory=list)
+    # Set by the first relay fault of the batch: the lanes stop, the rest is held until then.
+    hold_until_ms: int | None = None
+    tripping: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def why_not_send(
@@ -116,15 +127,16 @@ class MessageBuilder:
         name, address = parseaddr(settings.sender)
         self.sender = Address(name=name, email=address)
         self.domain = settings.sender_domain
+        # Keyed by the event's content fingerprint, never by id and version alone.
         self._calendars: dict[tuple[str, int, str], CalendarTemplate] = {}
-        self._views: dict[tuple[str, int, str], Any] = {}
+        self._views: dict[tuple[str, str], Any] = {}
 
     def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
         attendee, event = reg.attendee, stored.event
         if attendee is None:
             raise MailerError(f"registration {reg.id} has no attendee address")
         locale = attendee.locale
-        view_key = (event.id, stored.version, locale)
+        view_key = (stored.fingerprint, locale)
         view = self._views.get(view_key)
         if view is None:
             if len(self._views) > 4096:
@@ -146,13 +158,13 @@ class MessageBuilder:
             )
 
         # Everything but the attendee is the same for every message with this key.
-        shared_key = (event.id, stored.version, ref.kind, ref.disc, locale)
+        shared_key = (stored.fingerprint, ref.kind, ref.disc, locale)
         rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
         attachment = None
         if method is not None:
             # A registration's own cancellation must outrank every PUBLISH it received.
             sequence = stored.version + (1 if ref.kind == "registration_cancelled" else 0)
-            calendar = self._calendar(event, sequence, method, now)
+            calendar = self._calendar(stored, sequence, method, now)
             attachment = Attachment(
                 filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
                 content_type=f'text/calendar; method={method}; charset="utf-8"',
@@ -175,8 +187,9 @@ class MessageBuilder:
         )
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
 
-    def _calendar(self, event: Event, sequence: int, method: str, now: datetime) -> CalendarTemplate:
-        key = (event.id, sequence, method)
+    def _calendar(self, stored: StoredEvent, sequence: int, method: str, now: datetime) -> CalendarTemplate:
+        event = stored.event
+        key = (stored.fingerprint, sequence, method)
         found = self._calendars.get(key)
         if found is None:
             if len(self._calendars) > 1024:
@@ -225,10 +238,19 @@ class Sender:
             settings.max_attempts, settings.retry_base_seconds, settings.retry_max_seconds
         )
         self.builder = MessageBuilder(settings=settings, renderer=renderer)
-        self.throttle = Throttle(redis, relay=transport.name, per_minute=settings.rate_limit)
+        self.throttle = Throttle(redis, per_minute=settings.rate_limit)
+        self.circuit = RelayCircuit(
+            redis,
+            relay=transport.name,
+            base_ms=int(1000 * settings.relay_probe_base_seconds),
+            cap_ms=int(1000 * settings.relay_probe_max_seconds),
+        )
         # Lease on a claimed message: if its worker dies, it is sent again after this.
         self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
+        # A probe opens one connection: connect, STARTTLS and AUTH, each within the timeout.
+        self.probe_lease_ms = int(1000 * (3 * settings.smtp_timeout + 5))
         self.message_ttl_ms = int(settings.message_ttl.total_seconds() * 1000)
+        self._token = uuid.uuid4().hex
 
     async def deliver(
         self,
@@ -237,7 +259,11 @@ class Sender:
         registrations: dict[str, StoredRegistration] | None = None,
         events: dict[str, StoredEvent] | None = None,
     ) -> list[LogEntry]:
-        """Send these messages; `registrations`/`events` are state the caller already holds."""
+        """Send these messages; `registrations`/`events` are state the caller already holds.
+
+        One message's trouble (it cannot be built, its data is odd) is that message's
+        outcome, never the batch's: the others go on.
+        """
         refs = [m if isinstance(m, MessageRef) else MessageRef.parse(m) for m in messages]
         if not refs:
             return []
@@ -258,31 +284,16 @@ class Sender:
                 continue  # final already, leased by another worker, or not due yet
             reg = regs.get(claim.ref.registration_id)
             stored = events.get(reg.event_id) if reg and reg.event_id else None
-            reason = why_not_send(claim.ref, reg, stored, now)
-            if reason is not None:
-                writes.append((claim.ref, self._state("skipped", claim, now)))
-                entries.append(self._entry(claim, reg, stored, "skipped", reason, now))
-                continue
-            assert reg is not None  # why_not_send returned None, so both exist
-            assert stored is not None
-            if claim.code == "reclaimed":
-                entries.append(
-                    self._entry(
-                        claim,
-                        reg,
-                        stored,
-                        "uncertain",
-                        "found in sending after an interrupted attempt; resending, "
-                        "so the recipient may get it twice",
-                        now,
-                    )
-                )
-            job = _Job(claim, reg, stored)
             try:
-                self._compose(job, now)
-            except MailerError as exc:
-                writes.append((claim.ref, self._state("failed", claim, now)))
-                entries.append(self._entry(claim, reg, stored, "failed", f"cannot render: {exc}", now))
+                job = self._prepare(claim, reg, stored, now, entries)
+            except Exception as exc:
+                # A bug or data nobody foresaw: visible once, with its traceback, and final.
+                logger.exception("cannot build message %s", claim.ref.id)
+                job = f"internal error while building: {type(exc).__name__}: {exc}"
+            if isinstance(job, str):
+                status = "skipped" if job.startswith("skip: ") else "failed"
+                writes.append((claim.ref, self._state(status, claim, now)))
+                entries.append(self._entry(claim, reg, stored, status, job.removeprefix("skip: "), now))
                 continue
             jobs.append(job)
 
@@ -293,60 +304,140 @@ class Sender:
         lanes = min(len(jobs), self.settings.smtp_max_connections)
         await asyncio.gather(*(self._run_lane(queue, sent) for _ in range(lanes)))
         self.log.print_json(sent.lines)
-        await self._maybe_back_off(sent.results, self.clock())
+        if queue and sent.hold_until_ms is not None:
+            await self._hold(list(queue), sent.hold_until_ms, self.clock(), "relay unavailable")
         return entries + sent.entries
 
     # --- steps --------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        claim: Claim,
+        reg: StoredRegistration | None,
+        stored: StoredEvent | None,
+        now: datetime,
+        entries: list[LogEntry],
+    ) -> _Job | str:
+        """The job to send, or why not: "skip: <reason>" or a failure reason."""
+        if claim.attempt > self.settings.max_attempts:
+            used, most = claim.attempt - 1, self.settings.max_attempts
+            return f"no attempts left ({used} of MAILER_MAX_ATTEMPTS={most} used)"
+        reason = why_not_send(claim.ref, reg, stored, now)
+        if reason is not None:
+            return "skip: " + reason
+        assert reg is not None  # why_not_send returned None, so both exist
+        assert stored is not None
+        if claim.previous in ("retrying", "held") and ms(now) >= self._deadline_ms(claim, stored):
+            return "deadline passed before it could be sent"
+        job = _Job(claim, reg, stored)
+        try:
+            self._compose(job, now)
+        except MailerError as exc:
+            return f"cannot render: {exc}"
+        if claim.code == "reclaimed":
+            entries.append(
+                self._entry(
+                    claim,
+                    reg,
+                    stored,
+                    "uncertain",
+                    "found in sending after an interrupted attempt; resending, "
+                    "so the recipient may get it twice",
+                    now,
+                )
+            )
+        return job
 
     def _compose(self, job: _Job, now: datetime) -> None:
         job.recipient = job.registration.attendee.email if job.registration.attendee else ""
         job.data = self.builder.build(job.claim.ref, job.registration, job.event, now).data
 
-    async def _hold_back(self, jobs: list[_Job], now: datetime) -> list[_Job]:
-        """Keep back what the relay's back-off or the rate limit does not allow now.
+    def _deadline_ms(self, claim: Claim, stored: StoredEvent) -> int:
+        """Event start for reminders, MAILER_MESSAGE_TTL after planning otherwise."""
+        if claim.ref.kind == "reminder":
+            return ms(stored.event.starts_at)
+        return claim.since_ms + self.message_ttl_ms
 
-        Held messages go back to `retrying` at the time they may go, with the attempt they
-        were claimed with given back: waiting is not failing.
+    async def _hold_back(self, jobs: list[_Job], now: datetime) -> list[_Job]:
+        """Keep back what the relay circuit or the rate limit does not allow now.
+
+        Held messages wait with the attempt they were claimed with given back: waiting is
+        not failing. While the circuit is open, the first worker whose hold has run out
+        probes the relay with one connection; the others keep holding.
         """
         if not jobs:
             return jobs
         now_ms = ms(now)
-        blocked = await self.throttle.relay_blocked_until(now_ms)
-        if blocked is not None:
-            granted, resume_ms = 0, blocked
-        else:
-            granted, resume_ms = await self.throttle.grant(len(jobs), now_ms)
-        if granted == len(jobs):
-            return jobs
-        writes: list[tuple[MessageRef, MessageState]] = []
-        entries: list[LogEntry] = []
-        for job in jobs[granted:]:
-            claim = job.claim
-            state = MessageState("retrying", claim.attempt - 1, claim.since_ms, now_ms, resume_ms)
-            writes.append((claim.ref, state))
-            if blocked is not None:
-                detail = "relay asked all workers to back off; waiting, attempt not counted"
-                entries.append(self._entry(claim, job.registration, job.event, "retrying", detail, now))
-        await self._record(writes, entries)
-        logger.info(
-            "holding %d message(s) until %d (%s)",
-            len(jobs) - granted,
-            resume_ms,
-            "relay back-off" if blocked is not None else "MAILER_RATE_LIMIT",
+        gate, until = await self.circuit.gate(
+            now_ms=now_ms, token=self._token, probe_lease_ms=self.probe_lease_ms
         )
+        if gate is Gate.PROBE:
+            gate, until = await self._probe(now)
+        if gate is Gate.HOLD:
+            # A hold that has run out means another worker is probing: look again shortly.
+            until = until if until > now_ms else now_ms + 1000
+            await self._hold(jobs, until, now, "relay unavailable")
+            return []
+        granted, resume_ms = await self.throttle.grant(len(jobs), now_ms)
+        if granted < len(jobs):
+            await self._hold(jobs[granted:], resume_ms, now, "MAILER_RATE_LIMIT reached")
         return jobs[:granted]
 
-    async def _maybe_back_off(self, results: list[DeliveryError | str], now: datetime) -> None:
-        codes = {r.code for r in results if isinstance(r, DeliveryError) and r.code is not None}
-        if codes & RELAY_BACKOFF_CODES:
-            until = ms(now) + int(1000 * self.settings.retry_base_seconds)
-            await self.throttle.back_off_relay(until, ms(now))
-            logger.warning(
-                "relay %s answered %s: all workers hold their sends until %d",
+    async def _probe(self, now: datetime) -> tuple[Gate, int]:
+        """This worker holds the probe lock: open one connection to see if the relay is back."""
+        try:
+            await self.transport.probe()
+        except RelayFault as fault:
+            trip = await self._trip(fault)
+            return Gate.HOLD, trip.until_ms
+        except DeliveryError as exc:  # not about the relay itself: let messages find out
+            logger.info("relay probe: %s", exc)
+        await self.circuit.close(now_ms=ms(self.clock()))
+        logger.warning("relay %s answers again: sending resumes", self.transport.name)
+        return Gate.SEND, 0
+
+    async def _trip(self, fault: RelayFault) -> Any:
+        trip = await self.circuit.trip(fault, now_ms=ms(self.clock()))
+        wait_s = max(0, trip.until_ms - ms(self.clock())) / 1000
+        if not fault.healable:
+            logger.error(
+                "relay %s refuses us and waiting will not help: %s. Fix %s; all workers hold "
+                "their mail (nothing is failed before its deadline) and probe again in %.0f s",
                 self.transport.name,
-                sorted(codes & RELAY_BACKOFF_CODES),
-                until,
+                fault.detail,
+                fault.setting or "the relay settings",
+                wait_s,
             )
+        else:
+            logger.warning(
+                "relay %s unavailable (%s, %d in a row): all workers hold their mail, next probe in %.1f s",
+                self.transport.name,
+                fault.detail,
+                trip.failures,
+                wait_s,
+            )
+        return trip
+
+    async def _hold(self, jobs: list[_Job], until_ms: int, now: datetime, why: str) -> None:
+        """Park claimed messages until `until_ms` (spread a little); fail those past their deadline."""
+        now_ms = ms(now)
+        spread = max(1000, (until_ms - now_ms) // 4)
+        writes: list[tuple[MessageRef, MessageState]] = []
+        entries: list[LogEntry] = []
+        for job in jobs:
+            claim = job.claim
+            at = until_ms + random.randrange(min(spread, 10_000))
+            if at >= self._deadline_ms(claim, job.event):
+                writes.append((claim.ref, self._state("failed", claim, now)))
+                detail = f"{why} until after the message's deadline"
+                entries.append(self._entry(claim, job.registration, job.event, "failed", detail, now))
+                continue
+            writes.append((claim.ref, MessageState("held", claim.attempt - 1, claim.since_ms, now_ms, at)))
+            if claim.previous != "held":  # log the hold once, not at every look
+                detail = f"{why}; held until {now_iso(_at(at))}, attempt not counted"
+                entries.append(self._entry(claim, job.registration, job.event, "held", detail, now))
+        await self._record(writes, entries)
+        logger.info("holding %d message(s) until %d (%s)", len(jobs), until_ms, why)
 
     async def _run_lane(self, queue: deque[_Job], outcomes: _Outcomes) -> None:
         """Send messages one after another over one held connection.
@@ -354,11 +445,12 @@ class Sender:
         A message is marked `sending` only once this connection is free for it, and in the
         same round trip as the previous message's outcome: a worker killed at any point
         leaves at most two messages per connection whose fate is unknown (logged `uncertain`
-        when resent), and costs one Redis round trip per mail.
+        when resent), and costs one Redis round trip per mail. After a relay fault the
+        lanes stop; what is left in the queue is held.
         """
         async with self.transport.lane() as lane:
             done: tuple[_Job, DeliveryError | str] | None = None
-            while queue:
+            while queue and outcomes.hold_until_ms is None:
                 job = queue.popleft()
                 if not await self._handover(done, job, outcomes):
                     done = None
@@ -368,6 +460,11 @@ class Sender:
                         sender=self.builder.sender.email, recipient=job.recipient, data=job.data
                     )
                     result: DeliveryError | str = accepted.detail
+                except RelayFault as fault:
+                    result = fault
+                    async with outcomes.tripping:
+                        if outcomes.hold_until_ms is None:
+                            outcomes.hold_until_ms = (await self._trip(fault)).until_ms
                 except DeliveryError as exc:
                     result = exc
                 outcomes.results.append(result)
@@ -385,7 +482,7 @@ class Sender:
         now = self.clock()
         recorded = None
         if done is not None:
-            state, entry = self._outcome(done[0], done[1], now)
+            state, entry = self._outcome(done[0], done[1], now, outcomes.hold_until_ms)
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
@@ -398,21 +495,22 @@ class Sender:
         return await self.store.step(recorded, handed, log_max_entries=self.log.max_entries)
 
     def _outcome(
-        self, job: _Job, result: DeliveryError | str, now: datetime
+        self, job: _Job, result: DeliveryError | str, now: datetime, hold_until_ms: int | None
     ) -> tuple[MessageState, LogEntry]:
         claim, reg, stored = job.claim, job.registration, job.event
         if isinstance(result, str):
             return self._state("sent", claim, now), self._entry(claim, reg, stored, "sent", result, now)
         code, enhanced = result.code, result.enhanced_code
         detail = result.detail
+        deadline = self._deadline_ms(claim, stored)
+        if isinstance(result, RelayFault) and hold_until_ms is not None and hold_until_ms < deadline:
+            state = MessageState("held", claim.attempt - 1, claim.since_ms, ms(now), hold_until_ms)
+            until = now_iso(_at(hold_until_ms))
+            detail = f"relay unavailable ({detail}); held until {until}, attempt not counted"
+            return state, self._entry(claim, reg, stored, "held", detail, now, code, enhanced)
         if isinstance(result, UncertainDeliveryError):
             detail = f"outcome unknown ({detail}); the server may have accepted it"
         if not isinstance(result, PermanentDeliveryError):
-            deadline = (
-                ms(stored.event.starts_at)
-                if claim.ref.kind == "reminder"
-                else claim.since_ms + self.message_ttl_ms
-            )
             retry_at = self.policy.next_attempt_ms(
                 attempt=claim.attempt, now_ms=ms(now), deadline_ms=deadline
             )
@@ -466,3 +564,7 @@ class Sender:
             smtp_code=code,
             enhanced_code=enhanced,
         )
+
+
+def _at(moment_ms: int) -> datetime:
+    return datetime.fromtimestamp(moment_ms / 1000, tz=UTC)

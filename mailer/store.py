@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailer.constants import (
@@ -30,6 +31,23 @@ class StoredEvent:
     occurred_ms: int  # occurred_at of the newest applied producer event
     status: str  # "active" | "cancelled"
     previous: Event | None = None  # the event before the latest visible change
+    _fingerprint: str = field(default="", repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything a message is built from, for the per-event caches.
+
+        Not the version: it moves only with changes an attendee is told about, so a new
+        description or organiser would leave a worker rendering the old text from its cache
+        while a freshly started one renders the new.
+        """
+        if not self._fingerprint:
+            digest = hashlib.blake2b(self.event.model_dump_json().encode(), digest_size=12)
+            if self.previous is not None:
+                digest.update(self.previous.model_dump_json().encode())
+            digest.update(b"%d" % self.version)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def to_fields(self) -> dict[str, bytes | str | int]:
         fields: dict[str, bytes | str | int] = {
@@ -159,10 +177,11 @@ async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str
 # killed job) never send the same message at once. A claimed message is not yet handed
 # over: only `sending`, written once a connection is free for it, means "the server may
 # have it". Returns one code per message:
-#   "claimed|<attempt>|<since>"    state is now claimed (attempt = its number)
-#   "reclaimed|<attempt>|<since>"  left in sending by a dead worker: resend, outcome uncertain
+#   "claimed|<attempt>|<since>|<was>"    state is now claimed (attempt = its number; was =
+#                                        the status before, so a re-held message logs once)
+#   "reclaimed|<attempt>|<since>|<was>"  left in sending by a dead worker: resend, uncertain
 #   "busy"                 another worker holds a live lease
-#   "wait|<ms>"            retrying, not due before <ms>
+#   "wait|<ms>"            retrying or held, not due before <ms>
 #   "final|<status>"       sent, failed or skipped already
 CLAIM_SCRIPT = """
 local now = tonumber(ARGV[1])
@@ -183,7 +202,7 @@ for i = 1, #KEYS - 1 do
     code = 'final|' .. status
   elseif (status == 'sending' or status == 'claimed') and aux > now then
     code = 'busy'
-  elseif status == 'retrying' and aux > now then
+  elseif (status == 'retrying' or status == 'held') and aux > now then
     code = 'wait|' .. aux
   else
     local verb = 'claimed'
@@ -192,7 +211,7 @@ for i = 1, #KEYS - 1 do
     redis.call('HSET', KEYS[i], field,
       'claimed|' .. attempts .. '|' .. since .. '|' .. now .. '|' .. lease_until)
     redis.call('ZADD', KEYS[#KEYS], lease_until, message_id)
-    code = verb .. '|' .. attempts .. '|' .. since
+    code = verb .. '|' .. attempts .. '|' .. since .. '|' .. status
   end
   out[i] = code
 end
@@ -232,6 +251,7 @@ class Claim:
     code: str  # claimed | reclaimed | busy | wait | final
     attempt: int = 0
     since_ms: int = 0
+    previous: str = ""  # the status it had before this claim (claimed / reclaimed only)
 
 
 class MessageStore:
@@ -254,7 +274,7 @@ class MessageStore:
         for ref, raw in zip(refs, codes, strict=True):
             parts = raw.decode().split("|")
             if parts[0] in ("claimed", "reclaimed"):
-                claims.append(Claim(ref, parts[0], int(parts[1]), int(parts[2])))
+                claims.append(Claim(ref, parts[0], int(parts[1]), int(parts[2]), parts[3]))
             else:
                 claims.append(Claim(ref, parts[0]))
         return claims

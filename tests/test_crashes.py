@@ -135,12 +135,12 @@ async def test_a_stalled_server_times_out_and_the_mail_is_retried(
     assert [e.status for e in entries] == ["retrying", "sent"]
 
 
-async def test_rate_limit_and_relay_back_off_are_shared_through_redis(redis_url: str) -> None:
-    """Two workers' throttles see one window and one back-off, because both live in Redis."""
+async def test_rate_limit_is_shared_through_redis(redis_url: str) -> None:
+    """Two workers' throttles see one rate window, because it lives in Redis."""
     redis = await connect(redis_url)
     try:
-        one = Throttle(redis, relay="smtp:relay:587", per_minute=5)
-        two = Throttle(redis, relay="smtp:relay:587", per_minute=5)
+        one = Throttle(redis, per_minute=5)
+        two = Throttle(redis, per_minute=5)
         now = int(datetime.now(UTC).timestamp() * 1000)
         granted, _ = await one.grant(3, now)
         assert granted == 3
@@ -148,10 +148,6 @@ async def test_rate_limit_and_relay_back_off_are_shared_through_redis(redis_url:
         assert granted == 2
         assert next_window > now
         assert (await one.grant(1, now))[0] == 0
-        assert await two.relay_blocked_until(now) is None
-        await one.back_off_relay(now + 5000, now)
-        assert await two.relay_blocked_until(now) == now + 5000
-        assert await Throttle(redis, relay="other", per_minute=None).relay_blocked_until(now) is None
     finally:
         await redis.aclose()
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
+    TimeoutDeliveryError,
     TransientDeliveryError,
     UncertainDeliveryError,
 )
@@ -219,7 +220,7 @@ async def test_a_stray_reply_costs_a_reconnect_not_the_next_message(make_setting
 
 
 @pytest.mark.parametrize(
-    ("stall", "error"), [("data", TransientDeliveryError), ("final", UncertainDeliveryError)]
+    ("stall", "error"), [("data", TimeoutDeliveryError), ("final", UncertainDeliveryError)]
 )
 async def test_a_silent_server_times_out_as_uncertain_only_once_the_message_was_sent(
     make_settings: Any, stall: str, error: type[Exception]
