@@ -241,6 +241,8 @@ def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[.
             "worker_name": "test-worker",
             "retry_base_seconds": 0.2,
             "retry_max_seconds": 1.0,
+            "relay_probe_base_seconds": 0.2,
+            "relay_probe_max_seconds": 1.0,
             "poll_delay": 0.01,
         }
         base.update(overrides)
@@ -396,6 +398,8 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
                 "MAILER_JOB_TIMEOUT": "5",
                 "MAILER_RETRY_BASE_SECONDS": "0.2",
                 "MAILER_RETRY_MAX_SECONDS": "1",
+                "MAILER_RELAY_PROBE_BASE_SECONDS": "0.2",
+                "MAILER_RELAY_PROBE_MAX_SECONDS": "1",
                 "MAILER_DATA_DIR": str(tmp_path / "var"),
             }
         )
