@@ -152,6 +152,8 @@ async def test_wrong_password_holds_the_queue_until_it_is_fixed(
 
     await no_failed_for(redis_url, 10)
     assert "authentication failed" in relay.log()
+    # After a refused login, no second mechanism on the same connection (Postfix: auth=0/2).
+    assert not [line for line in relay.log().splitlines() if " auth=0/2" in line]
     assert error_lines(worker.log_path, "MAILER_SMTP_PASSWORD"), worker.log_path.read_text()[-2000:]
     assert wrong not in worker.log_path.read_text(), "the password itself must never be logged"
     assert not relay.delivered()
