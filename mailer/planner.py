@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from mailer.constants import DUE_KEY, SCHEDULE_KEY
 from mailer.deliverylog import LogEntry, now_iso
@@ -33,6 +36,8 @@ from mailer.store import (
     seen,
     seen_key,
 )
+
+logger = logging.getLogger("mailer.planner")
 
 Clock = Callable[[], datetime]
 # A planned message is looked at again if nobody sent it this long after it was due.
@@ -108,46 +113,98 @@ class Planner:
         self.worker = worker
 
     async def apply(self, events: list[IncomingEvent], *, dry_run: bool = False) -> Plan:
+        """Plan a batch and write it in one pipeline; the plan says what to send now.
+
+        An event whose planning raises (a date that cannot be computed, a stored record that
+        cannot be read, a bug) is `rejected` on its own, with its id and the reason, and the
+        batch is planned again without it: nothing is written before a pass succeeds, so
+        the other events go through in this same call, not after a retry of the batch.
+        """
         now = self.clock()
+        refused: list[LogEntry] = []
+        while True:
+            try:
+                plan = await self._plan_pass(events, dry_run=dry_run, now=now)
+            except _Unplannable as failure:
+                refused.append(self._refusal(failure))
+                rest = [e for e in events if e is not failure.incoming]
+                assert len(rest) < len(events)  # each pass drops one event: this ends
+                events = rest
+                continue
+            break
+        plan.notes[:0] = refused
+        if not dry_run and plan.writes:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command, args, kwargs in plan.writes:
+                    getattr(pipe, command)(*args, **kwargs)
+                await pipe.execute()
+        return plan
+
+    async def _plan_pass(self, events: list[IncomingEvent], *, dry_run: bool, now: datetime) -> Plan:
         plan = Plan(dry_run=dry_run)
         already = await seen(self.redis, [e.id for e in events])
         reg_ids = [
             e.registration.id for e in events if isinstance(e, RegistrationCreated | RegistrationCancelled)
         ]
         regs: dict[str, StoredRegistration | None] = dict.fromkeys(reg_ids)
-        regs.update(await load_registrations(self.redis, reg_ids))
+        loaded_regs, unreadable = await _load_each(load_registrations, self.redis, reg_ids)
+        regs.update(loaded_regs)
         event_ids = [e.event.id for e in events if not isinstance(e, RegistrationCancelled)]
         event_ids += [r.event_id for r in regs.values() if r is not None and r.event_id]
         stored: dict[str, StoredEvent | None] = dict.fromkeys(event_ids)
-        stored.update(await load_events(self.redis, event_ids))
+        loaded_events, unreadable_events = await _load_each(load_events, self.redis, event_ids)
+        stored.update(loaded_events)
+        unreadable |= {f"event {k}": v for k, v in unreadable_events.items()}
 
         for incoming in events:
-            if incoming.id in already:
-                plan.notes.append(self._note(incoming, "ignored", "event id already applied (replay)"))
-                if isinstance(incoming, RegistrationCreated):
-                    # A re-run of a job killed mid-send lands here: drive its confirmation
-                    # again. The claim makes this a no-op if it was sent already.
-                    plan.deliver_now.append(MessageRef(incoming.registration.id, "confirmation"))
-                continue
-            already.add(incoming.id)
-            plan.write("set", seen_key(incoming.id), 1)
-            if isinstance(incoming, RegistrationCreated):
-                self._created(incoming, regs, stored, plan, now)
-            elif isinstance(incoming, RegistrationCancelled):
-                self._registration_cancelled(incoming, regs, stored, plan, now)
-            elif isinstance(incoming, EventUpdated):
-                await self._event_updated(incoming, stored, plan, now)
-            else:
-                await self._event_cancelled(incoming, stored, plan, now)
-
-        if not dry_run and plan.writes:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command, args, kwargs in plan.writes:
-                    getattr(pipe, command)(*args, **kwargs)
-                await pipe.execute()
+            try:
+                _check_readable(incoming, regs, unreadable)
+                await self._apply_one(incoming, already, regs, stored, plan, now)
+            except (RedisError, OSError):
+                raise  # Redis trouble is the batch's (the job retries), not this event's fault
+            except Exception as exc:
+                raise _Unplannable(incoming, exc) from exc
         plan.registrations = {k: v for k, v in regs.items() if v is not None}
         plan.events = {k: v for k, v in stored.items() if v is not None}
         return plan
+
+    async def _apply_one(
+        self,
+        incoming: IncomingEvent,
+        already: set[str],
+        regs: dict[str, StoredRegistration | None],
+        stored: dict[str, StoredEvent | None],
+        plan: Plan,
+        now: datetime,
+    ) -> None:
+        if incoming.id in already:
+            plan.notes.append(self._note(incoming, "ignored", "event id already applied (replay)"))
+            if isinstance(incoming, RegistrationCreated):
+                # A re-run of a job killed mid-send lands here: drive its confirmation
+                # again. The claim makes this a no-op if it was sent already.
+                plan.deliver_now.append(MessageRef(incoming.registration.id, "confirmation"))
+            return
+        already.add(incoming.id)
+        plan.write("set", seen_key(incoming.id), 1)
+        if isinstance(incoming, RegistrationCreated):
+            self._created(incoming, regs, stored, plan, now)
+        elif isinstance(incoming, RegistrationCancelled):
+            self._registration_cancelled(incoming, regs, stored, plan, now)
+        elif isinstance(incoming, EventUpdated):
+            await self._event_updated(incoming, stored, plan, now)
+        else:
+            await self._event_cancelled(incoming, stored, plan, now)
+
+    def _refusal(self, failure: _Unplannable) -> LogEntry:
+        incoming, exc = failure.incoming, failure.error
+        logger.error("event %s could not be planned; rejected", incoming.id, exc_info=exc)
+        event = getattr(incoming, "event", None)
+        return self._note(
+            incoming,
+            "rejected",
+            f"could not be planned: {type(exc).__name__}: {exc}"[:500],
+            event_id=getattr(event, "id", ""),
+        )
 
     # --- registration.created -------------------------------------------------------------
 
@@ -433,3 +490,61 @@ class Planner:
             worker=self.worker,
             source_event=incoming.id,
         )
+
+
+class _Unplannable(Exception):
+    """One event of a batch raised while it was planned."""
+
+    def __init__(self, incoming: IncomingEvent, error: Exception) -> None:
+        super().__init__(str(error))
+        self.incoming = incoming
+        self.error = error
+
+
+_Loaded = TypeVar("_Loaded")
+
+
+async def _load_each(
+    load: Callable[[RedisClient, list[str]], Awaitable[dict[str, _Loaded]]],
+    redis: RedisClient,
+    ids: list[str],
+) -> tuple[dict[str, _Loaded], dict[str, Exception]]:
+    """Stored records by id, and the ones that cannot be read (written by hand, by an older
+    version) with why: one unreadable record must fail only the events that need it."""
+    try:
+        return await load(redis, ids), {}
+    except (RedisError, OSError):
+        raise
+    except Exception as exc:
+        # Find out which one(s), reading them one by one: rare, so the cost is fine.
+        logger.warning("a stored record of %d could not be read (%r); reading one by one", len(ids), exc)
+    loaded: dict[str, _Loaded] = {}
+    unreadable: dict[str, Exception] = {}
+    for record_id in dict.fromkeys(ids):
+        try:
+            loaded.update(await load(redis, [record_id]))
+        except (RedisError, OSError):
+            raise
+        except Exception as exc:
+            unreadable[record_id] = exc
+    return loaded, unreadable
+
+
+def _check_readable(
+    incoming: IncomingEvent, regs: dict[str, StoredRegistration | None], unreadable: dict[str, Exception]
+) -> None:
+    if not unreadable:
+        return
+    needed: list[str] = []
+    if isinstance(incoming, RegistrationCreated | RegistrationCancelled):
+        needed.append(incoming.registration.id)
+        known = regs.get(incoming.registration.id)
+        if known is not None and known.event_id:
+            needed.append(f"event {known.event_id}")
+    if not isinstance(incoming, RegistrationCancelled):
+        needed.append(f"event {incoming.event.id}")
+    for key in needed:
+        if key in unreadable:
+            name = key if key.startswith("event ") else f"registration {key}"
+            error = unreadable[key]
+            raise ValueError(f"the stored {name} cannot be read: {type(error).__name__}: {error}"[:400])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from mailer.client import MailerClient
-from mailer.constants import QUEUE_NAME
+from mailer.constants import EVENT_KEY, QUEUE_NAME
 from mailer.queue import connect, job_key
 from tests.conftest import log_until, make_event, wait_for
 
@@ -138,3 +139,89 @@ async def test_a_rejection_names_the_field_and_the_reason(
     details = " | ".join(e.detail for e in entries)
     assert "fan_out: due_ms" in details
     assert "et" in details
+
+
+# --- one bad event never holds back its neighbours ---------------------------------------
+
+
+def neighbours(bad: dict[str, Any]) -> list[dict[str, Any]]:
+    """A batch of three: a good registration, the bad one, another good one."""
+    first = make_event(event_id="good-1", registration_id="reg-g1", email="g1@example.org")
+    last = make_event(event_id="good-2", registration_id="reg-g2", email="g2@example.org")
+    return [first, bad, last]
+
+
+def unplannable() -> dict[str, Any]:
+    """Year 9999 and a 274-million-year reminder: planning its reminders overflows."""
+    return make_event(
+        event_id="bad-1",
+        registration_id="reg-b1",
+        email="b1@example.org",
+        starts_at=datetime(9999, 6, 1, 18, 0, tzinfo=UTC),
+        event={"id": "far-future"},
+        reminder_offsets=["P99999999999D"],
+    )
+
+
+async def start_worker(make_settings: Any, running_worker: Any, redis_url: str, smtp_server: Any) -> Any:
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    return await running_worker(settings)
+
+
+async def test_an_unplannable_event_is_rejected_and_its_neighbours_are_sent_at_once(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """publish_many(good, year-9999, good): two confirmations, one `rejected` naming the bad id, no retry."""
+    worker = await start_worker(make_settings, running_worker, redis_url, smtp_server)
+    async with MailerClient(redis_url) as client:
+        await client.publish_many(neighbours(unplannable()))
+    await wait_for(lambda: len(smtp_server.handler.received) == 2, 5)
+    entries = await log_until(redis_url, lambda log: any(e.source_event == "bad-1" for e in log), 5)
+    (refusal,) = [e for e in entries if e.source_event == "bad-1"]
+    assert refusal.status == "rejected"
+    assert "starts_at" in refusal.detail
+    assert "reminder_offsets" in refusal.detail
+    assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == ["g1@example.org", "g2@example.org"]
+    assert worker.jobs_retried == 0
+
+
+async def test_an_unplannable_event_written_past_the_client_is_rejected_by_the_worker(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """The same batch written straight into an ingest job (no client validation): the worker refuses it."""
+    worker = await start_worker(make_settings, running_worker, redis_url, smtp_server)
+    await put_jobs(redis_url, {"raw-batch": body("ingest", {"events": neighbours(unplannable())})})
+    await wait_for(lambda: len(smtp_server.handler.received) == 2, 5)
+    entries = await log_until(redis_url, lambda log: any(e.source_event == "bad-1" for e in log), 5)
+    assert [e.status for e in entries if e.source_event == "bad-1"] == ["rejected"]
+    assert worker.jobs_retried == 0
+
+
+async def test_an_event_that_fails_while_planned_is_rejected_alone(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> None:
+    """A valid event whose planning raises (here: its event's stored record is unreadable, as
+    one written by hand or by an older version) is `rejected` with its id and the reason at
+    once; the two clean events of the same batch are confirmed in the same pass."""
+    redis = await connect(redis_url)
+    try:
+        await redis.hset(
+            EVENT_KEY.format(event_id="broken"),
+            mapping={"data": b'{"not": "an event"}', "v": 1, "t": 0, "status": "active"},
+        )
+    finally:
+        await redis.aclose()
+    bad = make_event(
+        event_id="bad-2", registration_id="reg-b2", email="b2@example.org", event={"id": "broken"}
+    )
+    worker = await start_worker(make_settings, running_worker, redis_url, smtp_server)
+    async with MailerClient(redis_url) as client:
+        report = await client.publish_many(neighbours(bad))
+    assert report.accepted == 3
+    await wait_for(lambda: len(smtp_server.handler.received) == 2, 5)
+    entries = await log_until(redis_url, lambda log: any(e.source_event == "bad-2" for e in log), 5)
+    (refusal,) = [e for e in entries if e.source_event == "bad-2"]
+    assert refusal.status == "rejected"
+    assert "broken" in refusal.detail
+    assert worker.jobs_retried == 0
+    assert not [e for e in entries if e.status == "rejected" and e.source_event != "bad-2"]
