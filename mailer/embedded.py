@@ -2,19 +2,29 @@
 
 It listens only on a Unix socket under the data directory (no port to collide with, nothing
 reachable from the network), keeps an append-only file there, and every `mailer` command
-run from the same directory finds it by that socket.
+run from the same directory finds it by that socket. The data directory is 0700 and the
+server's files (AOF, log, socket) 0600: they hold attendees' names and addresses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import socket
+import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
-from mailer.errors import ConfigError, QueueUnavailable
+from mailer.errors import ConfigError, MailerError, QueueUnavailable
+
+logger = logging.getLogger("mailer.embedded")
+
+# Only this user may list or read what the embedded server keeps.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_UMASK = 0o077
 
 
 def find_redis_server() -> str:
@@ -37,6 +47,28 @@ def find_redis_server() -> str:
         "package, or set MAILER_REDIS_URL",
         setting="MAILER_REDIS_URL",
     )
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` and its missing parents 0700; warn if an existing one is open to others."""
+    missing: list[Path] = []
+    walk = path
+    while not walk.exists():
+        missing.append(walk)
+        walk = walk.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+        directory.chmod(PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    if not missing:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            logger.warning(
+                "%s is open to other users (mode %o); `chmod 700 %s` keeps attendee data private",
+                path,
+                mode,
+                path,
+            )
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -68,6 +100,9 @@ class EmbeddedRedis:
         self.data_dir = data_dir
         self.socket = socket_path(data_dir)
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -81,8 +116,19 @@ class EmbeddedRedis:
                 f"MAILER_DATA_DIR {self.data_dir} is too deep for a Unix socket path; use a shorter one",
                 setting="MAILER_DATA_DIR",
             )
+        with self._lock:
+            self._spawn(timeout)
+        return self.url
+
+    def _spawn(self, timeout: float) -> None:
+        """Start redis-server and wait until it answers; the caller holds the lock."""
+        if is_running(self.socket):  # someone else's server took the socket: use it
+            self.process = None
+            return
+        private_dir(self.data_dir)
         workdir = self.socket.parent
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        workdir.chmod(PRIVATE_DIR_MODE)  # ours alone, even if an older mailer made it 0755
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         log = workdir / "redis.log"
@@ -115,19 +161,72 @@ class EmbeddedRedis:
             # Own process group: Ctrl-C in the terminal reaches mailer, which then stops it
             # cleanly, instead of killing Redis mid-write.
             start_new_session=True,
+            # The AOF, RDB and log it creates are 0600: attendee addresses are in them.
+            umask=PRIVATE_UMASK,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if is_running(self.socket):
-                return self.url
+                return
             if self.process.poll() is not None:
                 break
             time.sleep(0.02)
         tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-        self.stop()
+        self._end_process()
         raise QueueUnavailable(f"embedded redis-server did not start (see {log}): {tail}")
 
+    def supervise(self, *, backoff: float = 0.5, max_backoff: float = 30.0) -> None:
+        """Start the server again whenever it dies, waiting `backoff` seconds, doubled while it
+        keeps dying, up to `max_backoff`; until stop(). Nothing to do for a server we attached to.
+        """
+        if self.process is None or self._supervisor is not None:
+            return
+        self._stopping.clear()
+        self._supervisor = threading.Thread(
+            target=self._watch, args=(backoff, max_backoff), name="embedded-redis", daemon=True
+        )
+        self._supervisor.start()
+
+    def _watch(self, backoff: float, max_backoff: float) -> None:
+        delay = backoff
+        started = time.monotonic()
+        while not self._stopping.wait(0.1):
+            process = self.process
+            if process is None:
+                return  # another server holds the socket now
+            if process.poll() is None:
+                continue
+            if time.monotonic() - started > 60:
+                delay = backoff  # it had been running a while: this is a fresh failure
+            logger.warning(
+                "embedded redis-server exited (status %s, see %s); starting it again in %.1fs",
+                process.returncode,
+                self.socket.parent / "redis.log",
+                delay,
+            )
+            if self._stopping.wait(delay):
+                return
+            started = time.monotonic()
+            try:
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._spawn(10.0)
+            except (MailerError, OSError) as exc:
+                logger.error("embedded redis-server did not start again: %s", exc)
+            else:
+                logger.warning("embedded redis-server is running again at %s", self.socket)
+            delay = min(delay * 2, max_backoff)
+
     def stop(self) -> None:
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(timeout=15)
+        with self._lock:
+            self._end_process()
+
+    def _end_process(self) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
