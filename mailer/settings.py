@@ -133,9 +133,7 @@ class Settings(BaseSettings):
                 f"({self.retry_base_seconds:g})"
             )
         if self.smtp_password is not None and not self.smtp_username:
-            raise ValueError(
-                "MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username"
-            )
+            raise ValueError("MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username")
         if (
             self.smtp_host
             and self.smtp_security == "none"
