@@ -259,7 +259,13 @@ def worker_options(*, max_jobs: int, poll_delay: float, job_timeout: int) -> dic
 
 
 def redis_settings(url: str) -> RedisSettings:
-    settings = RedisSettings.from_dsn(url)
+    """arq's connection settings for `url`; a URL it cannot read is a ConfigError."""
+    from mailer.errors import ConfigError
+
+    try:
+        settings = RedisSettings.from_dsn(url)
+    except (ValueError, RuntimeError) as exc:  # arq raises RuntimeError for an unknown scheme
+        raise ConfigError(f"MAILER_REDIS_URL: {exc}", setting="MAILER_REDIS_URL") from None
     # Fail fast on a dead server; the worker's own loop does the patient retrying.
     settings.conn_timeout = 2
     settings.conn_retries = 0
@@ -267,13 +273,25 @@ def redis_settings(url: str) -> RedisSettings:
 
 
 async def connect(url: str) -> ArqRedis:
-    """A Redis pool that speaks mailer's job format (JSON, mailer's queue)."""
-    pool = await create_pool(
-        redis_settings(url),
-        job_serializer=serialize,
-        job_deserializer=deserialize,
-        default_queue_name=QUEUE_NAME,
-    )
+    """A Redis pool that speaks mailer's job format (JSON, mailer's queue).
+
+    The one place where a Redis that cannot be reached (refused, timed out, wrong password)
+    becomes QueueUnavailable; the URL in its message has any password masked.
+    """
+    from redis.exceptions import RedisError
+
+    from mailer.errors import QueueUnavailable
+
+    try:
+        pool = await create_pool(
+            redis_settings(url),
+            job_serializer=serialize,
+            job_deserializer=deserialize,
+            default_queue_name=QUEUE_NAME,
+        )
+    except (RedisError, OSError) as exc:  # OSError includes TimeoutError
+        where = re.sub(r"//[^@/]*@", "//***@", url)
+        raise QueueUnavailable(f"cannot reach Redis at {where}: {exc or type(exc).__name__}") from exc
     connections = pool.connection_pool
     faster = _HIREDIS_PACKING.get(connections.connection_class)
     if faster is not None:
