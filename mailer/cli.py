@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import re
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
@@ -13,7 +15,12 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from click.exceptions import NoArgsIsHelpError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
 
@@ -25,7 +32,17 @@ def _settings() -> Settings:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's Redis work; Redis failing half-way is mapped here, as at connect."""
+    try:
+        return asyncio.run(coro)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise QueueUnavailable(f"lost the connection to Redis: {exc}") from exc
+    except RedisError as exc:  # a refused command: WRONGTYPE, NOPERM, OOM
+        raise MailerError(f"Redis refused a command: {exc}") from exc
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,16 +53,82 @@ def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            click.echo(f"mailer: configuration error: {exc}", err=True)
+            click.echo(f"mailer: configuration error: {_one_line(exc)}", err=True)
             sys.exit(2)
         except QueueUnavailable as exc:
-            click.echo(f"mailer: {exc}", err=True)
+            click.echo(f"mailer: {_one_line(exc)}", err=True)
             sys.exit(3)
         except MailerError as exc:
-            click.echo(f"mailer: {exc}", err=True)
+            click.echo(f"mailer: {_one_line(exc)}", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            raise  # `mailer log | head`: click ends quietly
+        except OSError as exc:  # a file that cannot be read or written
+            click.echo(f"mailer: {_one_line(exc)}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+class _UsageLine(click.UsageError):
+    """A usage error as one line, naming the command and its --help (click's own takes four)."""
+
+    def show(self, file: Any = None) -> None:
+        names: list[str] = []
+        ctx = self.ctx
+        while ctx is not None:
+            # The root's name is "python -m mailer" or a path to the script; say "mailer".
+            names.insert(0, (ctx.info_name or "") if ctx.parent is not None else "mailer")
+            ctx = ctx.parent
+        path = " ".join(names) or "mailer"
+        click.echo(f"{path}: {_one_line(self.format_message())} See '{path} --help'.", err=True)
+
+
+class _Mailer(click.Group):
+    """The `mailer` group: every usage error below it, of any subcommand, is one line (exit 2)."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _UsageLine(exc.message, exc.ctx) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (NoArgsIsHelpError, _UsageLine):
+            raise
+        except click.UsageError as exc:
+            raise _UsageLine(exc.message, exc.ctx or ctx) from None
+
+
+def _message_ids(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    from mailer.messages import MessageRef
+
+    for value in values:
+        try:
+            MessageRef.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return values
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Offset | None:
+    if value is None:
+        return None
+    try:
+        return Offset.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _masked(url: str) -> str:
+    """A Redis URL with its password masked, for output."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def _redis_url(settings: Settings) -> str:
@@ -54,7 +137,7 @@ def _redis_url(settings: Settings) -> str:
     return resolve_redis_url(settings.redis_url, settings.data_dir)
 
 
-@click.group()
+@click.group(cls=_Mailer)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details to stderr.")
 def main(verbose: bool) -> None:
     """mailer sends the emails of an event-registration system: confirmations, reminders,
@@ -85,12 +168,14 @@ def worker() -> None:
     if url is None:
         embedded = EmbeddedRedis(settings.data_dir)
         url = embedded.start()
+        # A redis-server that dies (OOM killer, a stray kill) is started again, with backoff.
+        embedded.supervise()
     where = (
         f"SMTP {settings.smtp_host}:{settings.effective_smtp_port} ({settings.smtp_security})"
         if settings.smtp_host
         else f"Maildir outbox {settings.effective_outbox_dir.resolve()}"
     )
-    click.echo(f"mailer worker: Redis {url}; mail goes to {where}", err=True)
+    click.echo(f"mailer worker: Redis {_masked(url)}; mail goes to {where}", err=True)
     if embedded is not None:
         click.echo(
             "send the sample event from another terminal in this directory with:\n"
@@ -105,33 +190,76 @@ def worker() -> None:
     sys.exit(status)
 
 
-def _records(source: str) -> Iterator[tuple[int, Any]]:
-    """(line number, record) from a JSON object, a JSON array, or NDJSON; bad JSON as an error."""
+def _read(source: str) -> bytes:
+    """The bytes of a file (or stdin), without the byte-order mark Windows editors put first."""
     data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    stripped = data.lstrip()
-    if stripped.startswith(b"["):
-        try:
-            items = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            yield 1, InvalidEvent([FieldProblem("(file)", f"not valid JSON: {exc}")])
-            return
-        yield from ((i + 1, item) for i, item in enumerate(items))
-        return
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8) :]
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # PowerShell's `>` writes these
+        return data.decode("utf-16", errors="replace").encode()
+    return data
+
+
+def _records(data: bytes) -> list[tuple[str, Any]]:
+    """(where, record) from a JSON object, a JSON array or NDJSON; input that is not JSON as
+    InvalidEvent. `where` is "line N" (NDJSON, a single object), "item N" (an array file) or
+    "line N item M" (an array on one NDJSON line)."""
     try:
-        yield 1, orjson.loads(data)
-        return
-    except orjson.JSONDecodeError:
-        pass
+        whole = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        whole_error = exc
+    else:
+        if isinstance(whole, list):
+            return [(f"item {i}", item) for i, item in enumerate(whole, start=1)]
+        return [("line 1", whole)]
+    records: list[tuple[str, Any]] = []
+    parsed = lines = 0
     for number, line in enumerate(data.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield number, orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                yield number, InvalidEvent([FieldProblem("(line)", f"not valid JSON: {exc}")])
+        line = line.strip().removeprefix(codecs.BOM_UTF8)  # files pasted together keep theirs
+        if not line:
+            continue
+        lines += 1
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            records.append(
+                (f"line {number}", InvalidEvent([FieldProblem("(line)", f"not valid JSON: {exc}")]))
+            )
+            continue
+        parsed += 1
+        if isinstance(value, list):
+            records += [(f"line {number} item {i}", item) for i, item in enumerate(value, start=1)]
+        else:
+            records.append((f"line {number}", value))
+    if lines > 1 and not parsed:
+        # Not NDJSON at all, but one JSON document with an error: say where, once.
+        return [("file", InvalidEvent([FieldProblem("(file)", f"not valid JSON: {whole_error}")]))]
+    return records
+
+
+def _validate(records: list[tuple[str, Any]]) -> tuple[list[Any], list[tuple[str, InvalidEvent]]]:
+    """The valid records, and (where, error) for each refused one."""
+    from mailer.events import parse_event
+
+    valid: list[Any] = []
+    refused: list[tuple[str, InvalidEvent]] = []
+    for where, record in records:
+        if isinstance(record, InvalidEvent):
+            refused.append((where, record))
+            continue
+        try:
+            parse_event(record)
+        except InvalidEvent as exc:
+            refused.append((where, exc))
+        else:
+            valid.append(record)
+    return valid, refused
 
 
 @main.command()
-@click.argument("source", metavar="PATH|-")
+@click.argument(
+    "source", metavar="PATH|-", type=click.Path(exists=True, dir_okay=False, readable=True, allow_dash=True)
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -141,41 +269,33 @@ def _records(source: str) -> Iterator[tuple[int, Any]]:
 def enqueue(source: str, dry_run: bool) -> None:
     """Validate events from a JSON or NDJSON file (or - for stdin) and put them on the queue.
 
-    Invalid records are reported with line, field and reason; the valid ones are still
-    enqueued. Exit status 1 if any record was invalid.
+    Invalid records are reported with line, field and reason, on stderr and as `rejected`
+    entries in the delivery log; the valid ones are still enqueued. A UTF-8 byte-order mark is
+    ignored. Exit status 1 if any record was invalid.
     """
     from mailer.client import MailerClient
-    from mailer.events import parse_event
 
     settings = _settings()
-    lines: list[int] = []
-    raws: list[Any] = []
-    bad = 0
-    for number, record in _records(source):
-        if isinstance(record, InvalidEvent):
-            problems = record.problems
-        else:
-            try:
-                parse_event(record)
-                lines.append(number)
-                raws.append(record)
-                continue
-            except InvalidEvent as exc:
-                problems = exc.problems
-        bad += 1
-        for problem in problems:
-            click.echo(f"line {number}: {problem.field}: {problem.reason}", err=True)
+    raws, refused = _validate(_records(_read(source)))
+    for where, error in refused:
+        for problem in error.problems or [FieldProblem("(record)", str(error))]:
+            click.echo(f"{where}: {problem.field}: {_one_line(problem.reason)}", err=True)
 
     async def go() -> None:
         if dry_run:
             await _dry_run(settings, raws)
             return
-        async with MailerClient(_redis_url(settings)) as client:
+        async with MailerClient(
+            _redis_url(settings), log_max_entries=settings.log_max_entries, name="mailer enqueue"
+        ) as client:
             report = await client.publish_many(raws)
-        click.echo(f"enqueued {report.accepted} event(s) in {report.jobs} job(s); {bad} invalid", err=True)
+            await client.log_refusals(refused)
+        click.echo(
+            f"enqueued {report.accepted} event(s) in {report.jobs} job(s); {len(refused)} invalid", err=True
+        )
 
     _run(go())
-    sys.exit(1 if bad else 0)
+    sys.exit(1 if refused else 0)
 
 
 async def _dry_run(settings: Settings, raws: list[Any]) -> None:
@@ -215,7 +335,13 @@ def schema() -> None:
 @click.option("--registration", help="Only this registration id.")
 @click.option("--event", "event_id", help="Only this event id.")
 @click.option("--status", help="Only this status (sent, failed, retrying, skipped, rejected, uncertain).")
-@click.option("--limit", default=50, show_default=True, help="At most this many entries, newest first.")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="At most this many entries, newest first.",
+)
 @_errors_to_exit
 def log_command(
     as_json: bool,
@@ -260,7 +386,7 @@ def log_command(
 
 
 @main.command()
-@click.argument("message_ids", nargs=-1)
+@click.argument("message_ids", nargs=-1, callback=_message_ids)
 @click.option(
     "--status",
     type=click.Choice(["failed", "skipped"]),
@@ -268,18 +394,19 @@ def log_command(
 )
 @click.option("--kind", help="Only this kind.")
 @click.option("--event", "event_id", help="Only this event id.")
-@click.option("--since", help="Only entries newer than this ISO 8601 duration (e.g. PT6H, P1D).")
+@click.option(
+    "--since", callback=_duration, help="Only entries newer than this ISO 8601 duration (e.g. PT6H, P1D)."
+)
 @_errors_to_exit
 def retry(
     message_ids: tuple[str, ...],
     status: str | None,
     kind: str | None,
     event_id: str | None,
-    since: str | None,
+    since: Offset | None,
 ) -> None:
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
     from mailer.deliverylog import DeliveryLog, LogEntry, now_iso, read_log
-    from mailer.durations import Offset
     from mailer.messages import MessageRef, MessageState
     from mailer.queue import SEND, Enqueuer, connect
     from mailer.store import MessageStore
@@ -289,8 +416,7 @@ def retry(
     settings = _settings()
     cutoff = None
     if since:
-        offset = Offset.parse(since)
-        cutoff = datetime.now(UTC) - timedelta(days=offset.days, seconds=offset.seconds)
+        cutoff = datetime.now(UTC) - timedelta(days=since.days, seconds=since.seconds)
 
     async def go() -> int:
         redis = await connect(_redis_url(settings))
@@ -313,9 +439,7 @@ def retry(
             now_ms = int(datetime.now(UTC).timestamp() * 1000)
             store = MessageStore(redis)
             log = DeliveryLog(redis, max_entries=settings.log_max_entries, echo=None, worker="cli")
-            import getpass
-
-            who = f"mailer retry by {getpass.getuser()}"
+            who = f"mailer retry by {_user()}"
             async with redis.pipeline(transaction=False) as pipe:
                 for ref in refs:
                     store.write_state(pipe, ref, MessageState("planned", 0, now_ms, now_ms, now_ms))
@@ -343,6 +467,16 @@ def retry(
 
     count = _run(go())
     click.echo(f"re-driven {count} message(s)")
+
+
+def _user() -> str:
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry
+        return f"uid {os.getuid()}"
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -12,7 +13,7 @@ import orjson
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from mailer.errors import InvalidEvent, QueueUnavailable
+from mailer.errors import FieldProblem, InvalidEvent, QueueUnavailable
 from mailer.events import parse_event
 from mailer.inbox import Inbox
 from mailer.queue import INGEST, Enqueuer, batch_job_id, connect
@@ -30,14 +31,20 @@ class PublishReport:
 
 
 def _as_raw(event: EventInput) -> dict[str, Any]:
+    """The event as a dict; anything else is an InvalidEvent saying what it was instead."""
     if isinstance(event, BaseModel):
         dumped: dict[str, Any] = event.model_dump(mode="json")
         return dumped
     if isinstance(event, dict):
         return event
-    loaded = orjson.loads(event)
+    if not isinstance(event, str | bytes):
+        raise InvalidEvent([FieldProblem("(record)", f"must be a JSON object, not {type(event).__name__}")])
+    try:
+        loaded = orjson.loads(event)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent([FieldProblem("(record)", f"not valid JSON: {exc}")]) from None
     if not isinstance(loaded, dict):
-        raise InvalidEvent([])
+        raise InvalidEvent([FieldProblem("(record)", "must be a JSON object")])
     return loaded
 
 
@@ -49,9 +56,18 @@ class MailerClient:
     in the worker, which trusts nothing it reads from Redis.
     """
 
-    def __init__(self, redis_url: str, *, events_per_job: int = 100) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        events_per_job: int = 100,
+        log_max_entries: int = 1_000_000,
+        name: str = "producer",
+    ) -> None:
         self.redis_url = redis_url
         self.events_per_job = events_per_job
+        self.log_max_entries = log_max_entries
+        self.name = name  # the `worker` field of the log entries this client writes
         self._redis: Any = None
         self._enqueuer: Enqueuer | None = None
         self._inbox: Inbox | None = None
@@ -67,14 +83,20 @@ class MailerClient:
 
     async def connect(self) -> None:
         if self._redis is None:
+            self._redis = await connect(self.redis_url)  # QueueUnavailable if it cannot
             try:
-                self._redis = await connect(self.redis_url)
                 await self._redis.ping()
             except (RedisError, OSError) as exc:
+                await self._redis.aclose()
                 self._redis = None
-                raise QueueUnavailable(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+                raise QueueUnavailable(f"cannot reach Redis at {self._where}: {exc}") from exc
             self._enqueuer = Enqueuer(self._redis)
             self._inbox = Inbox(self._redis)
+
+    @property
+    def _where(self) -> str:
+        """The URL with any password masked, for messages."""
+        return re.sub(r"//[^@/]*@", "//***@", self.redis_url)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -89,18 +111,18 @@ class MailerClient:
         queue job each. The same event id twice is applied once (the worker logs the replay).
         Raises InvalidEvent (with every field problem) or QueueUnavailable.
         """
-        raw = _as_raw(event)
         try:
+            raw = _as_raw(event)
             parse_event(raw)
         except InvalidEvent as exc:
-            await self._log_invalid([(0, exc)])
+            await self.log_refusals([("publish", exc)])
             raise
         await self.connect()
         assert self._inbox is not None
         try:
             await self._inbox.push([orjson.dumps(raw)])
         except (RedisError, OSError) as exc:
-            raise QueueUnavailable(f"publish to {self.redis_url} failed: {exc}") from exc
+            raise QueueUnavailable(f"publish to {self._where} failed: {exc}") from exc
 
     async def publish_many(self, events: Iterable[EventInput]) -> PublishReport:
         """Validate many events and enqueue the valid ones, several per job, in few round trips.
@@ -118,11 +140,6 @@ class MailerClient:
             except InvalidEvent as exc:
                 report.invalid.append((index, exc))
                 continue
-            except ValueError as exc:
-                from mailer.errors import FieldProblem
-
-                report.invalid.append((index, InvalidEvent([FieldProblem("(record)", f"not JSON: {exc}")])))
-                continue
             batch.append(raw)
             report.accepted += 1
             if len(batch) >= self.events_per_job:
@@ -132,28 +149,34 @@ class MailerClient:
             jobs.append(self._job(batch))
         report.jobs = len(jobs)
         await self._enqueue(jobs)
-        if report.invalid:
-            await self._log_invalid(report.invalid)
+        await self.log_refusals((f"record {index + 1}", exc) for index, exc in report.invalid)
         return report
 
-    async def _log_invalid(self, invalid: list[tuple[int, InvalidEvent]]) -> None:
-        """Refused records also go to the delivery log, so ops see them next to the mail."""
+    async def log_refusals(self, refusals: Iterable[tuple[str, InvalidEvent]]) -> None:
+        """Write each refused record to the delivery log as `rejected`, so ops see it next to
+        the mail: "WHERE: FIELD: REASON; ..." in the detail, the record's event id where it
+        had one. Every intake (publish, publish_many, `mailer enqueue`) refuses through here.
+        """
         from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
 
+        entries = [
+            LogEntry(
+                ts=now_iso(),
+                status="rejected",
+                detail=f"{where}: {exc}",
+                source_event=exc.event_id or "",
+                worker=self.name,
+            )
+            for where, exc in refusals
+        ]
+        if not entries:
+            return
         await self.connect()  # publish() refuses before it needs a connection of its own
-        log = DeliveryLog(self._redis, max_entries=1_000_000, echo=None, worker="producer")
-        await log.write(
-            [
-                LogEntry(
-                    ts=now_iso(),
-                    status="rejected",
-                    detail=f"record {index + 1}: {exc}",
-                    source_event=exc.event_id or "",
-                    worker="producer",
-                )
-                for index, exc in invalid
-            ]
-        )
+        log = DeliveryLog(self._redis, max_entries=self.log_max_entries, echo=None, worker=self.name)
+        try:
+            await log.write(entries)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(f"logging refusals to {self._where} failed: {exc}") from exc
 
     @staticmethod
     def _job(batch: list[dict[str, Any]]) -> tuple[str, str, dict[str, object]]:
@@ -166,8 +189,7 @@ class MailerClient:
             return await self._enqueuer.enqueue(jobs)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(
-                f"enqueue to {self.redis_url} failed; nothing was enqueued by this call "
-                f"after the error: {exc}"
+                f"enqueue to {self._where} failed; nothing was enqueued by this call after the error: {exc}"
             ) from exc
 
 

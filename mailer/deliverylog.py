@@ -105,6 +105,54 @@ async def read_log(
             rows = rows[1:]  # the boundary entry was returned last time
         if not rows:
             return
-        for _entry_id, fields in rows:
-            yield LogEntry.from_json(fields[b"j"])
+        for entry_id, fields in rows:
+            yield _decode(entry_id, fields)
         last = rows[-1][0].decode()
+
+
+_INT_FIELDS = frozenset({"attempt"})
+_OPTIONAL_FIELDS = {"smtp_code": int, "enhanced_code": str}
+
+
+def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
+    """The entry as mailer wrote it, or a `foreign` one that says what was found instead.
+
+    Anyone with access to Redis can XADD to the stream; one odd entry must not stop every
+    reader of the log (`mailer log`, `mailer retry --status`) at that point.
+    """
+    raw = fields.get(b"j")
+    if raw is not None:
+        try:
+            entry = LogEntry.from_json(raw)
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, no ts/status
+            pass
+        else:
+            if _well_formed(entry):
+                return entry
+    shown = ", ".join(
+        f"{key.decode(errors='replace')}={value.decode(errors='replace')!r}" for key, value in fields.items()
+    )
+    millis = int(entry_id.split(b"-", 1)[0])
+    return LogEntry(
+        ts=now_iso(datetime.fromtimestamp(millis / 1000, UTC)),
+        status="foreign",
+        detail=f"stream entry {entry_id.decode()} was not written by mailer: {shown[:200]}",
+    )
+
+
+def _well_formed(entry: LogEntry) -> bool:
+    """Every field of the type mailer writes, and an aware timestamp readers can compare."""
+    for name in LogEntry.__slots__:
+        value = getattr(entry, name)
+        if name in _OPTIONAL_FIELDS:
+            ok = value is None or (isinstance(value, _OPTIONAL_FIELDS[name]) and not isinstance(value, bool))
+        elif name in _INT_FIELDS:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            return False
+    try:
+        return datetime.fromisoformat(entry.ts).tzinfo is not None
+    except ValueError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
 import os
 import signal
@@ -13,6 +14,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 import orjson
+import pytest
 
 from mailer.embedded import is_running, socket_path
 from tests.conftest import make_event
@@ -140,3 +142,186 @@ def test_schema_is_json_schema_of_the_contract(tmp_path: Path) -> None:
     schema = orjson.loads(mailer("schema", cwd=tmp_path).stdout)
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert "registration.created" in orjson.dumps(schema).decode()
+
+
+def enqueue_env(redis_url: str) -> dict[str, str]:
+    return {**clean_env(), "MAILER_REDIS_URL": redis_url}
+
+
+def rejected_entries(tmp_path: Path, redis_url: str) -> list[dict[str, object]]:
+    shown = mailer(
+        "log", "--json", "--status", "rejected", "--limit", "1000", cwd=tmp_path, env=enqueue_env(redis_url)
+    )
+    assert shown.returncode == 0, shown.stderr
+    return [orjson.loads(line) for line in shown.stdout.splitlines()]
+
+
+def test_every_refusal_of_enqueue_is_in_the_delivery_log(tmp_path: Path, redis_url: str) -> None:
+    """README: refused records are `rejected` log entries with the record's event id, the field, the
+    reason and the line; a dry run changes nothing, not even the log."""
+    lines: list[bytes] = [orjson.dumps(make_event(event_id="good-1", registration_id="r-good-1"))]
+    expected: dict[int, tuple[str, str]] = {}  # line -> (event id, field)
+    for n in range(35):
+        if n % 3 == 0:
+            lines.append(
+                orjson.dumps(make_event(event_id=f"bad-{n}", registration_id=f"r{n}", email="kaputt"))
+            )
+            expected[len(lines)] = (f"bad-{n}", "registration.attendee.email")
+        elif n % 3 == 1:
+            lines.append(b"{not json " + str(n).encode())
+            expected[len(lines)] = ("", "(line)")
+        else:
+            lines.append(b'"just text"' if n % 2 else b"42")
+            expected[len(lines)] = ("", "(record)")
+    lines.append(orjson.dumps(make_event(event_id="good-2", registration_id="r-good-2")))
+    (tmp_path / "import.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+
+    dry = mailer("enqueue", "--dry-run", "import.ndjson", cwd=tmp_path, env=enqueue_env(redis_url))
+    assert dry.returncode == 1, dry.stderr
+    assert rejected_entries(tmp_path, redis_url) == []
+
+    result = mailer("enqueue", "import.ndjson", cwd=tmp_path, env=enqueue_env(redis_url))
+    assert result.returncode == 1
+    assert b"enqueued 2 event(s)" in result.stderr
+    assert b"35 invalid" in result.stderr
+    entries = rejected_entries(tmp_path, redis_url)
+    assert len(entries) == 35
+    seen: dict[int, tuple[str, str]] = {}
+    for entry in entries:
+        detail = str(entry["detail"])
+        assert detail.startswith("line "), detail
+        number = int(detail.removeprefix("line ").split(":", 1)[0])
+        _event_id, field = expected[number]
+        assert f": {field}: " in detail, detail
+        seen[number] = (str(entry.get("source_event", "")), field)
+    assert seen == expected
+
+
+def test_the_python_client_logs_refusals_like_the_cli(redis_url: str, tmp_path: Path) -> None:
+    """publish() and publish_many() write the same kind of `rejected` entry: where, field, reason, id."""
+    from mailer.client import SyncMailerClient
+    from mailer.errors import InvalidEvent
+
+    bad = make_event(event_id="bad-1", email="kaputt")
+    with SyncMailerClient(redis_url) as client:
+        with pytest.raises(InvalidEvent):
+            client.publish(bad)
+        with pytest.raises(InvalidEvent):
+            client.publish("{not json")
+        report = client.publish_many([make_event(event_id="ok"), b"[1]", 7, bad])  # type: ignore[list-item]
+    assert report.accepted == 1
+    assert [index for index, _ in report.invalid] == [1, 2, 3]
+    details = sorted(str(e["detail"]) for e in rejected_entries(tmp_path, redis_url))
+    assert details[0].startswith("publish: (record): not valid JSON")
+    assert details[1].startswith("publish: registration.attendee.email: ")
+    assert details[2].startswith("record 2: (record): must be a JSON object")
+    assert details[3].startswith("record 3: (record): must be a JSON object")
+    assert details[4].startswith("record 4: registration.attendee.email: ")
+    by_id = [e for e in rejected_entries(tmp_path, redis_url) if e.get("source_event") == "bad-1"]
+    assert len(by_id) == 2
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("layout", ["object", "array", "ndjson", "ndjson-crlf"])
+def test_a_file_saved_with_a_utf8_bom_is_read(tmp_path: Path, redis_url: str, layout: str) -> None:
+    """Windows editors and Excel exports start files with a BOM; it is not part of the data."""
+    events = [make_event(event_id=f"e{i}", registration_id=f"r{i}") for i in range(3)]
+    if layout == "object":
+        events = events[:1]
+        data = orjson.dumps(events[0], option=orjson.OPT_INDENT_2)
+    elif layout == "array":
+        data = orjson.dumps(events, option=orjson.OPT_INDENT_2)
+    else:
+        newline = b"\r\n" if layout == "ndjson-crlf" else b"\n"
+        data = newline.join(orjson.dumps(e) for e in events) + newline
+    (tmp_path / "export.json").write_bytes(BOM + data)
+    result = mailer("enqueue", "export.json", cwd=tmp_path, env=enqueue_env(redis_url))
+    assert result.returncode == 0, result.stderr
+    assert f"enqueued {len(events)} event(s)".encode() in result.stderr
+    assert b"0 invalid" in result.stderr
+
+
+def test_ndjson_whose_first_line_is_an_array_is_read_line_by_line(tmp_path: Path, redis_url: str) -> None:
+    """A first line `[...]` does not make the whole file one JSON array: each line is read on its
+    own (an array on a line gives its records), and one broken line refuses only that line."""
+    events = [make_event(event_id=f"e{i}", registration_id=f"r{i}") for i in range(5)]
+    lines = [
+        orjson.dumps(events[:2]),
+        orjson.dumps(events[2]),
+        b"[" + orjson.dumps(events[3]),  # a broken array
+        orjson.dumps(events[4]),
+    ]
+    (tmp_path / "mixed.ndjson").write_bytes(b"\n".join(lines))
+    result = mailer("enqueue", "mixed.ndjson", cwd=tmp_path, env=enqueue_env(redis_url))
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert "enqueued 4 event(s)" in err
+    assert "line 3: (line): not valid JSON" in err
+    assert "1 invalid" in err
+
+
+def test_a_broken_json_file_is_one_refusal(tmp_path: Path, redis_url: str) -> None:
+    """A pretty-printed file with one syntax error is refused once, with the parser's position,
+    not once per line."""
+    data = orjson.dumps([make_event()], option=orjson.OPT_INDENT_2).replace(b'"type"', b"type", 1)
+    (tmp_path / "broken.json").write_bytes(data)
+    result = mailer("enqueue", "broken.json", cwd=tmp_path, env=enqueue_env(redis_url))
+    err = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1
+    assert err[0].startswith("file: (file): not valid JSON"), err
+    assert err[-1].endswith("1 invalid")
+
+
+def redis_pid(sock: Path) -> int:
+    import redis
+
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+def test_the_worker_restarts_its_embedded_redis_when_it_dies(tmp_path: Path) -> None:
+    """The redis-server that `mailer worker` started is SIGKILLed: the worker starts it again (with
+    backoff), reconnects, and an event enqueued afterwards is sent; Ctrl-C still stops both."""
+    (tmp_path / "registration.json").write_bytes(orjson.dumps(make_event()))
+    log = tmp_path / "worker.log"
+    with log.open("wb") as err:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "mailer", "worker"], cwd=tmp_path, env=clean_env(), stderr=err
+        )
+    sock = socket_path(tmp_path / "var")
+    deadline = time.monotonic() + 40
+    try:
+        while not is_running(sock):
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first = redis_pid(sock)
+        os.kill(first, signal.SIGKILL)
+        while not is_running(sock) or redis_pid(sock) == first:
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        second = redis_pid(sock)
+        result = mailer("enqueue", "registration.json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outbox = mailbox.Maildir(tmp_path / "var" / "outbox", create=False)
+        while len(outbox) == 0:
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=30)
+    text = log.read_text()
+    assert worker.returncode == 0, text
+    assert "starting it again" in text
+    assert "Traceback" not in text
+    assert not is_running(sock)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(second, 0)
+        raise AssertionError(f"redis-server {second} outlived the worker")
