@@ -219,7 +219,7 @@ class QueueWorker(Worker):
         if job_id.startswith(_REJECTED_PREFIX):
             logger.error("the rejection job %s was not run either (%s)", job_id, reason)
             return
-        rejection = _rejection(f"not run by arq: {reason}", b"")
+        rejection = _rejection(f"job {job_id[:100]!r} was not run by arq: {reason}", b"")
         rejection_id = f"{_REJECTED_PREFIX}{job_id[:100]}:{uuid.uuid4().hex[:12]}"
         async with self.pool.pipeline(transaction=True) as pipe:
             pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)

@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailer.client import MailerClient
-from mailer.constants import EVENT_KEY, QUEUE_NAME
+from mailer.constants import EVENT_KEY, INBOX_KEY, QUEUE_NAME
 from mailer.queue import connect, job_key
 from tests.conftest import log_until, make_event, wait_for
 
@@ -225,3 +227,133 @@ async def test_an_event_that_fails_while_planned_is_rejected_alone(
     assert "broken" in refusal.detail
     assert worker.jobs_retried == 0
     assert not [e for e in entries if e.status == "rejected" and e.source_event != "bad-2"]
+
+
+# --- property: arbitrary bytes and JSON into a running worker's queue and inbox ----------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+KWARG_NAMES = ["events", "messages", "member", "due_ms", "cursor", "reason", "preview", "turn"]
+arq_shaped = st.fixed_dictionaries(
+    {
+        "t": json_values | st.integers(-2, 200),
+        "f": st.sampled_from(["ingest", "drain", "send", "fan_out", "reject", "cron:tick", "nope"]),
+        "a": st.just([]) | json_values,
+        "k": st.dictionaries(st.sampled_from(KWARG_NAMES), json_values, max_size=3) | json_values,
+        "et": st.just(NOW_MS) | json_values,
+    }
+).map(lambda job: {k: v for k, v in job.items() if not (k == "t" and v == -2)})
+job_bodies = st.binary(max_size=120) | json_values.map(orjson.dumps) | arq_shaped.map(orjson.dumps)
+
+EVENT_FIELDS = ["id", "type", "occurred_at", "registration", "event", "event.starts_at", "event.timezone"]
+
+
+def mutated_event(path: str, value: Any) -> bytes:
+    event = make_event(event_id="prop-e", registration_id="prop-r", email="prop@example.org")
+    where, _, name = path.rpartition(".")
+    (event[where] if where else event)[name] = value
+    return orjson.dumps(event)
+
+
+inbox_entries = (
+    st.binary(max_size=120)
+    | json_values.map(orjson.dumps)
+    | st.builds(mutated_event, st.sampled_from(EVENT_FIELDS), json_values)
+)
+
+
+def expected_rejections(jobs: dict[str, bytes], inbox: list[bytes]) -> tuple[set[str], int]:
+    """Which jobs must be rejected as malformed, and how many events as invalid (the oracle)."""
+    from mailer.events import parse_event
+    from mailer.queue import deserialize
+
+    def invalid(raw: Any) -> bool:
+        try:
+            parse_event(raw)
+        except Exception:
+            return True
+        return False
+
+    malformed = set()
+    invalid_events = sum(invalid(raw) for raw in inbox)
+    for job_id, raw in jobs.items():
+        job = deserialize(raw)
+        if job["f"] == "reject":
+            malformed.add(job_id)
+        elif job["f"] == "ingest":
+            invalid_events += sum(invalid(e) for e in job["k"]["events"])
+    return malformed, invalid_events
+
+
+def worker_task_alive() -> bool:
+    mains = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("Worker.main")]  # type: ignore[union-attr]
+    return bool(mains) and not any(t.done() for t in mains)
+
+
+EXAMPLES = iter(range(10**6))
+
+
+async def queue_empty(url: str) -> None:
+    """Wait until nothing but arq's cron jobs is queued and the inbox is drained."""
+    redis = await connect(url)
+    try:
+        for _ in range(1000):
+            members = [m for m in await redis.zrange(QUEUE_NAME, 0, -1) if not m.startswith(b"cron:")]
+            if not members and not await redis.llen(INBOX_KEY):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"still queued: {members[:5]}")
+    finally:
+        await redis.aclose()
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(jobs=st.lists(job_bodies, max_size=6), inbox=st.lists(inbox_entries, max_size=6))
+async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_the_worker_lives(
+    redis_url: str, smtp_server: Any, mail_worker: Any, jobs: list[bytes], inbox: list[bytes]
+) -> None:
+    """Arbitrary bytes and JSON (arq-shaped too) as job bodies and inbox entries of a running
+    worker: it stays alive, each malformed job and each invalid event is one `rejected` entry,
+    and a valid event published afterwards is delivered."""
+    from mailer.inbox import Inbox
+
+    if not worker_task_alive():
+        await mail_worker()
+    n = next(EXAMPLES)
+    redis = await connect(redis_url)
+    try:
+        await redis.delete("mailer:log")
+        bodies = {f"prop-{n}-{i}": raw for i, raw in enumerate(jobs)}
+        malformed, invalid_events = expected_rejections(bodies, inbox)
+        await put_jobs(redis_url, bodies)
+        if inbox:
+            await Inbox(redis).push(inbox)
+
+        def accounted(log: list[Any]) -> bool:
+            found = " ".join(e.detail for e in rejected(log))
+            invalid = sum(e.detail.startswith("invalid event") for e in rejected(log))
+            return all(f"job {job_id!r}" in found for job_id in malformed) and invalid >= invalid_events
+
+        entries = await log_until(redis_url, accounted)
+        for job_id in malformed:
+            assert len([e for e in rejected(entries) if f"job {job_id!r}" in e.detail]) == 1, job_id
+        await queue_settled(redis_url, list(bodies))
+        await queue_empty(redis_url)
+        entries = await log_until(redis_url, lambda log: True)
+        assert sum(e.detail.startswith("invalid event") for e in rejected(entries)) == invalid_events
+        assert not [e for e in entries if "could not be planned" in e.detail]
+        assert worker_task_alive()
+        address = f"after-{n}@example.org"
+        async with MailerClient(redis_url) as client:
+            await client.publish(make_event(event_id=f"after-{n}", registration_id=f"reg-{n}", email=address))
+        await wait_for(lambda: bool(smtp_server.handler.to(address)), 10)
+        await queue_empty(redis_url)
+    finally:
+        await redis.aclose()
