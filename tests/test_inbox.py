@@ -232,3 +232,34 @@ async def test_a_cancelled_drain_lets_go_and_queues_the_next_one(redis_url: str)
         assert job_id.startswith(b"drain:")
     finally:
         await redis.aclose()
+
+
+async def test_garbage_in_the_inbox_is_rejected_entry_by_entry_and_the_drain_goes_on(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """Not JSON, not an object, not a valid event: one `rejected` entry each, with the event id
+    where the record has one; the valid events around them are delivered in the same drain."""
+    bad_date = registration(7)
+    bad_date["occurred_at"] = 1764079200  # a number is not a timestamp
+    garbage = [
+        b"not json {",
+        b"[1, 2]",
+        b"42",
+        b"\xff\xfe not utf-8",
+        b'{"id": "evt-half", "type": "registration.created"}',
+        orjson.dumps(bad_date),
+        b'{"id": 12, "type": "event.cancelled"}',
+    ]
+    await mail_worker()
+    redis = await connect(redis_url)
+    try:
+        await Inbox(redis).push([orjson.dumps(registration(1)), *garbage, orjson.dumps(registration(2))])
+    finally:
+        await redis.aclose()
+    await wait_for(lambda: len(smtp_server.handler.received) == 2, 15)
+    entries = await log_until(redis_url, lambda log: sum(e.status == "rejected" for e in log) >= len(garbage))
+    refused = [e for e in entries if e.status == "rejected"]
+    assert len(refused) == len(garbage)
+    assert all(e.detail.startswith("invalid event: ") for e in refused)
+    assert sorted(e.source_event for e in refused if e.source_event) == ["evt-7", "evt-half"]
+    assert "occurred_at" in next(e.detail for e in refused if e.source_event == "evt-7")
