@@ -81,7 +81,7 @@ class _UsageLine(click.UsageError):
             names.insert(0, (ctx.info_name or "") if ctx.parent is not None else "mailer")
             ctx = ctx.parent
         path = " ".join(names) or "mailer"
-        click.echo(f"{path}: {_one_line(self.format_message())} See '{path} --help'.", err=True)
+        click.echo(f"{path}: {_one_line(self.format_message())} (see '{path} --help')", err=True)
 
 
 class _Mailer(click.Group):
@@ -95,7 +95,7 @@ class _Mailer(click.Group):
         except NoArgsIsHelpError:
             raise
         except click.UsageError as exc:
-            raise _UsageLine(exc.message, exc.ctx) from None
+            raise _UsageLine(exc.format_message(), exc.ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -103,7 +103,7 @@ class _Mailer(click.Group):
         except (NoArgsIsHelpError, _UsageLine):
             raise
         except click.UsageError as exc:
-            raise _UsageLine(exc.message, exc.ctx or ctx) from None
+            raise _UsageLine(exc.format_message(), exc.ctx or ctx) from None
 
 
 def _message_ids(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:

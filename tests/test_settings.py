@@ -271,3 +271,13 @@ def test_the_worker_exits_2_with_one_line_on_a_bad_setting(tmp_path: Path, value
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("mailer: configuration error: MAILER_")
     assert "Traceback" not in err
+
+
+def test_the_example_env_file_loads(no_env: None, tmp_path: Path) -> None:
+    """deploy/mailer.env.example, copied to .env as its first line says, is a valid configuration."""
+    example = Path(__file__).resolve().parent.parent / "deploy" / "mailer.env.example"
+    (tmp_path / ".env").write_text(example.read_text())
+    loaded = load_settings()
+    assert loaded.smtp_host == "smtp.example.org"
+    assert loaded.smtp_security == "starttls"
+    assert loaded.smtp_allow_plaintext_auth is False
