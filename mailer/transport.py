@@ -217,6 +217,8 @@ class SmtpTransport:
         # failed login, not one per lane (providers lock accounts after a few).
         self._proven = False
         self._opening = asyncio.Lock()
+        self._refusals = 0
+        self._last_refusal: BaseException | None = None
         # getfqdn() on every connect costs a thread hop and a DNS lookup; do it once.
         self._local_hostname = settings.smtp_local_hostname or socket.getfqdn()
         if not is_fully_qualified(self._local_hostname):
@@ -229,8 +231,17 @@ class SmtpTransport:
     async def _open(self) -> _Session:
         if self._proven:
             return await self._connect()
+        refusals = self._refusals
         async with self._opening:
-            session = await self._connect()
+            if self._refusals != refusals and self._last_refusal is not None:
+                # The lane that went first was refused while this one waited: don't ask again.
+                raise self._last_refusal
+            try:
+                session = await self._connect()
+            except Exception as exc:
+                self._refusals += 1
+                self._last_refusal = exc
+                raise
             self._proven = True
             return session
 
@@ -382,6 +393,7 @@ class _SmtpLane:
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
+                self.transport._proven = False  # until a connection works again, one at a time
                 mapped = _map_connect_error(exc)
                 mapped.recipient = recipient
                 raise mapped from exc
