@@ -47,3 +47,31 @@ async def test_jobs_due_now_are_scored_by_redis_clock_not_the_producers(
         assert await redis.zscore(QUEUE_NAME, "later-job") == later
     finally:
         await redis.aclose()
+
+
+async def test_every_job_mailer_writes_itself_passes_the_strict_deserializer(redis_url: str) -> None:
+    """What mailer's own writers enqueue (Enqueuer, the inbox's drain, arq's cron) is run, not rejected."""
+    from mailer.inbox import Inbox
+    from mailer.queue import FAN_OUT, SEND, deserialize, job_key
+
+    redis = await connect(redis_url)
+    try:
+        enqueuer = Enqueuer(redis)
+        await enqueuer.enqueue(
+            [
+                ("j-ingest", INGEST, {"events": [{"id": "e-1"}, "not json"]}),
+                ("j-send", SEND, {"messages": ["reg-1/confirmation"]}),
+                ("j-fan", FAN_OUT, {"member": "evt-1|reminder|P1D", "due_ms": 1764079200000, "cursor": 0}),
+                ("j-changed", FAN_OUT, {"member": "evt-1|event_changed|v2", "due_ms": 1764079200000}),
+            ]
+        )
+        await Inbox(redis).push([b"{}"])
+        ids = [m.decode() for m in await redis.zrange(QUEUE_NAME, 0, -1)]
+        assert len(ids) == 5
+        for job_id in ids:
+            job = deserialize(await redis.get(job_key(job_id)))
+            assert job["f"] != "reject", (job_id, job["k"])
+        cron = b'{"t":null,"f":"cron:tick","a":[],"k":{},"et":1764079200000}'  # arq's own enqueue
+        assert deserialize(cron)["f"] == "cron:tick"
+    finally:
+        await redis.aclose()
