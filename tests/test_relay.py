@@ -21,6 +21,8 @@ import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailer.circuit import RelayCircuit, relay_states
 from mailer.client import MailerClient
@@ -437,3 +439,87 @@ async def test_workers_agree_on_the_text_after_a_description_only_update(
     text = smtp_server.handler.received[1].message.get_body(("plain",)).get_content()
     assert "Neue Beschreibung" in text
     assert "Alte Beschreibung" not in text
+
+
+# --- hostile relays: arbitrary replies never crash the send path ---------------------------
+
+_reply_lines = st.one_of(
+    st.binary(max_size=60),
+    st.sampled_from(
+        [
+            b"250 OK\r\n",
+            b"354 go\r\n",
+            b"421 4.3.2 bye\r\n",
+            b"550 5.1.1 no\r\n",
+            b"451 later\r\n",
+            b"250-more\r\n",
+            b"999 what\r\n",
+            b"\r\n",
+            b"2",
+            b"250 " + b"x" * 70_000 + b"\r\n",
+            b"HANGUP",
+        ]
+    ),
+)
+
+
+async def _hostile_send(greeting: bytes, replies: list[bytes], make_settings: Any) -> Any:
+    """Send one message through mailer's transport to a server that greets and answers EHLO as
+    told, then answers each later line it gets with the next of `replies` ("HANGUP" closes)."""
+    script = list(replies)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.write(greeting)
+            while line := await reader.readline():
+                if line.upper().startswith(b"EHLO"):
+                    writer.write(b"250-relay.example.org\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n")
+                elif script:
+                    answer = script.pop(0)
+                    if answer == b"HANGUP":
+                        break
+                    writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=port, smtp_timeout=0.3)
+    transport = SmtpTransport(settings)
+    try:
+        return await asyncio.wait_for(
+            transport.send(
+                sender="a@example.org", recipient="b@example.org", data=b"Subject: x\r\n\r\nhi\r\n"
+            ),
+            5,
+        )
+    except DeliveryError as exc:
+        return exc
+    finally:
+        await transport.close()
+        server.close()
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(replies=st.lists(_reply_lines, max_size=6))
+def test_arbitrary_replies_after_the_greeting_end_in_a_delivery_outcome(
+    replies: list[bytes], make_settings: Any
+) -> None:
+    """Whatever a relay answers to MAIL, RCPT, DATA and the message, the transport returns an
+    acceptance or raises one of mailer's DeliveryErrors, within its timeouts: never another
+    exception, never a hang."""
+    outcome = asyncio.run(_hostile_send(b"220 relay.example.org ESMTP\r\n", replies, make_settings))
+    assert isinstance(outcome, DeliveryError) or outcome.code in range(200, 300)
+    if isinstance(outcome, DeliveryError):
+        assert "internal error" not in outcome.detail
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(greeting=_reply_lines)
+def test_an_arbitrary_greeting_is_a_relay_fault(greeting: bytes, make_settings: Any) -> None:
+    """A relay that greets with garbage (or not at all) is a relay fault, never the message's."""
+    outcome = asyncio.run(_hostile_send(greeting, [], make_settings))
+    if not isinstance(outcome, DeliveryError):
+        return  # a greeting that happens to be valid: then an empty script means no reply
+    assert isinstance(outcome, RelayFault) or outcome.detail.startswith(("timed out", "connection lost"))
+    assert "internal error" not in outcome.detail
