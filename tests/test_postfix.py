@@ -187,3 +187,27 @@ async def test_plaintext_against_a_relay_that_requires_starttls_holds_the_queue(
     assert error_lines(worker.log_path, "MAILER_SMTP_SECURITY"), worker.log_path.read_text()[-2000:]
     assert worker.alive
     assert not relay.delivered()
+
+
+async def test_an_untrusted_certificate_holds_the_queue_and_names_the_fix(
+    redis_url: str, postfix_relay: StartRelay, worker_process: Any
+) -> None:
+    """STARTTLS to a relay whose certificate the worker does not trust (no SSL_CERT_FILE): a relay
+    fault waiting will not cure: held, not failed, and an ERROR says what to set."""
+    relay = postfix_relay(auth=False)
+    env = relay.worker_env()
+    del env["SSL_CERT_FILE"]
+    worker = worker_process(
+        redis_url,
+        relay,
+        **env,
+        MAILER_MAX_ATTEMPTS="2",
+        MAILER_RELAY_PROBE_BASE_SECONDS="0.5",
+        MAILER_RELAY_PROBE_MAX_SECONDS="2",
+    )
+    await publish(redis_url, registrations(3, relay, "cert"))
+    entries = await no_failed_for(redis_url, 6)
+    assert sum(e.status == "held" for e in entries) == 3
+    assert error_lines(worker.log_path, "SSL_CERT_FILE"), worker.log_path.read_text()[-2000:]
+    assert worker.alive
+    assert not relay.delivered()
