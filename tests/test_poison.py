@@ -357,3 +357,30 @@ async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_th
         await queue_empty(redis_url)
     finally:
         await redis.aclose()
+
+
+async def test_queue_members_arq_cannot_read_are_removed_and_logged(
+    redis_url: str, smtp_server: Any, worker_process: Any
+) -> None:
+    """Queue entries themselves can be poison: a member that is not UTF-8 or a score of -inf
+    crashed arq's poll loop, and score-0 entries were skipped forever (enough of them starve
+    the queue). Each is removed and logged `rejected`; the worker lives and sends on."""
+    worker = worker_process(redis_url, smtp_server)
+    redis = await connect(redis_url)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(job_key("minus-inf"), b'{"t":1,"f":"send","a":[],"k":{"messages":[]},"et":1764079200000}')
+            pipe.zadd(QUEUE_NAME, {"minus-inf": float("-inf"), b"\xff\xfe not utf-8": 1})
+            pipe.zadd(QUEUE_NAME, {f"zero-{i}": 0 for i in range(150)})
+            await pipe.execute()
+        entries = await log_until(redis_url, lambda log: len(rejected(log)) >= 152, 20)
+        assert worker.alive
+        assert any("not UTF-8" in e.detail for e in rejected(entries))
+        assert any("-inf" in e.detail for e in rejected(entries))
+        async with MailerClient(redis_url) as client:
+            await client.publish(make_event())
+        await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+        assert await redis.zcard(QUEUE_NAME) <= 2  # the cron tick's and a drain's at most
+        assert worker.alive
+    finally:
+        await redis.aclose()
