@@ -369,7 +369,8 @@ async def test_queue_members_arq_cannot_read_are_removed_and_logged(
     redis = await connect(redis_url)
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(job_key("minus-inf"), b'{"t":1,"f":"send","a":[],"k":{"messages":[]},"et":1764079200000}')
+            body = b'{"t":1,"f":"send","a":[],"k":{"messages":[]},"et":1764079200000}'
+            pipe.set(job_key("minus-inf"), body)
             pipe.zadd(QUEUE_NAME, {"minus-inf": float("-inf"), b"\xff\xfe not utf-8": 1})
             pipe.zadd(QUEUE_NAME, {f"zero-{i}": 0 for i in range(150)})
             await pipe.execute()
