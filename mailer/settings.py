@@ -53,11 +53,11 @@ class Settings(BaseSettings):
     smtp_allow_plaintext_auth: bool = False
     # Kept-open connections idle this long are closed with QUIT, before the relay's own
     # timeout (Postfix: smtpd_timeout 300 s) closes them with a "timeout" in its log.
-    smtp_idle_seconds: float = Field(default=60.0, gt=0, le=3600)
+    smtp_idle_seconds: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
     # The relay circuit (mailer.circuit): a relay fault holds all sends; the probe that
     # tries again waits twice as long after each failure, from base up to max.
-    relay_probe_base_seconds: float = Field(default=5.0, gt=0, le=3600)
-    relay_probe_max_seconds: float = Field(default=300.0, gt=0, le=86400)
+    relay_probe_base_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    relay_probe_max_seconds: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
 
     sender: str = Field(default="mailer <noreply@example.org>", alias="MAILER_FROM")
     template_dir: Path | None = None
@@ -131,6 +131,12 @@ class Settings(BaseSettings):
                 "MAILER_RETRY_MAX_SECONDS, MAILER_RETRY_BASE_SECONDS: "
                 f"the maximum ({self.retry_max_seconds:g}) is less than the base "
                 f"({self.retry_base_seconds:g})"
+            )
+        if self.relay_probe_max_seconds < self.relay_probe_base_seconds:
+            raise ValueError(
+                "MAILER_RELAY_PROBE_MAX_SECONDS, MAILER_RELAY_PROBE_BASE_SECONDS: "
+                f"the maximum ({self.relay_probe_max_seconds:g}) is less than the base "
+                f"({self.relay_probe_base_seconds:g})"
             )
         if self.smtp_password is not None and not self.smtp_username:
             raise ValueError("MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username")

@@ -23,6 +23,9 @@ NUMERIC: dict[str, tuple[float, float]] = {
     "smtp_port": (1, 65535),
     "smtp_timeout": (0, 600),
     "smtp_max_connections": (1, 100),
+    "smtp_idle_seconds": (0, 3600),
+    "relay_probe_base_seconds": (0, 3600),
+    "relay_probe_max_seconds": (0, 86400),
     "max_attempts": (1, 100),
     "retry_base_seconds": (0, 86400),
     "retry_max_seconds": (0, 86400),
@@ -67,6 +70,16 @@ def env_name(field: str) -> str:
 
 def as_number(value: object) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)  # type: ignore[arg-type]
+
+
+def test_every_numeric_setting_is_bounded_here() -> None:
+    """A numeric setting added later must be added to NUMERIC, so the tests below cover it."""
+    numeric = {
+        name
+        for name, field in Settings.model_fields.items()
+        if any(t in str(field.annotation) for t in ("int", "float", "timedelta"))
+    }
+    assert numeric == set(NUMERIC)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -200,6 +213,13 @@ def test_combination_errors_name_every_setting_involved(no_env: None) -> None:
     assert "MAILER_RETRY_BASE_SECONDS" in str(c1.value)
     assert "MAILER_RETRY_MAX_SECONDS" in str(c1.value)
     assert c1.value.setting == "MAILER_RETRY_MAX_SECONDS"
+    with (
+        env(MAILER_RELAY_PROBE_BASE_SECONDS="600", MAILER_RELAY_PROBE_MAX_SECONDS="60"),
+        pytest.raises(ConfigError) as c3,
+    ):
+        load_settings()
+    assert "MAILER_RELAY_PROBE_BASE_SECONDS" in str(c3.value)
+    assert "MAILER_RELAY_PROBE_MAX_SECONDS" in str(c3.value)
     with env(MAILER_SMTP_PASSWORD="pw"), pytest.raises(ConfigError) as c2:  # noqa: S106 - a test value
         load_settings()
     assert "MAILER_SMTP_PASSWORD" in str(c2.value)
