@@ -196,15 +196,27 @@ class MailerClient:
 class SyncMailerClient:
     """The same for registration systems that are not async (Django, Flask, scripts)."""
 
-    def __init__(self, redis_url: str, *, events_per_job: int = 100) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        events_per_job: int = 100,
+        log_max_entries: int = 1_000_000,
+        name: str = "producer",
+    ) -> None:
         self._runner = asyncio.Runner()
-        self._client = MailerClient(redis_url, events_per_job=events_per_job)
+        self._client = MailerClient(
+            redis_url, events_per_job=events_per_job, log_max_entries=log_max_entries, name=name
+        )
 
     def publish(self, event: EventInput) -> None:
         return self._runner.run(self._client.publish(event))
 
     def publish_many(self, events: Iterable[EventInput]) -> PublishReport:
         return self._runner.run(self._client.publish_many(events))
+
+    def log_refusals(self, refusals: Iterable[tuple[str, InvalidEvent]]) -> None:
+        return self._runner.run(self._client.log_refusals(refusals))
 
     def close(self) -> None:
         self._runner.run(self._client.close())

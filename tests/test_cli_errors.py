@@ -213,3 +213,16 @@ def test_a_usage_error_names_the_command(tmp_path: Path) -> None:
     line = one_line(result)
     assert line.startswith("mailer retry: ")
     assert "not-an-id" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["schema"], ["templates", "check"], ["render", "confirmation", "--event", "registration.json"]],
+    ids=lambda args: " ".join(args),
+)
+def test_commands_that_need_no_redis_work_without_it(
+    tmp_path: Path, event_file: Path, dead_redis: dict[str, str], args: list[str]
+) -> None:
+    """schema, templates check and render never touch Redis: a dead one does not stop them."""
+    result = mailer(*args, cwd=tmp_path, env=dead_redis)
+    assert result.returncode == 0, result.stderr
