@@ -322,6 +322,28 @@ async def _dry_run(settings: Settings, raws: list[Any]) -> None:
 
 
 @main.command()
+@_errors_to_exit
+def health() -> None:
+    """Say whether Redis answers and whether a relay's circuit holds the mail.
+
+    Exit status 0 ok, 1 degraded (a relay circuit is open: mail is held, nothing lost),
+    2 down (Redis unreachable); for container and monitoring health checks.
+    """
+    from mailer.health import EXIT_STATUS, Health, check
+
+    settings = _settings()
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    try:
+        report = _run(check(_redis_url(settings), now_ms=now_ms))
+    except QueueUnavailable as exc:  # the embedded Redis is not running, for one
+        report = Health("down", [f"redis: unreachable ({_one_line(exc)})"])
+    for line in report.lines:
+        click.echo(line)
+    click.echo(report.verdict)
+    sys.exit(EXIT_STATUS[report.verdict])
+
+
+@main.command()
 def schema() -> None:
     """Print the event contract as JSON Schema."""
     from mailer.events import json_schema
@@ -334,7 +356,9 @@ def schema() -> None:
 @click.option("--recipient", help="Only this address.")
 @click.option("--registration", help="Only this registration id.")
 @click.option("--event", "event_id", help="Only this event id.")
-@click.option("--status", help="Only this status (sent, failed, retrying, skipped, rejected, uncertain).")
+@click.option(
+    "--status", help="Only this status (sent, failed, retrying, held, skipped, rejected, uncertain, ...)."
+)
 @click.option(
     "--limit",
     default=50,

@@ -1,0 +1,59 @@
+"""`mailer health`: ok (0), degraded while a relay circuit holds the mail (1), down without Redis (2)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from mailer.circuit import RelayCircuit
+from mailer.errors import RelayFault
+from mailer.queue import connect
+from tests.conftest import free_port
+from tests.test_cli import clean_env, mailer
+
+
+def test_health_is_ok_with_redis_and_no_open_circuit(tmp_path: Path, redis_url: str) -> None:
+    """Redis answers, no relay is held: exit 0."""
+    result = mailer("health", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == ["redis: ok", "ok"]
+
+
+def test_health_is_degraded_while_a_relay_circuit_is_open_and_names_the_fix(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A wrong password held the relay: exit 1, and the line says what to fix and when the next probe is."""
+
+    async def trip() -> None:
+        redis = await connect(redis_url)
+        try:
+            circuit = RelayCircuit(redis, relay="smtp:relay.example.org:587", base_ms=60_000, cap_ms=60_000)
+            reply = "login refused: 535 5.7.8 bad credentials"
+            fault = RelayFault(reply, code=535, healable=False, setting="MAILER_SMTP_PASSWORD")
+            await circuit.trip(fault, now_ms=_now_ms())
+        finally:
+            await redis.aclose()
+
+    asyncio.run(trip())
+    result = mailer("health", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url})
+    assert result.returncode == 1, result.stderr
+    out = result.stdout.decode()
+    assert "relay smtp:relay.example.org:587: refused (waiting will not help)" in out
+    assert "fix MAILER_SMTP_PASSWORD" in out
+    assert "535 5.7.8 bad credentials" in out
+    assert out.strip().endswith("degraded")
+
+
+def test_health_is_down_without_redis(tmp_path: Path) -> None:
+    """Redis unreachable: exit 2 with one line, no traceback."""
+    env = {**clean_env(), "MAILER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = mailer("health", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr.decode()
+    assert result.stdout.decode().splitlines()[-1] == "down"
+    assert result.stdout.decode().startswith("redis: unreachable")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
