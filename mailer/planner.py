@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -147,14 +147,15 @@ class Planner:
             e.registration.id for e in events if isinstance(e, RegistrationCreated | RegistrationCancelled)
         ]
         regs: dict[str, StoredRegistration | None] = dict.fromkeys(reg_ids)
-        loaded_regs, unreadable = await _load_each(load_registrations, self.redis, reg_ids)
-        regs.update(loaded_regs)
+        loaded_regs = await load_registrations(self.redis, reg_ids)
+        regs.update(loaded_regs.found)
+        unreadable = dict(loaded_regs.unreadable)
         event_ids = [e.event.id for e in events if not isinstance(e, RegistrationCancelled)]
         event_ids += [r.event_id for r in regs.values() if r is not None and r.event_id]
         stored: dict[str, StoredEvent | None] = dict.fromkeys(event_ids)
-        loaded_events, unreadable_events = await _load_each(load_events, self.redis, event_ids)
-        stored.update(loaded_events)
-        unreadable |= {f"event {k}": v for k, v in unreadable_events.items()}
+        loaded_events = await load_events(self.redis, event_ids)
+        stored.update(loaded_events.found)
+        unreadable |= {f"event {k}": v for k, v in loaded_events.unreadable.items()}
 
         for incoming in events:
             try:
@@ -453,7 +454,7 @@ class Planner:
         active = await self.redis.scard(registrations_key(event_id))
         plan.count("send", kind, "*", n=int(active))
         sample = [m.decode() for m in await self.redis.srandmember(registrations_key(event_id), 5)]
-        for reg in (await load_registrations(self.redis, sample)).values():
+        for reg in (await load_registrations(self.redis, sample)).found.values():
             if reg.attendee:
                 plan.count("send", kind, reg.attendee.locale, reg.attendee.email, n=0)
 
@@ -502,32 +503,6 @@ class _Unplannable(Exception):
 
 
 _Loaded = TypeVar("_Loaded")
-
-
-async def _load_each(
-    load: Callable[[RedisClient, list[str]], Awaitable[dict[str, _Loaded]]],
-    redis: RedisClient,
-    ids: list[str],
-) -> tuple[dict[str, _Loaded], dict[str, Exception]]:
-    """Stored records by id, and the ones that cannot be read (written by hand, by an older
-    version) with why: one unreadable record must fail only the events that need it."""
-    try:
-        return await load(redis, ids), {}
-    except (RedisError, OSError):
-        raise
-    except Exception as exc:
-        # Find out which one(s), reading them one by one: rare, so the cost is fine.
-        logger.warning("a stored record of %d could not be read (%r); reading one by one", len(ids), exc)
-    loaded: dict[str, _Loaded] = {}
-    unreadable: dict[str, Exception] = {}
-    for record_id in dict.fromkeys(ids):
-        try:
-            loaded.update(await load(redis, [record_id]))
-        except (RedisError, OSError):
-            raise
-        except Exception as exc:
-            unreadable[record_id] = exc
-    return loaded, unreadable
 
 
 def _check_readable(

@@ -218,41 +218,38 @@ class QueueWorker(Worker):
         arq decodes each member as UTF-8 and turns its score into an int: a member that is
         not UTF-8, or a score of -inf, raises in its poll loop and kills the worker, and a
         score of 0 is skipped forever (enough of those fill every poll and starve the queue).
-        One extra round trip per poll, not per job.
+        arq reads the lowest scores first, so such entries lead its list; one range query per
+        poll (not one per job) finds them.
         """
         if job_ids:
             job_ids = await self._screen(job_ids)
         await super().start_jobs(job_ids)
 
     async def _screen(self, job_ids: list[bytes]) -> list[bytes]:
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.zscore(self.queue_name, job_id)
-            scores = await pipe.execute()
-        usable: list[bytes] = []
-        unusable: list[tuple[bytes, str]] = []
-        for job_id, score in zip(job_ids, scores, strict=True):
+        unusable: dict[bytes, str] = {}
+        for job_id in job_ids:
             try:
                 job_id.decode()
             except UnicodeDecodeError:
-                unusable.append((job_id, "its queue entry is not UTF-8"))
-                continue
-            if score is not None and not 1 <= score < _SCORE_LIMIT:
-                unusable.append((job_id, f"its queue score {score!r} is not a time in milliseconds"))
-                continue
-            usable.append(job_id)
-        if unusable:
-            async with self.pool.pipeline(transaction=False) as pipe:
-                for job_id, reason in unusable:
-                    pipe.zrem(self.queue_name, job_id)
-                    name = job_id.decode("utf-8", "replace")[:100]
-                    logger.warning("removed queue entry %r: %s", name, reason)
-                    rejection = _rejection(f"job {name!r} cannot be run: {reason}", b"")
-                    rejection_id = f"{_REJECTED_PREFIX}{uuid.uuid4().hex}"
-                    pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)
-                    pipe.zadd(self.queue_name, {rejection_id: rejection["et"]})
-                await pipe.execute()
-        return usable
+                unusable[job_id] = "its queue entry is not UTF-8"
+        untimed = await self.pool.zrangebyscore(
+            self.queue_name, "-inf", "(1", start=0, num=100, withscores=True
+        )
+        for job_id, score in untimed:
+            unusable.setdefault(job_id, f"its queue score {score!r} is not a time in milliseconds")
+        if not unusable:
+            return job_ids
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for job_id, reason in unusable.items():
+                pipe.zrem(self.queue_name, job_id)
+                name = job_id.decode("utf-8", "replace")[:100]
+                logger.warning("removed queue entry %r: %s", name, reason)
+                rejection = _rejection(f"job {name!r} cannot be run: {reason}", b"")
+                rejection_id = f"{_REJECTED_PREFIX}{uuid.uuid4().hex}"
+                pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)
+                pipe.zadd(self.queue_name, {rejection_id: rejection["et"]})
+            await pipe.execute()
+        return [job_id for job_id in job_ids if job_id not in unusable]
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         await super().finish_failed_job(job_id, result_data)
@@ -270,8 +267,6 @@ class QueueWorker(Worker):
 
 
 _REJECTED_PREFIX = "rejected:"
-# Scores are milliseconds since 1970; beyond 2**53 a float no longer holds whole numbers.
-_SCORE_LIMIT = 2**53
 
 
 def _arq_reason(result_data: bytes | None) -> str:

@@ -270,10 +270,16 @@ class Sender:
         now = self.clock()
         regs = dict(registrations or {})
         missing = [r.registration_id for r in refs if r.registration_id not in regs]
-        regs.update(await load_registrations(self.redis, missing))
+        loaded_regs = await load_registrations(self.redis, missing)
+        regs.update(loaded_regs.found)
         events = dict(events or {})
         missing = [r.event_id for r in regs.values() if r.event_id and r.event_id not in events]
-        events.update(await load_events(self.redis, missing))
+        loaded_events = await load_events(self.redis, missing)
+        events.update(loaded_events.found)
+        unreadable = {f"registration {k}": v for k, v in loaded_regs.unreadable.items()}
+        unreadable |= {f"event {k}": v for k, v in loaded_events.unreadable.items()}
+        for what, exc in unreadable.items():
+            logger.error("stored %s cannot be read, its messages fail: %s", what, exc)
         claims = await self.store.claim(refs, now_ms=ms(now), lease_ms=self.lease_ms)
 
         entries: list[LogEntry] = []
@@ -285,7 +291,8 @@ class Sender:
             reg = regs.get(claim.ref.registration_id)
             stored = events.get(reg.event_id) if reg and reg.event_id else None
             try:
-                job = self._prepare(claim, reg, stored, now, entries)
+                broken = _unreadable(claim.ref, reg, unreadable)
+                job = broken or self._prepare(claim, reg, stored, now, entries)
             except Exception as exc:
                 # A bug or data nobody foresaw: visible once, with its traceback, and final.
                 logger.exception("cannot build message %s", claim.ref.id)
@@ -564,6 +571,18 @@ class Sender:
             smtp_code=code,
             enhanced_code=enhanced,
         )
+
+
+def _unreadable(
+    ref: MessageRef, reg: StoredRegistration | None, unreadable: dict[str, Exception]
+) -> str | None:
+    """Why this message cannot be built from what is stored, if a record it needs is unreadable."""
+    for what in (f"registration {ref.registration_id}", f"event {reg.event_id if reg else ''}"):
+        if what in unreadable:
+            return f"stored {what} cannot be read: {type(unreadable[what]).__name__}: {unreadable[what]}"[
+                :500
+            ]
+    return None
 
 
 def _at(moment_ms: int) -> datetime:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from mailer.constants import (
     DUE_KEY,
@@ -138,28 +138,48 @@ def parse_schedule_member(member: str) -> tuple[str, str, str]:
     return event_id, kind, disc
 
 
-async def load_events(redis: RedisClient, event_ids: Iterable[str]) -> dict[str, StoredEvent]:
-    ids = list(dict.fromkeys(event_ids))
-    if not ids:
-        return {}
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Loaded(Generic[T]):
+    """Stored records by id, and the ones that cannot be read (written by an older version,
+    edited by hand) with why: one unreadable record must fail only the work that needs it."""
+
+    found: dict[str, T] = field(default_factory=dict)
+    unreadable: dict[str, Exception] = field(default_factory=dict)
+
+
+async def _load(
+    redis: RedisClient, keys: dict[str, str], decode: Callable[[str, dict[bytes, bytes]], T]
+) -> Loaded[T]:
+    loaded: Loaded[T] = Loaded()
+    if not keys:
+        return loaded
     async with redis.pipeline(transaction=False) as pipe:
-        for event_id in ids:
-            pipe.hgetall(event_key(event_id))
+        for key in keys.values():
+            pipe.hgetall(key)
         rows = await pipe.execute()
-    return {eid: StoredEvent.from_fields(row) for eid, row in zip(ids, rows, strict=True) if row}
+    for record_id, row in zip(keys, rows, strict=True):
+        if not row:
+            continue
+        try:
+            loaded.found[record_id] = decode(record_id, row)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValidationError is a ValueError
+            loaded.unreadable[record_id] = exc
+    return loaded
+
+
+async def load_events(redis: RedisClient, event_ids: Iterable[str]) -> Loaded[StoredEvent]:
+    keys = {eid: event_key(eid) for eid in event_ids}
+    return await _load(redis, keys, lambda _id, row: StoredEvent.from_fields(row))
 
 
 async def load_registrations(
     redis: RedisClient, registration_ids: Iterable[str]
-) -> dict[str, StoredRegistration]:
-    ids = list(dict.fromkeys(registration_ids))
-    if not ids:
-        return {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for rid in ids:
-            pipe.hgetall(registration_key(rid))
-        rows = await pipe.execute()
-    return {rid: StoredRegistration.from_fields(rid, row) for rid, row in zip(ids, rows, strict=True) if row}
+) -> Loaded[StoredRegistration]:
+    keys = {rid: registration_key(rid) for rid in registration_ids}
+    return await _load(redis, keys, StoredRegistration.from_fields)
 
 
 async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str]:

@@ -523,3 +523,38 @@ def test_an_arbitrary_greeting_is_a_relay_fault(greeting: bytes, make_settings: 
         return  # a greeting that happens to be valid: then an empty script means no reply
     assert isinstance(outcome, RelayFault) or outcome.detail.startswith(("timed out", "connection lost"))
     assert "internal error" not in outcome.detail
+
+
+async def test_a_stored_record_that_cannot_be_read_fails_its_messages_alone(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """An event or registration in Redis that no longer decodes (written by an older version,
+    edited by hand) fails the messages that need it, with the reason; the rest of the batch is sent."""
+    from mailer.events import parse_event
+    from mailer.planner import Planner
+    from mailer.scheduler import Scheduler
+    from mailer.store import event_key, registration_key
+
+    settings = await mail_worker(max_attempts=3)
+    other_event = {"id": "other-evening", "title": "Zweiter Abend"}
+    events = [
+        *_events(2, "s"),
+        make_event(event_id="s-x", registration_id="s-9", email="s9@example.org", event=other_event),
+    ]
+    redis = await connect(redis_url)
+    try:
+        await Planner(redis, default_offsets=settings.reminder_offsets).apply(
+            [parse_event(e) for e in events]
+        )
+        await redis.hset(event_key("other-evening"), "data", b"{not json")
+        await redis.hset(registration_key("s-1"), "c", b"yesterday")
+        await Scheduler(redis, batch_size=50).redrive_due(now_ms=int(time.time() * 1000) + 60_000)
+        entries = await log_until(
+            redis_url, lambda log: _statuses(log)["sent"] == 1 and _statuses(log)["failed"] == 2
+        )
+        failed = {e.registration_id: e.detail for e in entries if e.status == "failed"}
+        assert set(failed) == {"s-1", "s-9"}
+        assert all("cannot be read" in detail for detail in failed.values()), failed
+        assert [r.rcpt_tos[0] for r in smtp_server.handler.received] == ["s0@example.org"]
+    finally:
+        await redis.aclose()
