@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-import re
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -126,11 +125,6 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(exc)) from None
 
 
-def _masked(url: str) -> str:
-    """A Redis URL with its password masked, for output."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
-
-
 def _redis_url(settings: Settings) -> str:
     from mailer.embedded import resolve_redis_url
 
@@ -160,6 +154,7 @@ def worker() -> None:
     and stops it on exit. SIGTERM or Ctrl-C: finish the sends in flight, then exit 0.
     """
     from mailer.embedded import EmbeddedRedis
+    from mailer.queue import masked_url
     from mailer.worker import run
 
     settings = _settings()
@@ -175,7 +170,7 @@ def worker() -> None:
         if settings.smtp_host
         else f"Maildir outbox {settings.effective_outbox_dir.resolve()}"
     )
-    click.echo(f"mailer worker: Redis {_masked(url)}; mail goes to {where}", err=True)
+    click.echo(f"mailer worker: Redis {masked_url(url)}; mail goes to {where}", err=True)
     if embedded is not None:
         click.echo(
             "send the sample event from another terminal in this directory with:\n"

@@ -311,6 +311,11 @@ def redis_settings(url: str) -> RedisSettings:
     return settings
 
 
+def masked_url(url: str) -> str:
+    """A Redis URL with any password masked, for logs and messages."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 async def connect(url: str) -> ArqRedis:
     """A Redis pool that speaks mailer's job format (JSON, mailer's queue).
 
@@ -329,8 +334,8 @@ async def connect(url: str) -> ArqRedis:
             default_queue_name=QUEUE_NAME,
         )
     except (RedisError, OSError) as exc:  # OSError includes TimeoutError
-        where = re.sub(r"//[^@/]*@", "//***@", url)
-        raise QueueUnavailable(f"cannot reach Redis at {where}: {exc or type(exc).__name__}") from exc
+        reason = exc or type(exc).__name__
+        raise QueueUnavailable(f"cannot reach Redis at {masked_url(url)}: {reason}") from exc
     connections = pool.connection_pool
     faster = _HIREDIS_PACKING.get(connections.connection_class)
     if faster is not None:

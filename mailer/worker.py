@@ -123,7 +123,7 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
                 redis = await connect(redis_url)
                 await redis.ping()
             except REDIS_DOWN as exc:
-                logger.warning("Redis at %s unreachable (%s); retrying in %.1fs", redis_url, exc, delay)
+                logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
                 delay = min(delay * 2, 10)
