@@ -12,6 +12,7 @@ import time
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -37,24 +38,27 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
 
 
+def start_embedded_worker(directory: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """`mailer worker` with nothing configured, in `directory`, with a sample event beside it;
+    returns once its private Redis answers."""
+    (directory / "registration.json").write_bytes(orjson.dumps(make_event()))
+    popen.setdefault("stdout", subprocess.PIPE)
+    command = [sys.executable, "-m", "mailer", "worker"]
+    worker = subprocess.Popen(command, cwd=directory, env=clean_env(), stderr=subprocess.PIPE, **popen)
+    deadline = time.monotonic() + 20
+    while not is_running(socket_path(directory / "var")):
+        assert worker.poll() is None, worker.stderr.read() if worker.stderr else b""
+        assert time.monotonic() < deadline, "the embedded Redis did not start"
+        time.sleep(0.05)
+    return worker
+
+
 def test_embedded_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
     """`mailer worker` with nothing configured: private Redis and Maildir under ./var; enqueue finds
     them without a URL; Ctrl-C stops the worker and the Redis it started."""
-    (tmp_path / "registration.json").write_bytes(orjson.dumps(make_event()))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "mailer", "worker"],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    worker = start_embedded_worker(tmp_path)
     try:
-        sock = socket_path(tmp_path / "var")
         deadline = time.monotonic() + 20
-        while not is_running(sock):
-            assert worker.poll() is None, worker.stderr.read() if worker.stderr else b""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         result = mailer("enqueue", "registration.json", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert b"enqueued 1 event(s)" in result.stderr
@@ -84,7 +88,7 @@ def test_embedded_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
         _out, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert b"Maildir outbox" in err
-    assert not is_running(sock)
+    assert not is_running(socket_path(tmp_path / "var"))
 
 
 def test_enqueue_reports_each_bad_line_and_enqueues_the_rest(tmp_path: Path, redis_url: str) -> None:

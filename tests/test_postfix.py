@@ -145,8 +145,6 @@ async def test_wrong_password_holds_the_queue_until_it_is_fixed(
         relay,
         **relay.worker_env(MAILER_SMTP_PASSWORD=wrong),
         MAILER_MAX_ATTEMPTS="3",
-        MAILER_RELAY_PROBE_BASE_SECONDS="0.5",
-        MAILER_RELAY_PROBE_MAX_SECONDS="2",
     )
     await publish(redis_url, events)
 
@@ -176,8 +174,6 @@ async def test_plaintext_against_a_relay_that_requires_starttls_holds_the_queue(
         relay,
         **relay.worker_env(MAILER_SMTP_SECURITY="none", MAILER_SMTP_ALLOW_PLAINTEXT_AUTH="true"),
         MAILER_MAX_ATTEMPTS="3",
-        MAILER_RELAY_PROBE_BASE_SECONDS="0.5",
-        MAILER_RELAY_PROBE_MAX_SECONDS="2",
     )
     await publish(redis_url, registrations(5, relay, "plain"))
 
@@ -202,8 +198,6 @@ async def test_an_untrusted_certificate_holds_the_queue_and_names_the_fix(
         relay,
         **env,
         MAILER_MAX_ATTEMPTS="2",
-        MAILER_RELAY_PROBE_BASE_SECONDS="0.5",
-        MAILER_RELAY_PROBE_MAX_SECONDS="2",
     )
     await publish(redis_url, registrations(3, relay, "cert"))
     entries = await no_failed_for(redis_url, 6)

@@ -7,18 +7,13 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import orjson
-
-from mailer.embedded import is_running, socket_path
 from mailer.transport import MaildirTransport
-from tests.conftest import make_event
-from tests.test_cli import clean_env, mailer
+from tests.test_cli import mailer, start_embedded_worker
 
 
 @contextmanager
@@ -62,22 +57,9 @@ def assert_private(found: dict[str, tuple[str, int]]) -> None:
 def test_embedded_defaults_keep_var_private_under_a_permissive_umask(tmp_path: Path) -> None:
     """`mailer worker` on embedded defaults, started with umask 000: var/ and every folder in it
     are 0700, the Redis AOF and log and every outbox mail 0600, the socket closed to others."""
-    (tmp_path / "registration.json").write_bytes(orjson.dumps(make_event()))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "mailer", "worker"],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        umask=0o000,
-    )
+    worker = start_embedded_worker(tmp_path, stdout=subprocess.DEVNULL, umask=0o000)
     try:
-        sock = socket_path(tmp_path / "var")
         deadline = time.monotonic() + 20
-        while not is_running(sock):
-            assert worker.poll() is None, worker.stderr.read() if worker.stderr else b""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         assert mailer("enqueue", "registration.json", cwd=tmp_path).returncode == 0
         outbox = mailbox.Maildir(tmp_path / "var" / "outbox", create=False)
         while len(outbox) == 0:
