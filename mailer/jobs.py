@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from arq.worker import Retry
@@ -16,6 +18,7 @@ from mailer.events import IncomingEvent, parse_event
 from mailer.inbox import Inbox
 from mailer.messages import MessageRef
 from mailer.planner import Planner
+from mailer.queue import REDIS_DOWN
 from mailer.scheduler import Scheduler
 from mailer.sender import Sender
 
@@ -35,6 +38,34 @@ class App:
     scheduler: Scheduler
     inbox: Inbox
     log: DeliveryLog
+
+
+Job = Callable[..., Coroutine[Any, Any, Any]]
+
+
+def _outlasts_redis(then: Literal["retry", "skip"]) -> Callable[[Job], Job]:
+    """Redis vanishing under a job is an outage, not a bug: one warning line, no traceback.
+
+    "retry": arq runs the job again (once Redis is back); "skip": the next tick does the work
+    anyway (the tick itself, an inbox drain whose events stay in the inbox).
+    """
+
+    def wrap(job: Job) -> Job:
+        @functools.wraps(job)
+        async def outlasting(ctx: dict[str, Any], **kwargs: Any) -> Any:
+            try:
+                return await job(ctx, **kwargs)
+            except REDIS_DOWN as exc:
+                logger.warning(
+                    "%s job %s interrupted, Redis went away: %r", job.__name__, ctx.get("job_id"), exc
+                )
+                if then == "retry":
+                    raise Retry(defer=2) from exc
+                return None
+
+        return outlasting
+
+    return wrap
 
 
 def _app(ctx: dict[str, Any]) -> App:
@@ -66,6 +97,7 @@ async def ingest(ctx: dict[str, Any], *, events: list[Any]) -> dict[str, int]:
         raise Retry(defer=_retry_delay(tries)) from exc
 
 
+@_outlasts_redis("skip")
 async def drain(ctx: dict[str, Any]) -> dict[str, int]:
     """Apply the single events publish() put in the inbox, batch by batch (mailer.inbox)."""
     app = _app(ctx)
@@ -99,6 +131,7 @@ async def _apply_and_send(app: App, events: list[Any]) -> dict[str, int]:
     return {"events": len(valid), "rejected": len(rejected), "sent": _count(outcomes, "sent")}
 
 
+@_outlasts_redis("retry")
 async def send(ctx: dict[str, Any], *, messages: list[str]) -> dict[str, int]:
     """Deliver a batch of messages by id (from a fan-out, a retry, or `mailer retry`)."""
     app = _app(ctx)
@@ -126,6 +159,7 @@ async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int 
         raise Retry(defer=_retry_delay(tries)) from exc
 
 
+@_outlasts_redis("skip")
 async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") -> None:
     """Stands in for a job that could not be read (see mailer.queue.deserialize); never retried."""
     app = _app(ctx)
@@ -135,6 +169,7 @@ async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") ->
     await app.log.write([_rejected(app.log, detail)])
 
 
+@_outlasts_redis("skip")
 async def tick(ctx: dict[str, Any]) -> dict[str, int]:
     """Every second: start due fan-outs, re-drive due or stranded messages, unstick the inbox."""
     app = _app(ctx)

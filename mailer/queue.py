@@ -20,6 +20,8 @@ from arq.worker import Worker
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
 from mailer.constants import ID_PATTERN, QUEUE_NAME
@@ -309,6 +311,16 @@ def redis_settings(url: str) -> RedisSettings:
     settings.conn_timeout = 2
     settings.conn_retries = 0
     return settings
+
+
+# What a Redis that went away raises (redis-py's errors, and sockets'); QueueUnavailable is a
+# ConnectionError too. The worker reconnects after these; a job hit by one is not a bug.
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+)
 
 
 def masked_url(url: str) -> str:

@@ -11,14 +11,22 @@ from typing import Any, TextIO
 
 from arq.cron import cron
 from arq.worker import Worker, func
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer import jobs
 from mailer.deliverylog import DeliveryLog
 from mailer.inbox import Inbox
 from mailer.planner import Clock, Planner, utc_now
-from mailer.queue import DRAIN, FAN_OUT, INGEST, REJECT, SEND, QueueWorker, connect, worker_options
+from mailer.queue import (
+    DRAIN,
+    FAN_OUT,
+    INGEST,
+    REDIS_DOWN,
+    REJECT,
+    SEND,
+    QueueWorker,
+    connect,
+    worker_options,
+)
 from mailer.render import Renderer
 from mailer.scheduler import Scheduler
 from mailer.sender import Sender
@@ -26,9 +34,6 @@ from mailer.settings import Settings
 from mailer.transport import Transport, build_transport
 
 logger = logging.getLogger("mailer.worker")
-
-# Redis errors that mean "the server went away", after which the worker reconnects.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 def build_worker(
@@ -155,12 +160,23 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
 
 
 async def _drain(worker: Worker, grace: float) -> None:
-    """Let running jobs (and their sends in flight) finish, up to `grace` seconds."""
-    tasks = [t for t in worker.tasks.values() if not t.done()]
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=grace)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=2)
+    """Let running jobs (and their sends in flight) finish, up to `grace` seconds.
+
+    After Redis went away, arq's own bookkeeping at the end of a job fails too; those
+    failures are collected here (one line), not left to asyncio's "exception never retrieved".
+    """
+    tasks = list(worker.tasks.values())
+    running = [t for t in tasks if not t.done()]
+    if running:
+        _, pending = await asyncio.wait(running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+    unfinished = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if unfinished:
+        logger.warning(
+            "%d job(s) could not record their end (%r); their work is re-driven from mailer's own state",
+            len(unfinished),
+            unfinished[0].exception(),
+        )

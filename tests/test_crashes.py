@@ -9,6 +9,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from mailer.client import MailerClient
 from mailer.queue import connect
 from mailer.throttle import Throttle
@@ -78,13 +80,16 @@ async def test_sigterm_finishes_sends_in_flight_and_exits_zero(
 async def test_redis_killed_under_a_running_worker(
     own_redis: Any, smtp_server: Any, worker_process: Any
 ) -> None:
-    """Redis dies hard and comes back: the same worker process reconnects; queued and new mail all arrive."""
+    """Redis dies hard in the middle of a burst and comes back: the same worker process reconnects,
+    queued and new mail all arrive, and its log says so in one line per event, without a traceback."""
+    smtp_server.handler.delay = 0.01  # stretch the burst so Redis dies under running jobs
     worker = worker_process(own_redis.url, smtp_server)
     pid = worker.process.pid
     async with MailerClient(own_redis.url) as client:
         await client.publish_many(burst(100, "a"))
+    await wait_for(lambda: len(smtp_server.handler.received) >= 10, 30, 0.02)
     own_redis.kill()
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.5)  # the outage itself
     assert worker.alive
     own_redis.start()
     async with MailerClient(own_redis.url) as client:
@@ -92,6 +97,8 @@ async def test_redis_killed_under_a_running_worker(
     await wait_for(lambda: len({r.rcpt_tos[0] for r in smtp_server.handler.received}) == 150, 60, 0.1)
     assert worker.alive
     assert worker.process.pid == pid
+    log = worker.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 async def test_enqueue_fails_clearly_when_redis_is_unreachable(tmp_path: Any) -> None:
@@ -213,3 +220,38 @@ async def test_a_planned_message_whose_job_was_lost_is_redriven(
         await redis.aclose()
     await running_worker(settings)
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
+
+
+async def test_a_job_hit_by_a_redis_outage_is_one_warning_not_a_traceback(
+    own_redis: Any, make_settings: Any, caplog: Any
+) -> None:
+    """Redis gone under the tick, a send or a drain: a warning line and a retry (send) or the next
+    tick (tick, drain); never an exception for arq to log with a traceback."""
+    import logging
+
+    from arq.worker import Retry
+
+    from mailer import jobs
+    from mailer.render import Renderer
+    from mailer.transport import build_transport
+    from mailer.worker import build_worker
+
+    settings = make_settings(redis_url=own_redis.url)
+    redis = await connect(own_redis.url)
+    worker = build_worker(
+        settings, redis, transport=build_transport(settings), renderer=Renderer(None), echo=None
+    )
+    ctx: dict[str, Any] = {"job_id": "j-1"}
+    assert worker.on_startup is not None
+    await worker.on_startup(ctx)
+    own_redis.kill()
+    caplog.set_level(logging.WARNING, logger="mailer.jobs")
+    try:
+        assert await jobs.tick(ctx) is None
+        assert await jobs.drain(ctx) is None
+        with pytest.raises(Retry):
+            await jobs.send(ctx, messages=["reg-1/confirmation"])
+    finally:
+        await redis.aclose()
+    warnings = [r.getMessage() for r in caplog.records if "Redis went away" in r.getMessage()]
+    assert len(warnings) == 3, warnings
