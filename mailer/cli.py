@@ -425,7 +425,8 @@ def retry(
     since: Offset | None,
 ) -> None:
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
-    from mailer.deliverylog import DeliveryLog, LogEntry, now_iso, read_log
+    from mailer.clock import iso, utc_now
+    from mailer.deliverylog import DeliveryLog, LogEntry, read_log
     from mailer.messages import MessageRef, MessageState
     from mailer.queue import SEND, Enqueuer, connect
     from mailer.store import MessageStore
@@ -465,7 +466,7 @@ def retry(
                     log.add(
                         pipe,
                         LogEntry(
-                            ts=now_iso(),
+                            ts=iso(utc_now()),
                             status="redriven",
                             message_id=ref.id,
                             kind=ref.kind,

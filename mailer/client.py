@@ -157,11 +157,12 @@ class MailerClient:
         the mail: "WHERE: FIELD: REASON; ..." in the detail, the record's event id where it
         had one. Every intake (publish, publish_many, `mailer enqueue`) refuses through here.
         """
-        from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+        from mailer.clock import iso, utc_now
+        from mailer.deliverylog import DeliveryLog, LogEntry
 
         entries = [
             LogEntry(
-                ts=now_iso(),
+                ts=iso(utc_now()),
                 status="rejected",
                 detail=f"{where}: {exc}",
                 source_event=exc.event_id or "",

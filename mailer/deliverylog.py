@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import orjson
 
+from mailer.clock import Clock, from_ms, iso, utc_now
 from mailer.constants import LOG_STREAM
 
 RedisClient = Any  # see mailer.store.RedisClient
@@ -46,20 +47,27 @@ class LogEntry:
         return cls(**{k: v for k, v in data.items() if k in cls.__slots__})
 
 
-def now_iso(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="milliseconds")
-
-
 class DeliveryLog:
     """Appends entries to the stream (trimmed to `max_entries`) and echoes them to stdout."""
 
     def __init__(
-        self, redis: RedisClient, *, max_entries: int, echo: TextIO | None = sys.stdout, worker: str = ""
+        self,
+        redis: RedisClient,
+        *,
+        max_entries: int,
+        echo: TextIO | None = sys.stdout,
+        worker: str = "",
+        clock: Clock = utc_now,
     ) -> None:
         self.redis = redis
         self.max_entries = max_entries
         self.echo = echo
         self.worker = worker
+        self.clock = clock
+
+    def now(self) -> str:
+        """The timestamp for an entry written now."""
+        return iso(self.clock())
 
     def add(self, pipe: Any, entry: LogEntry) -> None:
         """Queue the entry on a pipeline that the caller executes with its state writes."""
@@ -134,7 +142,7 @@ def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> LogEntry:
     )
     millis = int(entry_id.split(b"-", 1)[0])
     return LogEntry(
-        ts=now_iso(datetime.fromtimestamp(millis / 1000, UTC)),
+        ts=iso(from_ms(millis)),
         status="foreign",
         detail=f"stream entry {entry_id.decode()} was not written by mailer: {shown[:200]}",
     )

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mailer.clock import Clock, ms, utc_now
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, INBOX_SEQ_KEY, QUEUE_NAME
 from mailer.queue import INGEST, JOB_EXPIRY_MS, REDIS_NOW_MS, batch_job_id, job_body, job_key
 from mailer.store import RedisClient
@@ -130,8 +131,9 @@ Process = Callable[[list[bytes]], Awaitable[Any]]
 class Inbox:
     """Both ends of the inbox: `push` for producers, `drain` and `rearm` for workers."""
 
-    def __init__(self, redis: RedisClient) -> None:
+    def __init__(self, redis: RedisClient, *, clock: Clock = utc_now) -> None:
         self.redis = redis
+        self.clock = clock
         self._push = redis.register_script(PUSH_SCRIPT)
         self._rearm = redis.register_script(REARM_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
@@ -214,7 +216,7 @@ class Inbox:
 
     async def _spill_batch(self, token: str, raws: list[bytes]) -> bool:
         job_id = batch_job_id("events:", raws)
-        now = int(time.time() * 1000)
+        now = ms(self.clock())
         # As JSON text: the ingest job validates each (parse_event takes text), so a record
         # that is not JSON is rejected there with a log entry, not the whole batch here.
         payload = [raw.decode("utf-8", "replace") for raw in raws]

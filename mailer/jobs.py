@@ -12,7 +12,7 @@ from typing import Any, Literal
 import orjson
 from arq.worker import Retry
 
-from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+from mailer.deliverylog import DeliveryLog, LogEntry
 from mailer.errors import InvalidEvent
 from mailer.events import IncomingEvent, parse_event
 from mailer.inbox import Inbox
@@ -74,7 +74,7 @@ def _app(ctx: dict[str, Any]) -> App:
 
 
 def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
-    return LogEntry(ts=now_iso(), status="rejected", detail=detail, worker=log.worker, **fields)
+    return LogEntry(ts=log.now(), status="rejected", detail=detail, worker=log.worker, **fields)
 
 
 async def ingest(ctx: dict[str, Any], *, events: list[Any]) -> dict[str, int]:

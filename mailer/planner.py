@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
+from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import DUE_KEY, SCHEDULE_KEY
-from mailer.deliverylog import LogEntry, now_iso
+from mailer.deliverylog import LogEntry
 from mailer.durations import Offset
 from mailer.events import (
     Event,
@@ -39,17 +39,8 @@ from mailer.store import (
 
 logger = logging.getLogger("mailer.planner")
 
-Clock = Callable[[], datetime]
 # A planned message is looked at again if nobody sent it this long after it was due.
 RECHECK_GRACE = timedelta(seconds=30)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
 
 
 def visible_changes(old: Event, new: Event) -> list[str]:
@@ -480,7 +471,7 @@ class Planner:
         event_id: str = "",
     ) -> LogEntry:
         return LogEntry(
-            ts=now_iso(self.clock()),
+            ts=iso(self.clock()),
             status=status,
             message_id=ref.id if ref else "",
             kind=ref.kind if ref else "",

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
+from mailer.clock import Clock, ms, utc_now
 from mailer.constants import ID_PATTERN, QUEUE_NAME
 from mailer.durations import reminder_offset
 
@@ -423,8 +424,9 @@ return added
 class Enqueuer:
     """Puts jobs on the queue, many per round trip; returns how many were new."""
 
-    def __init__(self, redis: ArqRedis) -> None:
+    def __init__(self, redis: ArqRedis, *, clock: Clock = utc_now) -> None:
         self.redis = redis
+        self.clock = clock
         self._script = redis.register_script(_ENQUEUE_SCRIPT)
 
     async def enqueue(
@@ -435,7 +437,7 @@ class Enqueuer:
         chunk: int = 200,
     ) -> int:
         """Enqueue (job_id, function, kwargs) triples, due now or at `run_at_ms`."""
-        now = int(time.time() * 1000)
+        now = ms(self.clock())
         score: int | str = run_at_ms if run_at_ms is not None else ""
         added = 0
         async with self.redis.pipeline(transaction=False) as pipe:

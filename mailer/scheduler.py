@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from mailer.clock import Clock, ms, utc_now
 from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
 from mailer.messages import MessageRef
-from mailer.planner import Clock, ms, reminder_disc, utc_now
+from mailer.planner import reminder_disc
 from mailer.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
 from mailer.store import (
     UNSCHEDULE_IF_SCRIPT,
@@ -33,7 +34,7 @@ class Scheduler:
         self.redis = redis
         self.batch_size = batch_size
         self.clock = clock
-        self.enqueuer = Enqueuer(redis)
+        self.enqueuer = Enqueuer(redis, clock=clock)
         self.store = MessageStore(redis)
         self._unschedule_if = redis.register_script(UNSCHEDULE_IF_SCRIPT)
 

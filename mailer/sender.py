@@ -14,8 +14,9 @@ from email.utils import parseaddr
 from typing import Any
 
 from mailer.circuit import Gate, RelayCircuit
+from mailer.clock import Clock, from_ms, iso, ms, utc_now
 from mailer.compose import Address, Attachment, MailParts, compose
-from mailer.deliverylog import DeliveryLog, LogEntry, now_iso
+from mailer.deliverylog import DeliveryLog, LogEntry
 from mailer.durations import Offset
 from mailer.errors import (
     DeliveryError,
@@ -26,7 +27,6 @@ from mailer.errors import (
 )
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
 from mailer.messages import MessageRef, MessageState
-from mailer.planner import Clock, ms, utc_now
 from mailer.render import CALENDAR_FILENAMES, Renderer, SharedRenderer, build_context, event_view
 from mailer.retry import RetryPolicy
 from mailer.settings import Settings
@@ -441,7 +441,7 @@ class Sender:
                 continue
             writes.append((claim.ref, MessageState("held", claim.attempt - 1, claim.since_ms, now_ms, at)))
             if claim.previous != "held":  # log the hold once, not at every look
-                detail = f"{why}; held until {now_iso(_at(at))}, attempt not counted"
+                detail = f"{why}; held until {iso(from_ms(at))}, attempt not counted"
                 entries.append(self._entry(claim, job.registration, job.event, "held", detail, now))
         await self._record(writes, entries)
         logger.info("holding %d message(s) until %d (%s)", len(jobs), until_ms, why)
@@ -512,7 +512,7 @@ class Sender:
         deadline = self._deadline_ms(claim, stored)
         if isinstance(result, RelayFault) and hold_until_ms is not None and hold_until_ms < deadline:
             state = MessageState("held", claim.attempt - 1, claim.since_ms, ms(now), hold_until_ms)
-            until = now_iso(_at(hold_until_ms))
+            until = iso(from_ms(hold_until_ms))
             detail = f"relay unavailable ({detail}); held until {until}, attempt not counted"
             return state, self._entry(claim, reg, stored, "held", detail, now, code, enhanced)
         if isinstance(result, UncertainDeliveryError):
@@ -558,7 +558,7 @@ class Sender:
         enhanced: str | None = None,
     ) -> LogEntry:
         return LogEntry(
-            ts=now_iso(now),
+            ts=iso(now),
             status=status,
             message_id=claim.ref.id,
             kind=claim.ref.kind,
@@ -583,7 +583,3 @@ def _unreadable(
                 :500
             ]
     return None
-
-
-def _at(moment_ms: int) -> datetime:
-    return datetime.fromtimestamp(moment_ms / 1000, tz=UTC)

@@ -13,9 +13,10 @@ from arq.cron import cron
 from arq.worker import Worker, func
 
 from mailer import jobs
+from mailer.clock import Clock, utc_now
 from mailer.deliverylog import DeliveryLog
 from mailer.inbox import Inbox
-from mailer.planner import Clock, Planner, utc_now
+from mailer.planner import Planner
 from mailer.queue import (
     DRAIN,
     FAN_OUT,
@@ -54,6 +55,7 @@ def build_worker(
             max_entries=settings.log_max_entries,
             echo=echo if settings.print_outcomes else None,
             worker=settings.worker_name,
+            clock=clock,
         )
         ctx["app"] = jobs.App(
             planner=Planner(
@@ -63,7 +65,7 @@ def build_worker(
                 redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
             ),
             scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock),
-            inbox=Inbox(redis),
+            inbox=Inbox(redis, clock=clock),
             log=log,
         )
 

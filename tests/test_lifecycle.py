@@ -12,6 +12,7 @@ from mailer.client import MailerClient
 from mailer.durations import Offset
 from mailer.planner import Planner
 from mailer.queue import connect
+from tests.clocks import SettableClock
 from tests.conftest import BERLIN, make_event, wait_for
 from tests.test_confirmation import log_entries
 
@@ -25,21 +26,63 @@ def calendar_of(received: Any) -> Any:
     return icalendar.Calendar.from_ical(part.get_content())
 
 
+async def clocked_worker(
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
+) -> tuple[Any, SettableClock]:
+    """An in-process worker whose time is a SettableClock the test moves."""
+    clock = SettableClock()
+    settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
+    return await running_worker(settings, clock=clock), clock
+
+
+async def ticked(worker: Any) -> None:
+    """Wait until a per-second tick that started after this call has finished: whatever was due
+    at the clock's time has been fanned out. With nothing else queued, ticks are the jobs."""
+    done = worker.jobs_complete
+    await wait_for(lambda: worker.jobs_complete >= done + 2, 10)
+
+
+async def fanned_out(redis_url: str, clock: SettableClock) -> None:
+    """Wait until nothing is due in the schedule at the clock's time and no fan-out or send job
+    is queued or running: whatever the due entries called for has been sent or found empty."""
+    from mailer.clock import ms
+
+    redis = await connect(redis_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            due = await redis.zcount("mailer:schedule", "-inf", ms(clock.now))
+            jobs = [k async for k in redis.scan_iter(match="arq:job:*") if not k.startswith(b"arq:job:cron:")]
+            if not due and not jobs:
+                return
+            assert asyncio.get_running_loop().time() < deadline, (due, jobs[:5])
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
+
+
 async def test_reminder_falls_due_and_carries_the_join_link(
-    redis_url: str, smtp_server: Any, mail_worker: Any
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
 ) -> None:
-    """An event one hour and a few seconds away: the one-hour reminder arrives seconds later."""
-    await mail_worker()
-    start = datetime.now(UTC) + timedelta(hours=1, seconds=3)
+    """Each reminder goes out when the clock reaches its time, not a second before; the one an
+    hour before carries the join link."""
+    worker, clock = await clocked_worker(redis_url, smtp_server, make_settings, running_worker)
+    start = (clock.now + timedelta(days=3)).replace(microsecond=0)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=start, reminder_offsets=["PT1H", "P1D"]))
-    await wait_for(
-        lambda: kinds(smtp_server, "maria.mueller@example.org") == ["confirmation", "reminder"], 15
-    )
-    reminder = smtp_server.handler.to("maria.mueller@example.org")[1].message
-    text = reminder.get_body(("plain",)).get_content()
-    assert "https://meet.example.org/weltoffen" in text
-    assert "einer Stunde" in reminder["Subject"]
+    to_maria = "maria.mueller@example.org"
+    await wait_for(lambda: kinds(smtp_server, to_maria) == ["confirmation"])
+    clock.set(start - timedelta(days=1, seconds=1))  # a second before the day-before reminder
+    await ticked(worker)
+    assert kinds(smtp_server, to_maria) == ["confirmation"]
+    clock.set(start - timedelta(days=1))
+    await wait_for(lambda: kinds(smtp_server, to_maria) == ["confirmation", "reminder"], 15)
+    clock.set(start - timedelta(hours=1))
+    await wait_for(lambda: kinds(smtp_server, to_maria) == ["confirmation", "reminder", "reminder"], 15)
+    day_before, hour_before = (m.message for m in smtp_server.handler.to(to_maria)[1:])
+    assert "morgen" in day_before["Subject"]
+    assert "https://meet.example.org/weltoffen" in hour_before.get_body(("plain",)).get_content()
+    assert "einer Stunde" in hour_before["Subject"]
 
 
 async def test_late_registration_gets_no_reminder_it_registered_after(
@@ -59,11 +102,12 @@ async def test_late_registration_gets_no_reminder_it_registered_after(
 
 
 async def test_registration_cancelled_sends_notice_and_stops_reminders(
-    redis_url: str, smtp_server: Any, mail_worker: Any
+    redis_url: str, smtp_server: Any, make_settings: Any, running_worker: Any
 ) -> None:
-    """A cancellation confirms itself with a METHOD:CANCEL calendar; the due reminder is not sent."""
-    await mail_worker()
-    start = datetime.now(UTC) + timedelta(hours=1, seconds=3)
+    """A cancellation confirms itself with a METHOD:CANCEL calendar; its reminder is not sent
+    when the clock passes the reminder's time."""
+    _worker, clock = await clocked_worker(redis_url, smtp_server, make_settings, running_worker)
+    start = (clock.now + timedelta(days=3)).replace(microsecond=0)
     async with MailerClient(redis_url) as client:
         await client.publish(make_event(starts_at=start, reminder_offsets=["PT1H"]))
         await wait_for(lambda: len(smtp_server.handler.received) == 1)
@@ -76,7 +120,8 @@ async def test_registration_cancelled_sends_notice_and_stops_reminders(
             }
         )
     await wait_for(lambda: len(smtp_server.handler.received) == 2)
-    await asyncio.sleep(4)  # past the reminder's due time
+    clock.set(start - timedelta(minutes=30))  # past the reminder's time
+    await fanned_out(redis_url, clock)
     assert kinds(smtp_server, "maria.mueller@example.org") == ["confirmation", "registration_cancelled"]
     confirmation, notice = smtp_server.handler.received
     cancel = calendar_of(notice)
