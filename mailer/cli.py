@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from mailer.constants import MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
@@ -502,9 +503,7 @@ def _user() -> str:
 @main.command()
 @click.argument(
     "kind",
-    type=click.Choice(
-        ["confirmation", "reminder", "registration_cancelled", "event_changed", "event_cancelled"]
-    ),
+    type=click.Choice(MESSAGE_KINDS),
 )
 @click.option(
     "--event",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
@@ -52,11 +52,6 @@ def visible_changes(old: Event, new: Event) -> list[str]:
         if getattr(old, name) != getattr(new, name):
             changed.append(name)
     return changed
-
-
-def reminder_disc(offset: Offset, due: datetime) -> str:
-    """Part of a reminder's message id: a moved event gets new reminders, an unchanged one not."""
-    return f"{offset.iso}/{due.astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
 
 @dataclass(slots=True)

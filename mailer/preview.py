@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from mailer.durations import Offset
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
+from mailer.kinds import KINDS
 from mailer.messages import MessageRef
-from mailer.planner import reminder_disc
 from mailer.render import Renderer, all_kinds_and_locales
 from mailer.sender import Built, MessageBuilder
 from mailer.settings import Settings
@@ -67,21 +66,17 @@ def preview(
     if locale:
         attendee = attendee.model_copy(update={"locale": locale})
     event = incoming.event
+    row = KINDS[kind]  # type: ignore[index]
     stored = StoredEvent(
         event=event,
-        version=2 if kind == "event_changed" else 1,
+        version=row.preview_version,
         occurred_ms=0,
-        status="cancelled" if kind == "event_cancelled" else "active",
-        previous=_previous(event) if kind == "event_changed" else None,
+        status=row.event or "active",
+        previous=_previous(event) if row.shows_changes else None,
     )
-    reg = StoredRegistration(incoming.registration.id, attendee, event.id, "active", 0, 0)
-    disc = ""
-    if kind == "reminder":
-        offset = (event.offsets(settings.reminder_offsets) or (Offset.parse("P1D"),))[0]
-        disc = reminder_disc(offset, offset.before(event.starts_at, event.timezone))
-    elif kind == "event_changed":
-        disc = "v2"
-    ref = MessageRef(reg.id, kind, disc)  # type: ignore[arg-type]
+    reg = StoredRegistration(incoming.registration.id, attendee, event.id, row.registration, 0, 0)
+    disc = row.preview_disc(event, settings.reminder_offsets) if row.preview_disc else ""
+    ref = MessageRef(reg.id, row.name, disc)
     builder = MessageBuilder(settings=settings, renderer=Renderer(settings.template_dir))
     now = datetime.now(UTC)
     return builder.build(ref, reg, stored, now), attendee.locale

@@ -27,6 +27,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import ID_PATTERN, QUEUE_NAME
 from mailer.durations import reminder_offset
+from mailer.kinds import FANNED_OUT
 
 logger = logging.getLogger("mailer.queue")
 
@@ -92,10 +93,8 @@ def _schedule_member(value: str) -> str:
     _, kind, disc = parts
     if kind == "reminder":
         reminder_offset(disc)
-    elif kind not in ("event_changed", "event_cancelled") or len(disc) > 40 or "/" in disc:
-        raise ValueError(
-            f"{kind!r} is not a kind that is fanned out (reminder, event_changed, event_cancelled)"
-        )
+    elif kind not in FANNED_OUT or len(disc) > 40 or "/" in disc:
+        raise ValueError(f"{kind!r} is not a kind that is fanned out ({', '.join(sorted(FANNED_OUT))})")
     return value
 
 

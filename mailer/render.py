@@ -25,6 +25,7 @@ from mailer.constants import LOCALES, MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import TemplateError
 from mailer.events import Attendee, Event
+from mailer.kinds import KINDS
 
 PARTS = ("subject", "text", "html")
 _FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
@@ -305,11 +306,7 @@ def build_context(
     has_calendar: bool = False,
 ) -> dict[str, Any]:
     """The variables every template gets (see templates/README.md)."""
-    # Reminders and change notices always carry the link; the confirmation unless the event
-    # keeps it back (join_url_in_confirmation: false); cancellations never.
-    show_join = kind in ("reminder", "event_changed") or (
-        kind == "confirmation" and event.join_url_in_confirmation
-    )
+    show_join = KINDS[kind].shows_join_link(event)  # type: ignore[index]
     return {
         "locale": locale,
         "kind": kind,

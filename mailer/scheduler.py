@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
+from mailer.kinds import reminder_disc
 from mailer.messages import MessageRef
-from mailer.planner import reminder_disc
 from mailer.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
 from mailer.store import (
     UNSCHEDULE_IF_SCRIPT,

@@ -9,7 +9,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import parseaddr
 from typing import Any
 
@@ -17,7 +17,6 @@ from mailer.circuit import Gate, RelayCircuit
 from mailer.clock import Clock, from_ms, iso, ms, utc_now
 from mailer.compose import Address, Attachment, MailParts, compose
 from mailer.deliverylog import DeliveryLog, LogEntry
-from mailer.durations import Offset
 from mailer.errors import (
     DeliveryError,
     MailerError,
@@ -26,6 +25,7 @@ from mailer.errors import (
     UncertainDeliveryError,
 )
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
+from mailer.kinds import KINDS, reminder_offset_of
 from mailer.messages import MessageRef, MessageState
 from mailer.render import CALENDAR_FILENAMES, Renderer, SharedRenderer, build_context, event_view
 from mailer.retry import RetryPolicy
@@ -43,14 +43,6 @@ from mailer.throttle import Throttle
 from mailer.transport import Transport
 
 logger = logging.getLogger("mailer.sender")
-
-CALENDAR_KINDS = {
-    "confirmation": "PUBLISH",
-    "event_changed": "PUBLISH",
-    "registration_cancelled": "CANCEL",
-    "event_cancelled": "CANCEL",
-}
-
 
 @dataclass(slots=True)
 class _Job:
@@ -84,31 +76,7 @@ def why_not_send(
     """
     if reg is None or reg.attendee is None or stored is None:
         return "registration or event not found"
-    event = stored.event
-    if ref.kind == "registration_cancelled":
-        return None if reg.status == "cancelled" else "registration is active again"
-    if reg.status != "active":
-        return "registration was cancelled"
-    if ref.kind == "event_cancelled":
-        return None if stored.status == "cancelled" else "event is not cancelled"
-    if stored.status == "cancelled":
-        return "event was cancelled"
-    if now >= event.starts_at:
-        return "event has already started"
-    if ref.kind == "event_changed" and ref.disc != f"v{stored.version}":
-        return f"superseded by a newer change (now v{stored.version})"
-    if ref.kind == "reminder":
-        offset_text, _, due_text = ref.disc.partition("/")
-        offset = Offset.parse(offset_text)
-        due = datetime.strptime(due_text, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-        if offset not in event.offsets(()) and event.reminder_offsets is not None:
-            return "the event no longer has this reminder"
-        # The id carries the due time to the second.
-        if int(offset.before(event.starts_at, event.timezone).timestamp()) != int(due.timestamp()):
-            return "event time changed; a reminder for the new time is planned separately"
-        if reg.created_ms >= ms(due):
-            return "registered after the reminder time"
-    return None
+    return KINDS[ref.kind].why_not_send(ref, reg, stored, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +110,9 @@ class MessageBuilder:
             if len(self._views) > 4096:
                 self._views.clear()
             view = self._views[view_key] = event_view(event, locale)
-        offset = Offset.parse(ref.disc.split("/", 1)[0]) if ref.kind == "reminder" else None
-        method = CALENDAR_KINDS.get(ref.kind)
+        kind = KINDS[ref.kind]
+        offset = reminder_offset_of(ref) if ref.kind == "reminder" else None
+        method = kind.calendar
 
         def context(person: Any) -> dict[str, Any]:
             return build_context(
@@ -152,7 +121,7 @@ class MessageBuilder:
                 attendee=person,
                 event=event,
                 event_view_cache=view,
-                previous=stored.previous if ref.kind == "event_changed" else None,
+                previous=stored.previous if kind.shows_changes else None,
                 offset=offset,
                 has_calendar=method is not None,
             )
@@ -162,8 +131,7 @@ class MessageBuilder:
         rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
         attachment = None
         if method is not None:
-            # A registration's own cancellation must outrank every PUBLISH it received.
-            sequence = stored.version + (1 if ref.kind == "registration_cancelled" else 0)
+            sequence = stored.version + kind.sequence_bump
             calendar = self._calendar(stored, sequence, method, now)
             attachment = Attachment(
                 filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
@@ -361,7 +329,7 @@ class Sender:
 
     def _deadline_ms(self, claim: Claim, stored: StoredEvent) -> int:
         """Event start for reminders, MAILER_MESSAGE_TTL after planning otherwise."""
-        if claim.ref.kind == "reminder":
+        if KINDS[claim.ref.kind].deadline == "event_start":
             return ms(stored.event.starts_at)
         return claim.since_ms + self.message_ttl_ms
 
