@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench check clean system-deps
+.PHONY: run test lint typecheck bench check clean system-deps check-deliverability
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 # say why. The preseed keeps the package from writing /etc/postfix/main.cf, so the
 # system-wide instance stays unconfigured and never takes port 25; if apt started it anyway,
 # it is stopped (a Postfix that was here before is left alone).
-APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl
+# spamassassin scores every kind x locale (tests/test_deliverability.py, make
+# check-deliverability); chromium measures them at phone width (tests/test_phone_width.py).
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium
 
 system-deps:
 	@missing=""; \
@@ -27,7 +29,7 @@ system-deps:
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-	  echo "note: missing Debian packages:$$missing (needs root and apt-get); the Postfix tests will skip"; \
+	  echo "note: missing Debian packages:$$missing (needs root and apt-get); the tests that need them will skip"; \
 	  exit 0; \
 	fi; \
 	echo "installing Debian packages:$$missing"; \
@@ -57,6 +59,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+## SpamAssassin's local rules (no network) over every kind x locale, rendered with
+## `mailer render`; prints each score and fails at 1.0 or more
+check-deliverability: $(STAMP) system-deps
+	$(BIN)/python -m tests.test_deliverability
 
 ## The benchmark (see README, "Performance"); N=20000 by default
 bench: $(STAMP)
