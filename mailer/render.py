@@ -48,38 +48,86 @@ def _tidy(text: str) -> str:
     return text.replace("\u2009–\u2009", "–").replace("\u202f", " ").replace("\u2009", " ")
 
 
+# A space between a number and a word ("10. Dezember", "Dezember 2026", "December 10",
+# "20:30 Uhr", "8:30 PM", "Uhr MEZ"): a line break there splits one date or time in two.
+_GLUED = re.compile(
+    r"(?<=[\d.]) (?=\w)|(?<=[^\W\d_]) (?=\d)|(?<=\d) (?=[^\W\d_])|(?:(?<=Uhr)|(?<=[AP]M)) (?=[A-Z])"
+)
+
+
+def _nobreak(text: str) -> str:
+    """`text` with no-break spaces (U+00A0, which every mail client knows) inside dates and
+    times, so a narrow screen wraps only between them."""
+    return _GLUED.sub("\u00a0", text)
+
+
+# German has its own abbreviations for the European zones (DIN 5008; Duden).
+_GERMAN_ZONES = {"CET": "MEZ", "CEST": "MESZ", "WET": "WEZ", "WEST": "WESZ", "EET": "OEZ", "EEST": "OESZ"}
+
+
+def zone_abbreviation(local: datetime, locale: str) -> str:
+    """ "MEZ"/"MESZ" (de), "CET"/"CEST" (en): the zone in force at `local`; tzdata's letters,
+    or "UTC+5:30" where it has only a number."""
+    name = local.tzname() or ""
+    if not name or name[0] in "+-" or name[0].isdigit():
+        offset = local.utcoffset() or timedelta(0)
+        minutes = int(offset.total_seconds()) // 60
+        sign, minutes = ("-" if minutes < 0 else "+"), abs(minutes)
+        name = f"UTC{sign}{minutes // 60}" + (f":{minutes % 60:02d}" if minutes % 60 else "")
+    return _GERMAN_ZONES.get(name, name) if locale == "de" else name
+
+
+def _hour(local: datetime, locale: str) -> str:
+    """ "18:00 Uhr" / "6:00 PM"."""
+    return _tidy(format_time(local, "short", locale=locale) + (" Uhr" if locale == "de" else ""))
+
+
 @lru_cache(maxsize=4096)
-def format_when(starts_at: datetime, ends_at: datetime, timezone: str, locale: str) -> dict[str, str]:
+def format_when(starts_at: datetime, ends_at: datetime, timezone: str, locale: str) -> dict[str, Any]:
     """Every date string templates show, in the event's time zone; cached per event and locale."""
     from zoneinfo import ZoneInfo
 
     zone = ZoneInfo(timezone)
     start, end = starts_at.astimezone(zone), ends_at.astimezone(zone)
     date = format_date(start, "full", locale=locale)
+    start_zone, end_zone = zone_abbreviation(start, locale), zone_abbreviation(end, locale)
     if start.date() == end.date():
         times = format_interval(start.time(), end.time(), "Hm" if locale == "de" else "hm", locale=locale)
-        when = f"{date}, {times}"
+        when = _tidy(f"{date}, {times}")
     else:
         when = f"{format_moment(start, timezone, locale)} – {format_moment(end, timezone, locale)}"
-    return {
-        "when": _tidy(when),
+    if start.utcoffset() == end.utcoffset():
+        when_zoned = f"{when} {start_zone}"
+    elif start.date() == end.date():
+        when_zoned = f"{_tidy(date)}, {_hour(start, locale)} {start_zone} – {_hour(end, locale)} {end_zone}"
+    else:
+        when_zoned = (
+            f"{format_moment(start, timezone, locale)} {start_zone} – "
+            f"{format_moment(end, timezone, locale)} {end_zone}"
+        )
+    values: dict[str, Any] = {
+        "when": when,
+        "when_zoned": when_zoned,
         "date": _tidy(date),
         "start_time": _tidy(format_time(start, "short", locale=locale)),
         "end_time": _tidy(format_time(end, "short", locale=locale)),
+        "zone": start_zone,
+        "end_zone": end_zone,
+        "zone_changes": start.utcoffset() != end.utcoffset(),
         "timezone_name": get_timezone_name(start, "long", locale=locale),
     }
+    return values
 
 
 def format_moment(moment: datetime, timezone: str, locale: str) -> str:
     from zoneinfo import ZoneInfo
 
     local = moment.astimezone(ZoneInfo(timezone))
-    text = f"{format_date(local, 'full', locale=locale)}, {format_time(local, 'short', locale=locale)}"
-    return _tidy(text + (" Uhr" if locale == "de" else ""))
+    return f"{_tidy(format_date(local, 'full', locale=locale))}, {_hour(local, locale)}"
 
 
 def reminder_lead(offset: Offset, locale: str) -> str:
-    """ "morgen" / "in einer Stunde" / "in 3 Tagen": fits "Ihre Veranstaltung beginnt …"."""
+    """ "morgen" / "in einer Stunde" / "in 3 Tagen": fits "Die Veranstaltung beginnt …"."""
     if offset.days == 1 and offset.seconds == 0:
         return "morgen" if locale == "de" else "tomorrow"
     if offset.days == 0 and offset.seconds == 3600:
@@ -89,9 +137,29 @@ def reminder_lead(offset: Offset, locale: str) -> str:
     )
 
 
+def reminder_when(event: Event, offset: Offset, locale: str) -> str:
+    """ "morgen, 18:00 Uhr" / "heute, 18:00 Uhr" / "am Freitag, 18. Dezember, 18:00 Uhr" (en:
+    "tomorrow, 6:00 PM", "on Friday, December 18, 6:00 PM"): the start as seen on the day the
+    reminder is sent; completes „Erinnerung: „…“ …“."""
+    start = event.starts_at.astimezone(event.zone)
+    sent = offset.before(event.starts_at, event.timezone).astimezone(event.zone)
+    days = (start.date() - sent.date()).days
+    if days in (0, 1):
+        day = {("de", 0): "heute", ("de", 1): "morgen", ("en", 0): "today", ("en", 1): "tomorrow"}[
+            (locale, days)
+        ]
+    elif locale == "de":
+        day = f"am {format_date(start, 'EEEE, d. MMMM', locale=locale)}"
+    else:
+        day = f"on {format_date(start, 'EEEE, MMMM d', locale=locale)}"
+    return f"{day}, {_hour(start, locale)}"
+
+
 def event_view(event: Event, locale: str) -> SimpleNamespace:
     """The `event` object templates see."""
     deadline = event.registration_deadline
+    when = format_when(event.starts_at, event.ends_at, event.timezone, locale)
+    deadline_text = format_moment(deadline, event.timezone, locale) if deadline else None
     return SimpleNamespace(
         title=event.title,
         location=event.location,
@@ -101,8 +169,13 @@ def event_view(event: Event, locale: str) -> SimpleNamespace:
         organizer_name=event.organizer.name,
         organizer_email=event.organizer.email,
         timezone=event.timezone,
-        registration_deadline=format_moment(deadline, event.timezone, locale) if deadline else None,
-        **format_when(event.starts_at, event.ends_at, event.timezone, locale),
+        registration_deadline=deadline_text,
+        # The same strings for the HTML part, where a narrow screen must not wrap inside them.
+        nobreak=SimpleNamespace(
+            **{k: _nobreak(when[k]) for k in ("when", "when_zoned", "date", "start_time", "end_time")},
+            registration_deadline=_nobreak(deadline_text) if deadline_text else None,
+        ),
+        **when,
     )
 
 
@@ -115,8 +188,8 @@ def change_list(previous: Event, current: Event, locale: str) -> list[SimpleName
     rows = []
     for name in visible_changes(previous, current):
         if name == "time":
-            old = format_when(previous.starts_at, previous.ends_at, previous.timezone, locale)["when"]
-            new = format_when(current.starts_at, current.ends_at, current.timezone, locale)["when"]
+            old = format_when(previous.starts_at, previous.ends_at, previous.timezone, locale)["when_zoned"]
+            new = format_when(current.starts_at, current.ends_at, current.timezone, locale)["when_zoned"]
         else:
             old, new = getattr(previous, name) or none, getattr(current, name) or none
         rows.append(SimpleNamespace(field=name, label=labels[name], old=old, new=new))
@@ -319,6 +392,7 @@ def build_context(
             offset=offset.iso,
             offset_seconds=offset.total_seconds,
             lead=reminder_lead(offset, locale),
+            when=reminder_when(event, offset, locale),
             is_tomorrow=offset.days == 1 and offset.seconds == 0,
         )
         if offset is not None

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from babel.dates import format_date
 
-from mailer.events import Attendee
-from mailer.render import Renderer, SharedRenderer
+from mailer.durations import Offset
+from mailer.events import Attendee, Event
+from mailer.render import Renderer, SharedRenderer, build_context, event_view
 
 
 def _context(person: Any) -> dict[str, Any]:
@@ -59,3 +63,134 @@ def test_a_comparison_on_the_name_is_rendered_per_attendee(tmp_path: Path) -> No
     assert shared.render(
         "k", "confirmation", "de", Attendee(email="b@example.org", name="Bo"), _context
     ).subject == ("Hallo")
+
+
+# --- the context's dates, zones and reminder times ------------------------------------------
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _next_zone_change(after: date) -> datetime:
+    """The first day from `after` on whose night Berlin's offset changes: 03:00 local after it."""
+    day = after
+    while True:
+        noon = datetime(day.year, day.month, day.day, 12, tzinfo=BERLIN)
+        if noon.utcoffset() != (noon + timedelta(days=1)).utcoffset():
+            nxt = day + timedelta(days=1)
+            return datetime(nxt.year, nxt.month, nxt.day, 4, tzinfo=BERLIN)
+        day += timedelta(days=1)
+
+
+def _day_in(months: tuple[int, ...]) -> datetime:
+    """18:00 on a day at least a week ahead that lies in one of `months` (no change that week)."""
+    day = datetime.now(BERLIN).date() + timedelta(days=7)
+    while day.month not in months:
+        day += timedelta(days=1)
+    return datetime(day.year, day.month, day.day, 18, tzinfo=BERLIN)
+
+
+def _event(start: datetime, end: datetime | None = None, **extra: Any) -> Event:
+    fields: dict[str, Any] = {
+        "id": "weltoffen",
+        "title": "Digitaler Dialog zu Weltoffenheit",
+        "starts_at": start,
+        "ends_at": end or start + timedelta(hours=2, minutes=30),
+        "timezone": "Europe/Berlin",
+        "organizer": {"name": "Stadt Kaiserslautern", "email": "integration@example.org"},
+    }
+    fields.update(extra)
+    return Event.model_validate(fields)
+
+
+@pytest.mark.parametrize(("months", "de", "en"), [((12, 1, 2), "MEZ", "CET"), ((6, 7, 8), "MESZ", "CEST")])
+def test_the_zone_is_the_short_name_of_standard_or_summer_time(
+    months: tuple[int, ...], de: str, en: str
+) -> None:
+    """Times carry "MEZ"/"MESZ" (German) or "CET"/"CEST" (English) as in force that day, not
+    a long "(Mitteleuropäische Normalzeit)"."""
+    event = _event(_day_in(months))
+    for locale, short in (("de", de), ("en", en)):
+        view = event_view(event, locale)
+        assert (view.zone, view.end_zone, view.zone_changes) == (short, short, False)
+        assert view.when_zoned == f"{view.when} {short}"
+
+
+def test_an_event_across_a_clock_change_names_the_zone_of_start_and_end() -> None:
+    """Overnight across a clock change, start and end each carry their own zone."""
+    change = _next_zone_change(datetime.now(BERLIN).date() + timedelta(days=1))
+    start, end = change - timedelta(hours=8), change  # 20:00 the evening before until 04:00
+    view = event_view(_event(start, end), "de")
+    assert view.zone_changes is True
+    assert {view.zone, view.end_zone} == {"MEZ", "MESZ"}
+    assert view.when_zoned.index(view.zone) < view.when_zoned.rindex(view.end_zone)
+    assert view.when_zoned.endswith(f"4:00 Uhr {view.end_zone}")
+    assert event_view(_event(start, end), "en").when_zoned.endswith(
+        f"4:00 AM {'CET' if view.end_zone == 'MEZ' else 'CEST'}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "expected"),
+    [("America/New_York", {"EST", "EDT"}), ("Asia/Kolkata", {"IST"}), ("America/Sao_Paulo", {"UTC-3"})],
+)
+def test_zones_without_a_letter_abbreviation_show_their_utc_offset(zone: str, expected: set[str]) -> None:
+    """Other zones keep their usual abbreviation; where tzdata has only a number, "UTC-3"."""
+    start = _day_in((1,)).replace(tzinfo=ZoneInfo(zone))
+    assert event_view(_event(start, timezone=zone), "de").zone in expected
+
+
+def test_html_values_keep_dates_and_times_on_one_line() -> None:
+    """`event.nobreak` holds the same strings with no-break spaces inside "10. Dezember 2026"
+    and "20:30 Uhr" / "8:30 PM"; the plain values (for the text part) keep ordinary spaces."""
+    start = _day_in((12,))
+    event = _event(start, registration_deadline=start - timedelta(days=10))
+    de, en = event_view(event, "de"), event_view(event, "en")
+    month = {"de": "Dezember", "en": "December"}
+    assert f"{start.day}.\u00a0{month['de']}\u00a0{start.year}" in de.nobreak.when_zoned
+    assert "20:30\u00a0Uhr\u00a0MEZ" in de.nobreak.when_zoned
+    assert f"{month['en']}\u00a0{start.day}," in en.nobreak.when_zoned
+    assert "8:30\u00a0PM\u00a0CET" in en.nobreak.when_zoned
+    assert "\u00a0Uhr" in de.nobreak.registration_deadline
+    for view in (de, en):
+        assert "\u00a0" not in view.when + view.when_zoned + view.date + (view.registration_deadline or "")
+        assert view.nobreak.when_zoned.replace("\u00a0", " ") == view.when_zoned
+
+
+@pytest.mark.parametrize(
+    ("offset", "hour", "de", "en"),
+    [
+        ("P1D", 18, "morgen, 18:00 Uhr", "tomorrow, 6:00 PM"),
+        ("PT1H", 18, "heute, 18:00 Uhr", "today, 6:00 PM"),
+        ("PT1H", 0, "morgen, 00:00 Uhr", "tomorrow, 12:00 AM"),
+    ],
+)
+def test_the_reminder_says_which_day_and_time(offset: str, hour: int, de: str, en: str) -> None:
+    """`reminder.when` completes „Erinnerung: „…“ …“ with the day seen from the sending time."""
+    event = _event(_day_in((12,)).replace(hour=hour))
+    for locale, expected in (("de", de), ("en", en)):
+        context = build_context(
+            kind="reminder",
+            locale=locale,
+            attendee=Attendee(email="a@example.org", name=""),
+            event=event,
+            offset=Offset.parse(offset),
+        )
+        assert context["reminder"].when == expected
+
+
+def test_a_reminder_days_ahead_names_the_date() -> None:
+    """Three days ahead: „am Freitag, 18. Dezember, 18:00 Uhr“ / "on Friday, December 18, 6:00 PM"."""
+    start = _day_in((12,))
+    event = _event(start)
+    context = build_context(
+        kind="reminder",
+        locale="de",
+        attendee=Attendee(email="a@example.org", name=""),
+        event=event,
+        offset=Offset.parse("P3D"),
+    )
+    weekday = format_date(start, "EEEE", locale="de")
+    assert (
+        context["reminder"].when
+        == f"am {weekday}, {start.day}. {format_date(start, 'MMMM', locale='de')}, 18:00 Uhr"
+    )
