@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer.constants import MESSAGE_KINDS
+from mailer.deliverylog import LOG_STATUSES
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
@@ -352,9 +353,7 @@ def schema() -> None:
 @click.option("--recipient", help="Only this address.")
 @click.option("--registration", help="Only this registration id.")
 @click.option("--event", "event_id", help="Only this event id.")
-@click.option(
-    "--status", help="Only this status (sent, failed, retrying, held, skipped, rejected, uncertain, ...)."
-)
+@click.option("--status", type=click.Choice(LOG_STATUSES), help="Only this status.")
 @click.option(
     "--limit",
     default=50,

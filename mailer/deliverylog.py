@@ -6,7 +6,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, get_args
 
 import orjson
 
@@ -15,8 +15,22 @@ from mailer.constants import LOG_STREAM
 
 RedisClient = Any  # see mailer.store.RedisClient
 
-# sent | failed | retrying | skipped | rejected | uncertain | redriven | planned | ignored
-LogStatus = str
+# Every state change of a message is one entry with one of these; "rejected" is bad input,
+# "ignored" a replay, "foreign" a stream entry mailer did not write (shown, not trusted).
+LogStatus = Literal[
+    "planned",
+    "sent",
+    "retrying",
+    "held",
+    "failed",
+    "skipped",
+    "rejected",
+    "uncertain",
+    "redriven",
+    "ignored",
+    "foreign",
+]
+LOG_STATUSES: tuple[LogStatus, ...] = get_args(LogStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +174,8 @@ def _well_formed(entry: LogEntry) -> bool:
             ok = isinstance(value, str)
         if not ok:
             return False
+    if entry.status not in LOG_STATUSES:
+        return False
     try:
         return datetime.fromisoformat(entry.ts).tzinfo is not None
     except ValueError:

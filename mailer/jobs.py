@@ -12,7 +12,7 @@ from typing import Any, Literal
 import orjson
 from arq.worker import Retry
 
-from mailer.deliverylog import DeliveryLog, LogEntry
+from mailer.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.errors import InvalidEvent
 from mailer.events import IncomingEvent, parse_event
 from mailer.inbox import Inbox
@@ -189,5 +189,5 @@ def _event_id(raw: Any) -> str:
     return str(raw.get("id", ""))[:200] if isinstance(raw, dict) else ""
 
 
-def _count(entries: list[LogEntry], status: str) -> int:
+def _count(entries: list[LogEntry], status: LogStatus) -> int:
     return sum(1 for e in entries if e.status == status)

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import DUE_KEY, SCHEDULE_KEY
-from mailer.deliverylog import LogEntry
+from mailer.deliverylog import LogEntry, LogStatus
 from mailer.durations import Offset
 from mailer.events import (
     Event,
@@ -458,7 +458,7 @@ class Planner:
     def _note(
         self,
         incoming: IncomingEvent,
-        status: str,
+        status: LogStatus,
         detail: str,
         *,
         ref: MessageRef | None = None,

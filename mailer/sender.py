@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
-from typing import Any
+from typing import Any, Literal
 
 from mailer.circuit import Gate, RelayCircuit
 from mailer.clock import Clock, from_ms, iso, ms, utc_now
 from mailer.compose import Address, Attachment, MailParts, compose
-from mailer.deliverylog import DeliveryLog, LogEntry
+from mailer.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.errors import (
     DeliveryError,
     MailerError,
@@ -26,7 +26,7 @@ from mailer.errors import (
 )
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
 from mailer.kinds import KINDS, reminder_offset_of
-from mailer.messages import MessageRef, MessageState
+from mailer.messages import MessageRef, MessageState, Status
 from mailer.render import CALENDAR_FILENAMES, Renderer, SharedRenderer, build_context, event_view
 from mailer.retry import RetryPolicy
 from mailer.settings import Settings
@@ -266,7 +266,7 @@ class Sender:
                 logger.exception("cannot build message %s", claim.ref.id)
                 job = f"internal error while building: {type(exc).__name__}: {exc}"
             if isinstance(job, str):
-                status = "skipped" if job.startswith("skip: ") else "failed"
+                status: Literal["skipped", "failed"] = "skipped" if job.startswith("skip: ") else "failed"
                 writes.append((claim.ref, self._state(status, claim, now)))
                 entries.append(self._entry(claim, reg, stored, status, job.removeprefix("skip: "), now))
                 continue
@@ -511,15 +511,15 @@ class Sender:
     # --- small helpers ------------------------------------------------------------------
 
     @staticmethod
-    def _state(status: str, claim: Claim, now: datetime) -> MessageState:
-        return MessageState(status, claim.attempt, claim.since_ms, ms(now), 0)  # type: ignore[arg-type]
+    def _state(status: Status, claim: Claim, now: datetime) -> MessageState:
+        return MessageState(status, claim.attempt, claim.since_ms, ms(now), 0)
 
     def _entry(
         self,
         claim: Claim,
         reg: StoredRegistration | None,
         stored: StoredEvent | None,
-        status: str,
+        status: LogStatus,
         detail: str,
         now: datetime,
         code: int | None = None,

@@ -228,3 +228,27 @@ def test_commands_that_need_no_redis_work_without_it(
     """schema, templates check and render never touch Redis: a dead one does not stop them."""
     result = mailer(*args, cwd=tmp_path, env=dead_redis)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_misspelt_status_is_a_usage_error_not_an_empty_answer(tmp_path: Path, redis_url: str) -> None:
+    """`mailer log --status faild` would show nothing and let an operator believe nothing failed."""
+    result = mailer(
+        "log", "--status", "faild", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url}
+    )
+    assert result.returncode == 2
+    assert "faild" in one_line(result)
+
+
+def test_a_log_entry_with_a_status_mailer_never_writes_is_shown_as_foreign(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """An entry someone wrote with a made-up status is not passed off as mailer's own."""
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(
+        "mailer:log", {"j": orjson.dumps({"ts": "2026-12-01T10:00:00.000+00:00", "status": "delivered!!"})}
+    )
+    client.close()
+    result = mailer("log", "--json", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url})
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.decode().splitlines()
+    assert orjson.loads(line)["status"] == "foreign"
