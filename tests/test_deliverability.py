@@ -24,7 +24,9 @@ from mailer.render import all_kinds_and_locales
 LIMIT = 1.0
 SPAMASSASSIN = shutil.which("spamassassin")
 _SEPARATOR = re.compile(r"^From mailer-check-(?P<name>[\w.]+)@localhost ", re.MULTILINE)
-_SCORE = re.compile(r"^X-Spam-Status: \w+, score=(?P<score>-?[\d.]+)[^\n]*\n(?P<more>(?:[ \t][^\n]*\n)*)", re.M)
+_SCORE = re.compile(
+    r"^X-Spam-Status: \w+, score=(?P<score>-?[\d.]+)[^\n]*\n(?P<more>(?:[ \t][^\n]*\n)*)", re.M
+)
 
 
 def render_all(out: Path) -> dict[str, Path]:
@@ -36,8 +38,19 @@ def render_all(out: Path) -> dict[str, Path]:
     files = {}
     for kind, locale in all_kinds_and_locales():
         subprocess.run(
-            [sys.executable, "-m", "mailer", "render", kind, "--event", str(event)]
-            + ["--locale", locale, "--out", str(out)],
+            [
+                sys.executable,
+                "-m",
+                "mailer",
+                "render",
+                kind,
+                "--event",
+                str(event),
+                "--locale",
+                locale,
+                "--out",
+                str(out),
+            ],
             check=True,
             cwd=out,  # no stray .env from the developer's checkout
             env=env,
@@ -73,8 +86,10 @@ def spam_scores(files: dict[str, Path], spamassassin: str) -> dict[str, tuple[fl
 
 def check(out: Path, spamassassin: str) -> list[str]:
     """Print one line per kind and locale; return the names that score LIMIT or more."""
-    scores = spam_scores(render_all(out), spamassassin)
-    for name, (score, rules) in scores.items():
+    files = render_all(out)
+    scores = spam_scores(files, spamassassin)
+    for name in files:
+        score, rules = scores[name]
         print(f"{'FAIL' if score >= LIMIT else 'ok  '} {name:28} {score:5.1f}  {rules}")
     return [name for name, (score, _) in scores.items() if score >= LIMIT]
 
