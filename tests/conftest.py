@@ -456,3 +456,28 @@ async def log_until(url: str, predicate: Callable[[list[Any]], bool], within: fl
             await asyncio.sleep(0.01)
     finally:
         await redis.aclose()
+
+
+async def settled(url: str, within: float = 30.0) -> None:
+    """Wait until mailer has nothing left in flight: every planned message in a final state (the
+    due index is empty), the inbox drained and no drain holding its lease. After this, no further
+    mail can go out until something new arrives or a reminder falls due, so a test may count."""
+    from mailer.constants import DUE_KEY, INBOX_KEY, INBOX_LEASE_KEY
+    from mailer.queue import connect
+
+    redis = await connect(url)
+    try:
+        deadline = time.monotonic() + within
+        while True:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.zrange(DUE_KEY, 0, 4)
+                pipe.llen(INBOX_KEY)
+                pipe.exists(INBOX_LEASE_KEY)
+                due, waiting, leased = await pipe.execute()
+            if not (due or waiting or leased):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not settled in time: due {due}, inbox {waiting}, lease {leased}")
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()

@@ -14,7 +14,7 @@ import pytest
 from mailer.client import MailerClient
 from mailer.queue import connect
 from mailer.throttle import Throttle
-from tests.conftest import make_event, wait_for
+from tests.conftest import make_event, settled, wait_for
 from tests.test_confirmation import log_entries
 from tests.test_failures import publish_one_and_wait_for_delivery
 
@@ -43,7 +43,7 @@ async def test_worker_killed_mid_burst_loses_nothing_and_duplicates_only_uncerta
     worker_process(redis_url, smtp_server)
     received = smtp_server.handler
     await wait_for(lambda: len({r.rcpt_tos[0] for r in received.received}) == 500, 60, 0.1)
-    await asyncio.sleep(0.5)
+    await settled(redis_url)  # sends left `sending` by the killed worker are resent or final
     copies = Counter(r.rcpt_tos[0] for r in received.received)
     duplicates = {address for address, n in copies.items() if n > 1}
     entries = await log_entries(redis_url)
@@ -71,7 +71,7 @@ async def test_sigterm_finishes_sends_in_flight_and_exits_zero(
     assert await asyncio.to_thread(first.stop) == 0
     worker_process(redis_url, smtp_server)
     await wait_for(lambda: len({r.rcpt_tos[0] for r in smtp_server.handler.received}) == 300, 60, 0.1)
-    await asyncio.sleep(0.5)
+    await settled(redis_url)
     copies = Counter(r.rcpt_tos[0] for r in smtp_server.handler.received)
     assert max(copies.values()) == 1
     assert not [e for e in await log_entries(redis_url) if e.status == "uncertain"]
@@ -192,7 +192,7 @@ async def test_worker_killed_during_a_reminder_fan_out(
     first.kill()
     worker_process(redis_url, smtp_server)
     await wait_for(lambda: len(set(reminders())) == 300, 60, 0.1)
-    await asyncio.sleep(0.5)
+    await settled(redis_url)  # sends left `sending` by the killed worker are resent or final
     copies = Counter(reminders())
     uncertain = {e.recipient for e in await log_entries(redis_url) if e.status == "uncertain"}
     assert {a for a, n in copies.items() if n > 1} <= uncertain

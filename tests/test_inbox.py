@@ -12,7 +12,7 @@ from mailer.client import MailerClient
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, QUEUE_NAME
 from mailer.inbox import SPILL_ABOVE, Inbox
 from mailer.queue import connect, deserialize, job_key
-from tests.conftest import log_until, make_event, wait_for
+from tests.conftest import log_until, make_event, settled, wait_for
 
 
 def registration(i: int) -> dict[str, Any]:
@@ -30,7 +30,7 @@ async def test_singles_published_while_a_drain_runs_all_arrive_once(
             if i % 10 == 0:
                 await asyncio.sleep(0.005)  # let drains start and end in between
     await wait_for(lambda: len(smtp_server.handler.received) >= 150, 30)
-    await asyncio.sleep(0.2)
+    await settled(redis_url)
     assert sorted(r.rcpt_tos[0] for r in smtp_server.handler.received) == sorted(
         f"person{i}@example.org" for i in range(150)
     )
@@ -45,6 +45,7 @@ async def test_singles_published_while_a_drain_runs_all_arrive_once(
 async def test_a_backlog_is_delivered_once_by_two_workers(
     redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:
+    """A backlog over SPILL_ABOVE, drained by two workers at once: every registrant gets one mail."""
     n = SPILL_ABOVE + 150
     async with MailerClient(redis_url) as client:
         for i in range(n):
@@ -52,7 +53,7 @@ async def test_a_backlog_is_delivered_once_by_two_workers(
     await mail_worker()
     await mail_worker(worker_name="second-worker")
     await wait_for(lambda: len(smtp_server.handler.received) >= n, 60)
-    await asyncio.sleep(0.3)
+    await settled(redis_url)
     recipients = [r.rcpt_tos[0] for r in smtp_server.handler.received]
     assert len(recipients) == len(set(recipients)) == n
 

@@ -13,7 +13,7 @@ from mailer.durations import Offset
 from mailer.planner import Planner
 from mailer.queue import connect
 from tests.clocks import SettableClock
-from tests.conftest import BERLIN, make_event, wait_for
+from tests.conftest import BERLIN, log_until, make_event, settled, wait_for
 from tests.test_confirmation import log_entries
 
 
@@ -176,7 +176,15 @@ async def test_event_update_moves_the_calendar_entry_and_notifies(
         await client.publish(quiet)
         # Replaying the first update changes nothing.
         await client.publish(dict(update, id="evt-upd"))
-    await asyncio.sleep(1.5)
+    # Both are applied (each leaves an `ignored` entry) and nothing is left to send: then count.
+    await log_until(
+        redis_url,
+        lambda log: (
+            {("evt-upd-2", False), ("evt-upd", True)}
+            <= {(e.source_event, "replay" in e.detail) for e in log if e.status == "ignored"}
+        ),
+    )
+    await settled(redis_url)
     assert len(smtp_server.handler.received) == 4
     german = smtp_server.handler.to("maria.mueller@example.org")
     english = smtp_server.handler.to("john@example.org")
@@ -244,10 +252,11 @@ async def test_cancellation_before_its_registration_ends_the_same_as_in_order(
                 "registration": {"id": "reg-1001"},
             }
         )
-        await asyncio.sleep(0.3)
+        # The cancellation must be applied before the registration is published.
+        await log_until(redis_url, lambda log: any(e.source_event == "c1" for e in log))
         await client.publish(make_event(occurred_at=created_at))
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
-    await asyncio.sleep(0.5)
+    await settled(redis_url)
     assert kinds(smtp_server, "maria.mueller@example.org") == ["registration_cancelled"]
     entries = await log_entries(redis_url)
     assert any(e.status == "skipped" and e.kind == "confirmation" for e in entries)
@@ -324,7 +333,8 @@ async def test_an_older_update_arriving_late_changes_nothing(
                 "event": older,
             }
         )
-    await asyncio.sleep(1.0)
+    await log_until(redis_url, lambda log: any(e.status == "ignored" and e.source_event == "u1" for e in log))
+    await settled(redis_url)
     assert len(smtp_server.handler.received) == 2
     notice = smtp_server.handler.received[1].message.get_body(("plain",)).get_content()
     assert "Rathaus" in notice

@@ -36,6 +36,7 @@ wire_bytes = st.lists(pieces, max_size=40).map(b"".join)
 
 @given(wire_bytes)
 def test_wire_payload_is_read_back_as_aiosmtplib_would_have_sent_it(message: bytes) -> None:
+    """Our dot-stuffed DATA payload cannot end early and unstuffs to what aiosmtplib would have sent."""
     payload = wire_payload(message)
     body = payload[: -len(b".\r\n")]
     assert b"\r\n.\r\n" not in b"\r\n" + body  # the terminator cannot occur early
@@ -46,6 +47,7 @@ def test_wire_payload_is_read_back_as_aiosmtplib_would_have_sent_it(message: byt
 async def test_dots_and_bare_line_feeds_arrive_intact(
     smtp_server: Any, make_settings: Any, pipelining: bool
 ) -> None:
+    """Leading dots arrive as written and bare LFs as CRLF, with and without PIPELINING."""
     smtp_server.handler.pipelining = pipelining
     transport = SmtpTransport(make_settings(smtp_host=smtp_server.host, smtp_port=smtp_server.port))
     message = b"Subject: dots\r\n\r\n.first\r\n..second\r\n.\r\nbare\nend"
@@ -182,6 +184,8 @@ async def send(lane: Any, recipient: str, data: bytes = b"body\r\n") -> Any:
 async def test_pipelined_multi_line_and_split_replies_are_read_in_order(
     make_settings: Any, split: bool
 ) -> None:
+    """Replies pair with their commands, however they are split or continued; a refused RCPT fails
+    that message with the RCPT's code, and the connection is reset and kept for the next."""
     scripted = ScriptedServer(refuse_rcpt="nobody@", split=split)
     async with scripted_lane(make_settings, scripted) as lane:
         accepted = await send(lane, "b@example.org", b"one\r\n")
@@ -209,10 +213,13 @@ async def test_a_421_to_a_pipelined_mail_keeps_its_code_for_the_relay_back_off(m
 
 
 async def test_a_stray_reply_costs_a_reconnect_not_the_next_message(make_settings: Any) -> None:
+    """A reply nobody asked for, found while the connection is idle: a new connection, and the
+    next message still goes out."""
     scripted = ScriptedServer(extra_after_final=b"250 said twice\r\n")
     async with scripted_lane(make_settings, scripted) as lane:
+        # The stray reply comes in the same write as the final one, so it is in the client's
+        # buffer when send() returns: it waits there while the connection is idle.
         await send(lane, "b@example.org", b"one\r\n")
-        await asyncio.sleep(0.05)  # the stray reply arrives while the connection is idle
         second = await send(lane, "c@example.org", b"two\r\n")
     assert second.code == 250
     assert scripted.messages == [b"one\r\n.\r\n", b"two\r\n.\r\n"]
@@ -225,6 +232,8 @@ async def test_a_stray_reply_costs_a_reconnect_not_the_next_message(make_setting
 async def test_a_silent_server_times_out_as_uncertain_only_once_the_message_was_sent(
     make_settings: Any, stall: str, error: type[Exception]
 ) -> None:
+    """A server that goes silent times out; the outcome is uncertain only if the message body was
+    already sent; silence at DATA, before the body, is a plain timeout."""
     scripted = ScriptedServer(stall=stall)
     async with scripted_lane(make_settings, scripted, smtp_timeout=0.3) as lane:
         with pytest.raises(DeliveryError) as failed:
