@@ -350,6 +350,8 @@ def test_a_bug_is_an_internal_error_not_a_retry() -> None:
     ],
 )
 def test_fully_qualified_ehlo_names(name: str, ok: bool) -> None:
+    """EHLO takes a dotted domain that is not *.localdomain, or a bracketed address literal; a bare IP
+    or a single label is refused."""
     assert is_fully_qualified(name) is ok
 
 
