@@ -109,6 +109,7 @@ def test_enqueue_reports_each_bad_line_and_enqueues_the_rest(tmp_path: Path, red
 
 
 def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """An invalid setting stops the worker with exit status 2 and one line naming the variable and why."""
     result = mailer("worker", cwd=tmp_path, env={**clean_env(), "MAILER_SMTP_SECURITY": "maybe"})
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines() == [
@@ -128,6 +129,8 @@ def test_render_writes_eml_and_html_for_every_kind(tmp_path: Path) -> None:
 
 
 def test_templates_check_passes_on_defaults_and_fails_on_a_broken_override(tmp_path: Path) -> None:
+    """`templates check` passes every default kind and locale; an override that uses an unknown field
+    fails with exit status 1, naming the template and the field."""
     ok = mailer("templates", "check", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count(b"ok ") == 10
@@ -143,6 +146,7 @@ def test_templates_check_passes_on_defaults_and_fails_on_a_broken_override(tmp_p
 
 
 def test_schema_is_json_schema_of_the_contract(tmp_path: Path) -> None:
+    """`mailer schema` prints the event contract as a JSON Schema document."""
     schema = orjson.loads(mailer("schema", cwd=tmp_path).stdout)
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert "registration.created" in orjson.dumps(schema).decode()

@@ -12,6 +12,7 @@ from mailer.queue import INGEST, Enqueuer, connect
 
 
 async def test_commands_packed_by_hiredis_read_back_unchanged(redis_url: str) -> None:
+    """The pool packs commands with hiredis, and non-ASCII, binary and float values read back unchanged."""
     redis = await connect(redis_url)
     try:
         assert redis.connection_pool.connection_class.__name__.startswith("_Hiredis")
