@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from mailer.events import parse_event
+from mailer.events import RegistrationCreated, parse_event
 from mailer.preview import preview, sample_event
 from mailer.render import all_kinds_and_locales, event_view
 from mailer.sender import Built
@@ -142,7 +142,9 @@ def test_the_reminder_subject_names_title_day_and_time(settings: Settings, local
 def test_times_carry_the_short_zone_name(settings: Settings, kind: str, locale: str) -> None:
     """The details say e.g. "18:00–20:30 Uhr MEZ" (summer: MESZ; English CET/CEST)."""
     sample = sample_event()
-    view = event_view(parse_event(sample).event, locale)  # type: ignore[union-attr]
+    incoming = parse_event(sample)
+    assert isinstance(incoming, RegistrationCreated)
+    view = event_view(incoming.event, locale)
     built = render(settings, kind, locale, sample)
     assert view.when_zoned in flat(built.text)
     assert flat(view.when_zoned) in visible(built.html)
