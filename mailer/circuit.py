@@ -61,6 +61,14 @@ if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {2, hold
 return {0, hold_until}
 """
 
+# Is the circuit holding the mail? 1 while open and either its hold runs or a probe is out.
+_HOLDING = """
+local st = redis.call('HMGET', KEYS[1], 'state', 'until')
+if st[1] ~= 'open' then return 0 end
+if tonumber(st[2]) > tonumber(ARGV[1]) then return 1 end
+return redis.call('EXISTS', KEYS[2])
+"""
+
 # Close after a good probe or a good send; keep the failure count for a while.
 _CLOSE = """
 redis.call('DEL', KEYS[2])
@@ -114,6 +122,7 @@ class RelayCircuit:
         self._trip = redis.register_script(_TRIP)
         self._gate = redis.register_script(_GATE)
         self._close = redis.register_script(_CLOSE)
+        self._holding = redis.register_script(_HOLDING)
 
     async def gate(self, *, now_ms: int, token: str, probe_lease_ms: int) -> tuple[Gate, int]:
         """Send, probe, or hold (with the hold's end); one round trip."""
@@ -138,6 +147,10 @@ class RelayCircuit:
     async def close(self, *, now_ms: int) -> bool:
         """The relay works again; True if the circuit was open."""
         return bool(await self._close(keys=self._keys, args=[now_ms, FAILURES_REMEMBERED_MS]))
+
+    async def holding(self, *, now_ms: int) -> bool:
+        """True while no message should even be tried: the hold runs, or a probe is out."""
+        return bool(await self._holding(keys=self._keys, args=[now_ms]))
 
     async def state(self) -> CircuitState:
         raw = await self.redis.hgetall(self._keys[0])

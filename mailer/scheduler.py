@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from mailer.circuit import RelayCircuit
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
@@ -30,8 +31,18 @@ FAN_OUT_SLICE = 5000
 class Scheduler:
     """Turns due schedule entries into fan-out jobs and due messages into send jobs."""
 
-    def __init__(self, redis: RedisClient, *, batch_size: int, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        batch_size: int,
+        clock: Clock = utc_now,
+        circuit: RelayCircuit | None = None,
+    ) -> None:
         self.redis = redis
+        # While the relay circuit holds the mail, re-driving held messages would only claim
+        # and hold them again, every second, all of them: wait for the hold to end instead.
+        self.circuit = circuit
         self.batch_size = batch_size
         self.clock = clock
         self.enqueuer = Enqueuer(redis, clock=clock)
@@ -51,7 +62,8 @@ class Scheduler:
             )
             await self._unschedule_if(keys=[SCHEDULE_KEY], args=[member, due_ms])
             fan_outs += 1
-        redriven = await self.redrive_due(now_ms=now_ms)
+        holding = self.circuit is not None and await self.circuit.holding(now_ms=now_ms)
+        redriven = 0 if holding else await self.redrive_due(now_ms=now_ms)
         return {"fan_outs": fan_outs, "redriven": redriven}
 
     async def redrive_due(self, *, now_ms: int, limit: int = 5000) -> int:

@@ -57,14 +57,15 @@ def build_worker(
             worker=settings.worker_name,
             clock=clock,
         )
+        sender = Sender(
+            redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
+        )
         ctx["app"] = jobs.App(
             planner=Planner(
                 redis, default_offsets=settings.reminder_offsets, clock=clock, worker=settings.worker_name
             ),
-            sender=Sender(
-                redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
-            ),
-            scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock),
+            sender=sender,
+            scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock, circuit=sender.circuit),
             inbox=Inbox(redis, clock=clock),
             log=log,
         )

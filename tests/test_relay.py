@@ -560,3 +560,46 @@ async def test_a_stored_record_that_cannot_be_read_fails_its_messages_alone(
         assert [r.rcpt_tos[0] for r in smtp_server.handler.received] == ["s0@example.org"]
     finally:
         await redis.aclose()
+
+
+async def test_held_mail_is_left_alone_while_a_probe_is_out(
+    redis_url: str, make_settings: Any, running_worker: Any
+) -> None:
+    """A relay that accepts connections and never greets: each probe takes MAILER_SMTP_TIMEOUT.
+    Meanwhile the tick does not re-drive the held mail (it would only be claimed and held again,
+    every second, all of it): a held message's state changes about twice per probe, not per tick."""
+    from mailer.store import registration_key
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never a greeting; the client gives up after its timeout
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # One message per send job: only the probing job holds claims; the others would churn.
+        settings = make_settings(
+            redis_url=redis_url, smtp_host="127.0.0.1", smtp_port=port, smtp_timeout=3.0, batch_size=1
+        )
+        await running_worker(settings)
+        async with MailerClient(redis_url) as client:
+            await client.publish_many(_events(10, "p"))
+        await log_until(redis_url, lambda log: _statuses(log)["held"] >= 10, 15)
+        redis = await connect(redis_url)
+        states: dict[str, set[bytes]] = {f"p-{i}": set() for i in range(10)}
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for rid in states:
+                        pipe.hget(registration_key(rid), "m:confirmation")
+                    for rid, state in zip(states, await pipe.execute(), strict=True):
+                        states[rid].add(state)
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
+        most = max(len(seen) for seen in states.values())
+        # About two probes of 3 s in 8 s, each a claim and a hold: not a re-hold every second.
+        assert most <= 6, {rid: sorted(seen) for rid, seen in states.items()}
+    finally:
+        server.close()
