@@ -94,12 +94,12 @@ class _Logins:
 
     def __init__(self, accept_from: float) -> None:
         self.accept_from = accept_from
-        self.tries: list[tuple[int, float]] = []  # (session id, when)
+        self.tries: list[tuple[Any, float]] = []  # (client address and port, when)
 
     def __call__(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        self.tries.append((id(session), time.monotonic()))
+        self.tries.append((session.peer, time.monotonic()))  # peer: unique per connection; id() is reused
         return AuthResult(success=time.monotonic() >= self.accept_from, handled=False)
 
 
