@@ -50,7 +50,7 @@ run: $(STAMP)
 
 ## Run the whole test suite (real redis-server and aiosmtpd, started by the fixtures)
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=mailer --cov-branch --cov-report=term:skip-covered
 
 lint: $(STAMP)
 	$(BIN)/ruff check mailer tests bench

@@ -377,6 +377,24 @@ class WorkerProcess:
         return self.process is not None and self.process.poll() is None
 
 
+def coverage_env() -> dict[str, str]:
+    """Under `make test` (coverage on), a worker process measures itself too: the environment
+    that makes coverage start in it, writing a data file that pytest-cov combines at the end.
+    Only worker processes: measuring every short CLI call as well cost more than it showed."""
+    import copy
+    import os
+
+    import coverage
+
+    current = coverage.Coverage.current()
+    if current is None:
+        return {}
+    config = copy.copy(current.config)
+    config.data_file = os.path.abspath(config.data_file)  # the worker runs in the test's tmp dir
+    config.parallel = True
+    return {"COVERAGE_PROCESS_CONFIG": config.serialize()}
+
+
 @pytest.fixture
 def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     import os
@@ -404,6 +422,7 @@ def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
             }
         )
         env.update(extra)
+        env.update(coverage_env())
         worker = WorkerProcess(env, tmp_path / f"worker-{len(made)}.log")
         worker.start()
         made.append(worker)
