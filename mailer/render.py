@@ -138,16 +138,16 @@ def reminder_lead(offset: Offset, locale: str) -> str:
 
 
 def reminder_when(event: Event, offset: Offset, locale: str) -> str:
-    """ "morgen, 18:00 Uhr" / "heute, 18:00 Uhr" / "am Freitag, 18. Dezember, 18:00 Uhr" (en:
-    "tomorrow, 6:00 PM", "on Friday, December 18, 6:00 PM"): the start as seen on the day the
-    reminder is sent; completes „Erinnerung: „…“ …“."""
+    """ "in einer Stunde, 18:00 Uhr" / "morgen, 18:00 Uhr" / "am Freitag, 18. Dezember, 18:00 Uhr"
+    (en: "in one hour, 6:00 PM", "tomorrow, 6:00 PM", "on Friday, December 18, 6:00 PM"): the
+    start as seen when the reminder is sent; completes „Erinnerung: „…“ …“."""
     start = event.starts_at.astimezone(event.zone)
+    if offset.total_seconds < 86400:  # sent the same day (or late the evening before)
+        return f"{reminder_lead(offset, locale)}, {_hour(start, locale)}"
     sent = offset.before(event.starts_at, event.timezone).astimezone(event.zone)
     days = (start.date() - sent.date()).days
-    if days in (0, 1):
-        day = {("de", 0): "heute", ("de", 1): "morgen", ("en", 0): "today", ("en", 1): "tomorrow"}[
-            (locale, days)
-        ]
+    if days == 1:
+        day = "morgen" if locale == "de" else "tomorrow"
     elif locale == "de":
         day = f"am {format_date(start, 'EEEE, d. MMMM', locale=locale)}"
     else:

@@ -160,12 +160,14 @@ def test_html_values_keep_dates_and_times_on_one_line() -> None:
     ("offset", "hour", "de", "en"),
     [
         ("P1D", 18, "morgen, 18:00 Uhr", "tomorrow, 6:00 PM"),
-        ("PT1H", 18, "heute, 18:00 Uhr", "today, 6:00 PM"),
-        ("PT1H", 0, "morgen, 00:00 Uhr", "tomorrow, 12:00 AM"),
+        ("PT1H", 18, "in einer Stunde, 18:00 Uhr", "in one hour, 6:00 PM"),
+        ("PT1H", 0, "in einer Stunde, 00:00 Uhr", "in one hour, 12:00 AM"),
+        ("PT3H", 20, "in 3 Stunden, 20:00 Uhr", "in 3 hours, 8:00 PM"),
     ],
 )
 def test_the_reminder_says_which_day_and_time(offset: str, hour: int, de: str, en: str) -> None:
-    """`reminder.when` completes „Erinnerung: „…“ …“ with the day seen from the sending time."""
+    """`reminder.when` completes „Erinnerung: „…“ …“: a day ahead "morgen", within the day
+    the lead ("in einer Stunde"), and the start time."""
     event = _event(_day_in((12,)).replace(hour=hour))
     for locale, expected in (("de", de), ("en", en)):
         context = build_context(
