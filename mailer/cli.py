@@ -298,9 +298,9 @@ def enqueue(source: str, dry_run: bool) -> None:
 async def _dry_run(settings: Settings, raws: list[Any]) -> None:
     from mailer.events import parse_event
     from mailer.planner import Planner
-    from mailer.queue import connect
+    from mailer.queue import connect_client
 
-    redis = await connect(_redis_url(settings))
+    redis = await connect_client(_redis_url(settings))
     try:
         planner = Planner(redis, default_offsets=settings.reminder_offsets)
         plan = await planner.apply([parse_event(r) for r in raws], dry_run=True)
@@ -372,12 +372,12 @@ def log_command(
 ) -> None:
     """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
     from mailer.deliverylog import read_log
-    from mailer.queue import connect
+    from mailer.queue import connect_client
 
     settings = _settings()
 
     async def go() -> None:
-        redis = await connect(_redis_url(settings))
+        redis = await connect_client(_redis_url(settings))
         shown = 0
         try:
             async for entry in read_log(redis):
@@ -428,7 +428,7 @@ def retry(
     from mailer.clock import iso, utc_now
     from mailer.deliverylog import DeliveryLog, LogEntry, read_log
     from mailer.messages import MessageRef, MessageState
-    from mailer.queue import SEND, Enqueuer, connect
+    from mailer.queue import SEND, Enqueuer, connect_client
     from mailer.store import MessageStore
 
     if not message_ids and not status:
@@ -439,7 +439,7 @@ def retry(
         cutoff = datetime.now(UTC) - timedelta(days=since.days, seconds=since.seconds)
 
     async def go() -> int:
-        redis = await connect(_redis_url(settings))
+        redis = await connect_client(_redis_url(settings))
         try:
             chosen = list(dict.fromkeys(message_ids))
             if status:

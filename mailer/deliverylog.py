@@ -12,8 +12,7 @@ import orjson
 
 from mailer.clock import Clock, from_ms, iso, utc_now
 from mailer.constants import LOG_STREAM
-
-RedisClient = Any  # see mailer.store.RedisClient
+from mailer.redis_types import Pipeline, RedisClient
 
 # Every state change of a message is one entry with one of these; "rejected" is bad input,
 # "ignored" a replay, "foreign" a stream entry mailer did not write (shown, not trusted).
@@ -83,7 +82,7 @@ class DeliveryLog:
         """The timestamp for an entry written now."""
         return iso(self.clock())
 
-    def add(self, pipe: Any, entry: LogEntry) -> None:
+    def add(self, pipe: Pipeline, entry: LogEntry) -> None:
         """Queue the entry on a pipeline that the caller executes with its state writes."""
         # The stream keeps one JSON field so new fields need no migration; approximate
         # trimming (~) keeps XADD O(1).

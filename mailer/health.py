@@ -35,11 +35,11 @@ def describe(state: CircuitState, now_ms: int) -> str:
 
 async def check(redis_url: str, *, now_ms: int) -> Health:
     """Ask Redis; `down` when it cannot be reached, `degraded` while a relay circuit is open."""
-    from mailer.queue import connect
+    from mailer.queue import connect_client
 
     health = Health()
     try:
-        redis = await connect(redis_url)
+        redis = await connect_client(redis_url)
     except QueueUnavailable as exc:
         return Health("down", [f"redis: unreachable ({exc})"])
     try:

@@ -28,6 +28,7 @@ from mailer.clock import Clock, ms, utc_now
 from mailer.constants import ID_PATTERN, QUEUE_NAME
 from mailer.durations import reminder_offset
 from mailer.kinds import FANNED_OUT
+from mailer.redis_types import RedisClient, as_client
 
 logger = logging.getLogger("mailer.queue")
 
@@ -356,6 +357,11 @@ async def connect(url: str) -> ArqRedis:
     return pool
 
 
+async def connect_client(url: str) -> RedisClient:
+    """A connection for mailer's own state (typed; see mailer.redis_types), same pool kind."""
+    return as_client(await connect(url))
+
+
 class _HiredisPacking:
     """Commands packed by hiredis (C), as redis-py's sync connections do when it is installed.
 
@@ -423,7 +429,7 @@ return added
 class Enqueuer:
     """Puts jobs on the queue, many per round trip; returns how many were new."""
 
-    def __init__(self, redis: ArqRedis, *, clock: Clock = utc_now) -> None:
+    def __init__(self, redis: RedisClient, *, clock: Clock = utc_now) -> None:
         self.redis = redis
         self.clock = clock
         self._script = redis.register_script(_ENQUEUE_SCRIPT)

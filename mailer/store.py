@@ -18,10 +18,9 @@ from mailer.constants import (
 )
 from mailer.events import Attendee, Event
 from mailer.messages import MessageRef, MessageState
+from mailer.redis_types import Pipeline, RedisClient
 
-# redis-py's asyncio annotations return unions of sync and async types that every await
-# would have to cast; the client is treated as untyped instead, at this one alias.
-RedisClient = Any
+__all__ = ["RedisClient"]  # re-exported: the state modules take the typed client from here
 
 
 @dataclass(slots=True)
@@ -299,7 +298,7 @@ class MessageStore:
                 claims.append(Claim(ref, parts[0]))
         return claims
 
-    def write_state(self, pipe: Any, ref: MessageRef, state: MessageState) -> None:
+    def write_state(self, pipe: Pipeline, ref: MessageRef, state: MessageState) -> None:
         """Queue a state write (and the due-index update) on a pipeline."""
         pipe.hset(registration_key(ref.registration_id), ref.field, state.encode())
         if state.final:
