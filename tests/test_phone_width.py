@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -135,10 +136,8 @@ class Chromium:
 
     def close(self) -> None:
         with_timeout = time.monotonic() + 10
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.call("Browser.close")
-        except (RuntimeError, TimeoutError, OSError):
-            pass
         try:
             self.process.wait(max(0.1, with_timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
