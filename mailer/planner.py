@@ -6,12 +6,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from redis.exceptions import RedisError
 
 from mailer.clock import Clock, iso, ms, utc_now
-from mailer.constants import DUE_KEY, SCHEDULE_KEY
 from mailer.deliverylog import LogEntry, LogStatus
 from mailer.durations import Offset
 from mailer.events import (
@@ -24,17 +23,22 @@ from mailer.events import (
 )
 from mailer.messages import MessageRef, MessageState
 from mailer.store import (
+    Change,
+    Enrol,
+    MarkSeen,
+    PlanMessage,
+    PutEvent,
+    PutRegistration,
     RedisClient,
+    Schedule,
     StoredEvent,
     StoredRegistration,
-    event_key,
     load_events,
     load_registrations,
-    registration_key,
+    queue_changes,
     registrations_key,
     schedule_member,
     seen,
-    seen_key,
 )
 
 logger = logging.getLogger("mailer.planner")
@@ -63,16 +67,12 @@ class Plan:
     # (action, kind, locale) -> count, and a few recipients per (action, kind), for --dry-run.
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     samples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    writes: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)  # applied together once the batch is decided
     # The state after the batch, as written: the send path starts from it instead of reading
     # back from Redis what was just put there.
     registrations: dict[str, StoredRegistration] = field(default_factory=dict)
     events: dict[str, StoredEvent] = field(default_factory=dict)
     dry_run: bool = False  # also gather the fan-out counts and samples --dry-run shows
-
-    def write(self, command: str, *args: Any, **kwargs: Any) -> None:
-        """Record a Redis write; nothing touches Redis until the whole batch is decided."""
-        self.writes.append((command, args, kwargs))
 
     def count(self, action: str, kind: str, locale: str, recipient: str = "", n: int = 1) -> None:
         self.counts[(action, kind, locale)] += n
@@ -119,10 +119,9 @@ class Planner:
                 continue
             break
         plan.notes[:0] = refused
-        if not dry_run and plan.writes:
+        if not dry_run and plan.changes:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for command, args, kwargs in plan.writes:
-                    getattr(pipe, command)(*args, **kwargs)
+                queue_changes(pipe, plan.changes)
                 await pipe.execute()
         return plan
 
@@ -172,7 +171,7 @@ class Planner:
                 plan.deliver_now.append(MessageRef(incoming.registration.id, "confirmation"))
             return
         already.add(incoming.id)
-        plan.write("set", seen_key(incoming.id), 1)
+        plan.changes.append(MarkSeen(incoming.id))
         if isinstance(incoming, RegistrationCreated):
             self._created(incoming, regs, stored, plan, now)
         elif isinstance(incoming, RegistrationCancelled):
@@ -265,7 +264,7 @@ class Planner:
         )
         regs[reg_in.id] = registration
         self._put_registration(registration, plan)
-        plan.write("sadd", registrations_key(event.event.id), reg_in.id)
+        plan.changes.append(Enrol(event.event.id, reg_in.id, active=True))
         if event.status == "cancelled":
             plan.notes.append(
                 self._note(
@@ -301,8 +300,7 @@ class Planner:
             return current
         current = StoredEvent(event=event, version=1, occurred_ms=occurred, status="active")
         stored[event.id] = current
-        fields = current.to_fields()
-        plan.write("hset", event_key(event.id), mapping=fields)
+        plan.changes.append(PutEvent(event.id, current.to_fields()))
         self._schedule_reminders(None, event, plan, now)
         return current
 
@@ -341,7 +339,7 @@ class Planner:
         current.status, current.occurred_ms = "cancelled", occurred
         self._put_registration(current, plan)
         if current.event_id:
-            plan.write("srem", registrations_key(current.event_id), rid)
+            plan.changes.append(Enrol(current.event_id, rid, active=False))
         assert current.attendee is not None  # active registrations always have one
         self._plan_message(
             MessageRef(rid, "registration_cancelled"),
@@ -373,8 +371,7 @@ class Planner:
         if changed:
             current.previous = old
             current.version += 1
-        fields = current.to_fields()
-        plan.write("hset", event_key(new.id), mapping=fields)
+        plan.changes.append(PutEvent(new.id, current.to_fields()))
         self._schedule_reminders(old, new, plan, now)
         if changed:
             await self._fan_out_now(new.id, "event_changed", f"v{current.version}", plan, now)
@@ -405,8 +402,7 @@ class Planner:
             return
         current.status, current.occurred_ms = "cancelled", occurred
         current.version += 1
-        fields = current.to_fields()
-        plan.write("hset", event_key(event_id), mapping=fields)
+        plan.changes.append(PutEvent(event_id, current.to_fields()))
         self._schedule_reminders(current.event, None, plan, now)
         await self._fan_out_now(event_id, "event_cancelled", "", plan, now)
 
@@ -419,21 +415,21 @@ class Planner:
         event_id = (new or old).id  # type: ignore[union-attr]
         for offset in old_offsets - new_offsets:
             member = schedule_member(event_id, "reminder", offset.iso)
-            plan.write("zrem", SCHEDULE_KEY, member)
+            plan.changes.append(Schedule(member, None))
         if new is None:
             return
         for offset in new_offsets:
             member = schedule_member(event_id, "reminder", offset.iso)
             due = offset.before(new.starts_at, new.timezone)
             if due > now:
-                plan.write("zadd", SCHEDULE_KEY, {member: ms(due)})
+                plan.changes.append(Schedule(member, ms(due)))
                 plan.count("schedule", "reminder", offset.iso)
             else:
-                plan.write("zrem", SCHEDULE_KEY, member)
+                plan.changes.append(Schedule(member, None))
 
     async def _fan_out_now(self, event_id: str, kind: str, disc: str, plan: Plan, now: datetime) -> None:
         member = schedule_member(event_id, kind, disc)
-        plan.write("zadd", SCHEDULE_KEY, {member: ms(now)})
+        plan.changes.append(Schedule(member, ms(now)))
         if not plan.dry_run:
             return
         # For --dry-run only: how many would get it, and a few of them (three round trips).
@@ -446,14 +442,12 @@ class Planner:
 
     def _plan_message(self, ref: MessageRef, locale: str, recipient: str, plan: Plan, now: datetime) -> None:
         state = MessageState("planned", 0, ms(now), ms(now), 0)
-        plan.write("hsetnx", registration_key(ref.registration_id), ref.field, state.encode())
-        plan.write("zadd", DUE_KEY, {ref.id: ms(now + RECHECK_GRACE)}, nx=True)
+        plan.changes.append(PlanMessage(ref, state, recheck_ms=ms(now + RECHECK_GRACE)))
         plan.deliver_now.append(ref)
         plan.count("send", ref.kind, locale, recipient)
 
     def _put_registration(self, registration: StoredRegistration, plan: Plan) -> None:
-        fields = registration.to_fields()
-        plan.write("hset", registration_key(registration.id), mapping=fields)
+        plan.changes.append(PutRegistration(registration.id, registration.to_fields()))
 
     def _note(
         self,

@@ -112,6 +112,81 @@ class StoredRegistration:
         )
 
 
+# --- what the planner decides, applied in one pipeline -----------------------------------------
+# The planner returns these instead of touching Redis; each carries its values as they were
+# when it was decided (a later change in the same batch writes again, last one wins).
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSeen:
+    """A producer event id was applied: the same id again is a replay."""
+
+    producer_event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutEvent:
+    event_id: str
+    fields: dict[str, bytes | str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class PutRegistration:
+    registration_id: str
+    fields: dict[str, str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class Enrol:
+    """The registration is among the event's active ones (fan-outs reach it), or no longer."""
+
+    event_id: str
+    registration_id: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A fan-out entry ("event|kind|disc") due at `due_ms`, or removed (None)."""
+
+    member: str
+    due_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanMessage:
+    """A message's first state, unless it has one; looked at again at `recheck_ms` if unsent."""
+
+    ref: MessageRef
+    state: MessageState
+    recheck_ms: int
+
+
+Change = MarkSeen | PutEvent | PutRegistration | Enrol | Schedule | PlanMessage
+
+
+def queue_changes(pipe: Pipeline, changes: Iterable[Change]) -> None:
+    """Put the planner's changes on a pipeline, in order (the caller executes it)."""
+    for change in changes:
+        match change:
+            case MarkSeen(producer_event_id):
+                pipe.set(seen_key(producer_event_id), 1)
+            case PutEvent(event_id, fields):
+                pipe.hset(event_key(event_id), mapping=fields)
+            case PutRegistration(registration_id, fields):
+                pipe.hset(registration_key(registration_id), mapping=fields)
+            case Enrol(event_id, registration_id, active):
+                (pipe.sadd if active else pipe.srem)(registrations_key(event_id), registration_id)
+            case Schedule(member, due_ms):
+                if due_ms is None:
+                    pipe.zrem(SCHEDULE_KEY, member)
+                else:
+                    pipe.zadd(SCHEDULE_KEY, {member: due_ms})
+            case PlanMessage(ref, state, recheck_ms):
+                pipe.hsetnx(registration_key(ref.registration_id), ref.field, state.encode())
+                pipe.zadd(DUE_KEY, {ref.id: recheck_ms}, nx=True)
+
+
 def event_key(event_id: str) -> str:
     return EVENT_KEY.format(event_id=event_id)
 
