@@ -158,7 +158,7 @@ KINDS: dict[MessageKind, Kind] = {
         Kind(
             "event_changed",
             calendar="PUBLISH",
-            join_link="always",
+            join_link="unless_withheld",  # a change must not hand out a link the organiser holds back
             registration="active",
             event="active",
             before_start=True,

@@ -380,13 +380,23 @@ def build_context(
 ) -> dict[str, Any]:
     """The variables every template gets (see templates/README.md)."""
     show_join = KINDS[kind].shows_join_link(event)  # type: ignore[index]
+    view = event_view_cache or event_view(event, locale)
+    changes = change_list(previous, event, locale) if previous is not None else []
+    if not show_join:
+        # Withheld means absent: not merely unprinted by the default templates, so that no
+        # template (an operator's own included) can leak the link through the context.
+        view = SimpleNamespace(**{**vars(view), "join_url": None})
+        changes = [
+            SimpleNamespace(**{**vars(c), "old": None, "new": None}) if c.field == "join_url" else c
+            for c in changes
+        ]
     return {
         "locale": locale,
         "kind": kind,
         "attendee": attendee
         if isinstance(attendee, SimpleNamespace)
         else SimpleNamespace(name=attendee.name, email=attendee.email),
-        "event": event_view_cache or event_view(event, locale),
+        "event": view,
         "show_join_url": bool(show_join and event.join_url),
         "reminder": SimpleNamespace(
             offset=offset.iso,
@@ -397,7 +407,7 @@ def build_context(
         )
         if offset is not None
         else None,
-        "changes": change_list(previous, event, locale) if previous is not None else [],
+        "changes": changes,
         "has_calendar": has_calendar,
         "calendar_filename": CALENDAR_FILENAMES.get(locale, "event.ics"),
     }

@@ -96,7 +96,7 @@ class MessageBuilder:
         self.sender = Address(name=name, email=address)
         self.domain = settings.sender_domain
         # Keyed by the event's content fingerprint, never by id and version alone.
-        self._calendars: dict[tuple[str, int, str], CalendarTemplate] = {}
+        self._calendars: dict[tuple[str, int, str, bool], CalendarTemplate] = {}
         self._views: dict[tuple[str, str], Any] = {}
 
     def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
@@ -132,7 +132,9 @@ class MessageBuilder:
         attachment = None
         if method is not None:
             sequence = stored.version + kind.sequence_bump
-            calendar = self._calendar(stored, sequence, method, now)
+            # The calendar file obeys the kind's link rule too; a CANCEL file never has one.
+            with_link = method == "PUBLISH" and kind.shows_join_link(event)
+            calendar = self._calendar(stored, sequence, method, now, with_link=with_link)
             attachment = Attachment(
                 filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
                 content_type=f'text/calendar; method={method}; charset="utf-8"',
@@ -155,9 +157,11 @@ class MessageBuilder:
         )
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
 
-    def _calendar(self, stored: StoredEvent, sequence: int, method: str, now: datetime) -> CalendarTemplate:
+    def _calendar(
+        self, stored: StoredEvent, sequence: int, method: str, now: datetime, *, with_link: bool
+    ) -> CalendarTemplate:
         event = stored.event
-        key = (stored.fingerprint, sequence, method)
+        key = (stored.fingerprint, sequence, method, with_link)
         found = self._calendars.get(key)
         if found is None:
             if len(self._calendars) > 1024:
@@ -170,7 +174,7 @@ class MessageBuilder:
                     ends_at=event.ends_at,
                     timezone=event.timezone,
                     location=event.location,
-                    url=event.join_url,
+                    url=event.join_url if with_link else None,
                     description=event.description,
                     organizer_name=event.organizer.name,
                     organizer_email=event.organizer.email,

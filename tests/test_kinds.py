@@ -81,8 +81,8 @@ def test_every_kind_has_a_row_and_a_template_folder() -> None:
 
 def test_calendar_methods_and_the_join_link_rule() -> None:
     """Confirmations and change notices add or move the calendar entry, cancellations remove it,
-    reminders carry none; cancellations never show the join link, the confirmation only unless
-    the event withholds it."""
+    reminders carry none; cancellations never show the join link, the confirmation and the change
+    notice only unless the event withholds it (then the reminder brings it)."""
     assert {k: v.calendar for k, v in KINDS.items()} == {
         "confirmation": "PUBLISH",
         "reminder": None,
@@ -96,3 +96,5 @@ def test_calendar_methods_and_the_join_link_rule() -> None:
     assert not KINDS["registration_cancelled"].shows_join_link(EVENT)
     assert not KINDS["event_cancelled"].shows_join_link(EVENT)
     assert KINDS["reminder"].shows_join_link(withheld)
+    assert KINDS["event_changed"].shows_join_link(EVENT)
+    assert not KINDS["event_changed"].shows_join_link(withheld)
