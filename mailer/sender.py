@@ -140,10 +140,16 @@ class MessageBuilder:
                 content_type=f'text/calendar; method={method}; charset="utf-8"',
                 data=calendar.for_registration(reg.id),
             )
+        headers: tuple[tuple[str, str], ...] = (("X-Mailer-Kind", ref.kind),)
+        if ref.kind != "confirmation":
+            # One registration's mails form one conversation in the attendee's mail client.
+            first = f"<{MessageRef(reg.id, 'confirmation').header_id(self.domain)}>"
+            headers += (("In-Reply-To", first), ("References", first))
         data = compose(
             MailParts(
                 message_id=ref.header_id(self.domain),
-                sender=self.sender,
+                # MAILER_FROM without a name: the attendee sees who invited them, not a program.
+                sender=self.sender if self.sender.name else Address(event.organizer.name, self.sender.email),
                 recipient=Address(name=attendee.name, email=attendee.email),
                 reply_to=Address(name=event.organizer.name, email=event.organizer.email),
                 subject=rendered.subject,
@@ -152,7 +158,7 @@ class MessageBuilder:
                 attachment=attachment,
                 date=now,
                 language=locale,
-                extra_headers=(("X-Mailer-Kind", ref.kind),),
+                extra_headers=headers,
             )
         )
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)

@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     relay_probe_base_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
     relay_probe_max_seconds: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)
 
-    sender: str = Field(default="mailer <noreply@example.org>", alias="MAILER_FROM")
+    # The envelope and From address; with no display name, each mail shows its event's
+    # organiser ("Stadt Kaiserslautern <noreply@…>").
+    sender: str = Field(default="noreply@example.org", alias="MAILER_FROM")
     template_dir: Path | None = None
 
     reminder_offsets: Annotated[tuple[Offset, ...], NoDecode] = Field(
