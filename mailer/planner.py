@@ -209,51 +209,36 @@ class Planner:
         attendee = reg_in.attendee
         confirmation = MessageRef(reg_in.id, "confirmation")
 
+        def about(status: LogStatus, detail: str) -> None:
+            """A note on this registration's confirmation."""
+            plan.notes.append(
+                self._note(
+                    incoming,
+                    status,
+                    detail,
+                    ref=confirmation,
+                    recipient=attendee.email,
+                    event_id=event.event.id,
+                )
+            )
+
         if current is not None and current.status == "cancelled" and current.occurred_ms >= occurred:
             # The cancellation overtook its registration: same end state as in order, so the
             # attendee gets the cancellation notice now that we know the address.
             current.attendee, current.event_id, current.created_ms = attendee, event.event.id, occurred
             self._put_registration(current, plan)
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "skipped",
-                    "registration was cancelled before its confirmation",
-                    ref=confirmation,
-                    recipient=attendee.email,
-                    event_id=event.event.id,
-                )
-            )
+            about("skipped", "registration was cancelled before its confirmation")
             self._plan_message(
                 MessageRef(reg_in.id, "registration_cancelled"), attendee.locale, attendee.email, plan, now
             )
             return
         if current is not None and current.status == "active" and current.event_id != event.event.id:
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "rejected",
-                    f"registration id already belongs to event {current.event_id}",
-                    ref=confirmation,
-                    recipient=attendee.email,
-                    event_id=event.event.id,
-                )
-            )
+            about("rejected", f"registration id already belongs to event {current.event_id}")
             return
         # The same registration again under a new producer id may update the attendee's
         # details, but sends nothing twice: the confirmation's state already exists.
         if current is not None and current.status == "active":
-            why = "registration already active: details updated, nothing sent again"
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "ignored",
-                    why,
-                    ref=confirmation,
-                    recipient=attendee.email,
-                    event_id=event.event.id,
-                )
-            )
+            about("ignored", "registration already active: details updated, nothing sent again")
         registration = StoredRegistration(
             id=reg_in.id,
             attendee=attendee,
@@ -266,27 +251,9 @@ class Planner:
         self._put_registration(registration, plan)
         plan.changes.append(Enrol(event.event.id, reg_in.id, active=True))
         if event.status == "cancelled":
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "skipped",
-                    "the event is cancelled",
-                    ref=confirmation,
-                    recipient=attendee.email,
-                    event_id=event.event.id,
-                )
-            )
+            about("skipped", "the event is cancelled")
         elif now >= event.event.starts_at:
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "skipped",
-                    "the event has already started",
-                    ref=confirmation,
-                    recipient=attendee.email,
-                    event_id=event.event.id,
-                )
-            )
+            about("skipped", "the event has already started")
         else:
             self._plan_message(confirmation, attendee.locale, attendee.email, plan, now)
 
