@@ -513,13 +513,23 @@ def _user() -> str:
 )
 @click.option("--locale", type=click.Choice(["de", "en"]), help="Override the attendee's locale.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True)
+@click.option(
+    "--previous",
+    "previous_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The event (JSON) as it was before the change: required for event_changed.",
+)
 @_errors_to_exit
-def render(kind: str, event_file: str, locale: str | None, out_dir: str) -> None:
-    """Write KIND.LOCALE.eml and KIND.LOCALE.html: see what attendees get."""
+def render(kind: str, event_file: str, locale: str | None, out_dir: str, previous_file: str | None) -> None:
+    """Write KIND.LOCALE.eml and KIND.LOCALE.html: see what attendees get, as the pipeline would
+    send it for this registration (and, for a change notice, this previous event)."""
     from mailer.preview import preview
 
+    if kind == "event_changed" and previous_file is None:
+        raise click.UsageError("event_changed needs --previous FILE: the event as it was before the change")
     settings = _settings()
-    built, loc = preview(settings, kind, Path(event_file).read_bytes(), locale)
+    previous = Path(previous_file).read_bytes() if previous_file else None
+    built, loc = preview(settings, kind, Path(event_file).read_bytes(), locale, previous=previous)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{kind}.{loc}.eml").write_bytes(built.data)

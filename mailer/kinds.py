@@ -72,7 +72,8 @@ def _change_is_current(
     return None
 
 
-def _first_reminder_disc(event: Event, default_offsets: tuple[Offset, ...]) -> str:
+def _first_reminder_disc(stored: StoredEvent, default_offsets: tuple[Offset, ...]) -> str:
+    event = stored.event
     offset = (event.offsets(default_offsets) or (Offset.parse("P1D"),))[0]
     return reminder_disc(offset, offset.before(event.starts_at, event.timezone))
 
@@ -90,8 +91,7 @@ class Kind:
     sequence_bump: int = 0
     check: Check | None = None
     shows_changes: bool = False  # gets the event as it was before (change notices)
-    preview_version: int = 1
-    preview_disc: Callable[[Event, tuple[Offset, ...]], str] | None = None
+    preview_disc: Callable[[StoredEvent, tuple[Offset, ...]], str] | None = None
 
     @property
     def template_folder(self) -> str:
@@ -166,8 +166,7 @@ KINDS: dict[MessageKind, Kind] = {
             fanned_out=True,
             check=_change_is_current,
             shows_changes=True,
-            preview_version=2,
-            preview_disc=lambda _event, _offsets: "v2",
+            preview_disc=lambda stored, _offsets: f"v{stored.version}",
         ),
         Kind(
             "event_cancelled",

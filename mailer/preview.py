@@ -6,10 +6,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pydantic import ValidationError
+
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
 from mailer.kinds import KINDS
 from mailer.messages import MessageRef
+from mailer.planner import visible_changes
 from mailer.render import Renderer, all_kinds_and_locales
 from mailer.sender import Built, MessageBuilder
 from mailer.settings import Settings
@@ -55,10 +58,29 @@ def _previous(event: Event) -> Event:
     )
 
 
+def sample_previous(registration: dict[str, Any]) -> dict[str, Any]:
+    """A stand-in for the event before a change, as JSON: an hour earlier, in the town hall.
+
+    For sample data only (`templates check`, template tests); a real preview of a change
+    notice takes the real old event (`mailer render event_changed --previous FILE`).
+    """
+    return _previous(Event.model_validate(registration["event"])).model_dump(mode="json", exclude_none=True)
+
+
 def preview(
-    settings: Settings, kind: str, event_json: bytes | dict[str, Any], locale: str | None
+    settings: Settings,
+    kind: str,
+    event_json: bytes | dict[str, Any],
+    locale: str | None,
+    *,
+    previous: bytes | dict[str, Any] | Event | None = None,
 ) -> tuple[Built, str]:
-    """Build one message of `kind` for the registration in `event_json`."""
+    """Build one message of `kind` for the registration in `event_json`, as the pipeline would.
+
+    `previous` is the event as it was before its latest change (required for a change notice,
+    whose "before" column it fills). The calendar SEQUENCE follows the planner's rules: a
+    visible change and the event's cancellation each raise the version.
+    """
     incoming = parse_event(event_json)
     if not isinstance(incoming, RegistrationCreated):
         raise InvalidEvent([], event_id=incoming.id) from None
@@ -67,19 +89,38 @@ def preview(
         attendee = attendee.model_copy(update={"locale": locale})
     event = incoming.event
     row = KINDS[kind]  # type: ignore[index]
+    before = _old_event(previous)
+    if row.shows_changes and before is None:
+        raise MailerError(
+            f"a {kind} notice shows what changed: give the event as it was with --previous FILE"
+        )
+    changed = before is not None and bool(visible_changes(before, event))
     stored = StoredEvent(
         event=event,
-        version=row.preview_version,
+        version=1 + changed + (row.event == "cancelled"),
         occurred_ms=0,
         status=row.event or "active",
-        previous=_previous(event) if row.shows_changes else None,
+        previous=before if changed else None,
     )
     reg = StoredRegistration(incoming.registration.id, attendee, event.id, row.registration, 0, 0)
-    disc = row.preview_disc(event, settings.reminder_offsets) if row.preview_disc else ""
+    disc = row.preview_disc(stored, settings.reminder_offsets) if row.preview_disc else ""
     ref = MessageRef(reg.id, row.name, disc)
     builder = MessageBuilder(settings=settings, renderer=Renderer(settings.template_dir))
     now = datetime.now(UTC)
     return builder.build(ref, reg, stored, now), attendee.locale
+
+
+def _old_event(previous: bytes | dict[str, Any] | Event | None) -> Event | None:
+    if previous is None or isinstance(previous, Event):
+        return previous
+    try:
+        if isinstance(previous, bytes):
+            return Event.model_validate_json(previous)
+        return Event.model_validate(previous)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "event"
+        raise MailerError(f"--previous: {where}: {error['msg']}") from None
 
 
 def check_all(settings: Settings) -> list[tuple[str, str, str]]:
@@ -88,7 +129,8 @@ def check_all(settings: Settings) -> list[tuple[str, str, str]]:
     sample = sample_event()
     for kind, locale in all_kinds_and_locales():
         try:
-            built, _ = preview(settings, kind, sample, locale)
+            before = sample_previous(sample) if KINDS[kind].shows_changes else None  # type: ignore[index]
+            built, _ = preview(settings, kind, sample, locale, previous=before)
             if not built.text.strip() or "<html" not in built.html:
                 raise MailerError("rendered an empty text or HTML part")
             results.append((kind, locale, ""))

@@ -118,10 +118,20 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_render_writes_eml_and_html_for_every_kind(tmp_path: Path) -> None:
-    """`mailer render KIND --event FILE` works for each kind from one registration file."""
-    (tmp_path / "reg.json").write_bytes(orjson.dumps(make_event()))
+    """`mailer render KIND --event FILE` works for each kind from one registration file (a change
+    notice also takes the event as it was, `--previous FILE`, and is refused without it)."""
+    from mailer.preview import sample_previous
+
+    registration = make_event()
+    (tmp_path / "reg.json").write_bytes(orjson.dumps(registration))
+    (tmp_path / "before.json").write_bytes(orjson.dumps(sample_previous(registration)))
+    refused = mailer("render", "event_changed", "--event", "reg.json", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert b"--previous" in refused.stderr
     for kind in ("confirmation", "reminder", "registration_cancelled", "event_changed", "event_cancelled"):
-        result = mailer("render", kind, "--event", "reg.json", "--locale", "en", "--out", "out", cwd=tmp_path)
+        before = ["--previous", "before.json"] if kind == "event_changed" else []
+        args = ("render", kind, "--event", "reg.json", "--locale", "en", "--out", "out", *before)
+        result = mailer(*args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         eml = (tmp_path / "out" / f"{kind}.en.eml").read_bytes()
         assert BytesParser(policy=policy.default).parsebytes(eml)["X-Mailer-Kind"] == kind

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mailer.preview import sample_event
+from mailer.preview import sample_event, sample_previous
 from mailer.render import all_kinds_and_locales
 
 LIMIT = 1.0
@@ -33,6 +33,8 @@ def render_all(out: Path) -> dict[str, Path]:
     """Each kind x locale as an .eml written by the `mailer render` command, from the sample event."""
     event = out / "event.json"
     event.write_text(json.dumps(sample_event()), encoding="utf-8")
+    before = out / "before.json"  # the event as it was, for the change notice
+    before.write_text(json.dumps(sample_previous(sample_event())), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env["MAILER_DATA_DIR"] = str(out / "var")
     files = {}
@@ -50,6 +52,7 @@ def render_all(out: Path) -> dict[str, Path]:
                 locale,
                 "--out",
                 str(out),
+                *(["--previous", str(before)] if kind == "event_changed" else []),
             ],
             check=True,
             cwd=out,  # no stray .env from the developer's checkout

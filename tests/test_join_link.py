@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailer.constants import LOCALES, MESSAGE_KINDS
-from mailer.preview import preview, sample_event
+from mailer.preview import preview, sample_event, sample_previous
 
 LINK = "https://meet.example.org/weltoffen"
 # May this kind show the link, with the organiser's join_url_in_confirmation true / false?
@@ -48,7 +48,9 @@ def test_the_link_is_in_body_and_calendar_exactly_when_the_kind_may_show_it(
     their METHOD:CANCEL file (which would otherwise update the calendar entry's link)."""
     event = sample_event()
     event["event"]["join_url_in_confirmation"] = link_in_confirmation
-    built, _ = preview(make_settings(), kind, event, locale)
+    registration = event
+    previous = sample_previous(registration) if kind == "event_changed" else None
+    built, _ = preview(make_settings(), kind, registration, locale, previous=previous)
     parts = _parts(built.data)
     expected = SHOWS[kind][0 if link_in_confirmation else 1]
     for name in ("text", "html"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mailer.preview import preview, sample_event
+from mailer.preview import preview, sample_event, sample_previous
 from mailer.render import all_kinds_and_locales
 from mailer.settings import Settings
 
@@ -177,7 +177,9 @@ def test_no_kind_is_wider_than_a_320px_phone(chromium: Chromium, tmp_path: Path)
     print(f"\nscreenshots and rendered HTML: {ARTIFACTS}")
     widths = {}
     for kind, locale in all_kinds_and_locales():
-        built, _ = preview(settings, kind, long_event(), locale)
+        registration = long_event()
+        previous = sample_previous(registration) if kind == "event_changed" else None
+        built, _ = preview(settings, kind, registration, locale, previous=previous)
         page = ARTIFACTS / f"{kind}.{locale}.html"
         page.write_text(built.html, encoding="utf-8")
         for width in (DESKTOP, PHONE):

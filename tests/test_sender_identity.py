@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 
 from mailer.constants import MESSAGE_KINDS
-from mailer.preview import preview, sample_event
+from mailer.preview import preview, sample_event, sample_previous
 
 
 def _message(settings: Any, kind: str) -> EmailMessage:
-    built, _ = preview(settings, kind, sample_event(), "de")
+    registration = sample_event()
+    previous = sample_previous(registration) if kind == "event_changed" else None
+    built, _ = preview(settings, kind, registration, "de", previous=previous)
     parsed = BytesParser(policy=policy.default).parsebytes(built.data)
     assert isinstance(parsed, EmailMessage)
     return parsed

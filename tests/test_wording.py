@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mailer.events import RegistrationCreated, parse_event
-from mailer.preview import preview, sample_event
+from mailer.preview import preview, sample_event, sample_previous
 from mailer.render import all_kinds_and_locales, event_view
 from mailer.sender import Built
 from mailer.settings import Settings
@@ -74,7 +74,9 @@ def flat(text: str) -> str:
 
 
 def render(settings: Settings, kind: str, locale: str, event: dict[str, Any] | None = None) -> Built:
-    built, _ = preview(settings, kind, event or sample_event(), locale)
+    registration = event or sample_event()
+    previous = sample_previous(registration) if kind == "event_changed" else None
+    built, _ = preview(settings, kind, registration, locale, previous=previous)
     return built
 
 
