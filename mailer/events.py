@@ -190,6 +190,8 @@ class Event(_Model):
     description: Text | None = None
     organizer: Organizer
     registration_deadline: Moment | None = None
+    # Where others can sign up: the confirmation asks to pass the event on while registration is open.
+    registration_url: Url | None = None
     # None: the MAILER_REMINDER_OFFSETS default; []: no reminders for this event.
     reminder_offsets: list[str] | None = Field(
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,6 +170,7 @@ def event_view(event: Event, locale: str) -> SimpleNamespace:
         organizer_email=event.organizer.email,
         timezone=event.timezone,
         registration_deadline=deadline_text,
+        registration_url=event.registration_url,
         # The same strings for the HTML part, where a narrow screen must not wrap inside them.
         nobreak=SimpleNamespace(
             **{k: _nobreak(when[k]) for k in ("when", "when_zoned", "date", "start_time", "end_time")},
@@ -367,6 +368,26 @@ def _prints_attendee_only(env: jinja2.Environment, name: str | None, seen: set[s
     return all(_prints_attendee_only(env, ref, seen) for ref in meta.find_referenced_templates(tree))
 
 
+def registration_open(event: Event, now: datetime | None = None) -> bool:
+    """True while others can still sign up: a registration link and the deadline not yet passed."""
+    if event.registration_url is None:
+        return False
+    deadline = event.registration_deadline
+    return deadline is None or (now or datetime.now(UTC)) < deadline
+
+
+def operator_view(
+    footer_address: str | None = None, privacy_url: str | None = None, imprint_url: str | None = None
+) -> SimpleNamespace:
+    """The `operator` object templates see: the legal sender's address as lines (`;` in
+    MAILER_FOOTER_ADDRESS separates them; empty parts are dropped) and the two links."""
+    lines = tuple(part.strip() for part in (footer_address or "").split(";") if part.strip())
+    return SimpleNamespace(address_lines=lines, privacy_url=privacy_url, imprint_url=imprint_url)
+
+
+NO_OPERATOR = operator_view()
+
+
 def build_context(
     *,
     kind: str,
@@ -377,8 +398,14 @@ def build_context(
     previous: Event | None = None,
     offset: Offset | None = None,
     has_calendar: bool = False,
+    now: datetime | None = None,
+    operator: SimpleNamespace | None = None,
 ) -> dict[str, Any]:
-    """The variables every template gets (see templates/README.md)."""
+    """The variables every template gets (see templates/README.md).
+
+    `now` is the message's build time (default: the current time): it decides whether
+    registration is still open. `operator` is `operator_view(settings)`: the footer.
+    """
     show_join = KINDS[kind].shows_join_link(event)  # type: ignore[index]
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
@@ -409,6 +436,8 @@ def build_context(
         else None,
         "changes": changes,
         "has_calendar": has_calendar,
+        "registration_open": registration_open(event, now),
+        "operator": operator if operator is not None else NO_OPERATOR,
         "calendar_filename": CALENDAR_FILENAMES.get(locale, "event.ics"),
     }
 

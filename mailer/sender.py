@@ -27,7 +27,15 @@ from mailer.errors import (
 from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
 from mailer.kinds import KINDS, reminder_offset_of
 from mailer.messages import MessageRef, MessageState, Status
-from mailer.render import CALENDAR_FILENAMES, Renderer, SharedRenderer, build_context, event_view
+from mailer.render import (
+    CALENDAR_FILENAMES,
+    Renderer,
+    SharedRenderer,
+    build_context,
+    event_view,
+    operator_view,
+    registration_open,
+)
 from mailer.retry import RetryPolicy
 from mailer.settings import Settings
 from mailer.store import (
@@ -95,6 +103,7 @@ class MessageBuilder:
         name, address = parseaddr(settings.sender)
         self.sender = Address(name=name, email=address)
         self.domain = settings.sender_domain
+        self.operator = operator_view(settings.footer_address, settings.privacy_url, settings.imprint_url)
         # Keyed by the event's content fingerprint, never by id and version alone.
         self._calendars: dict[tuple[str, int, str, bool], CalendarTemplate] = {}
         self._views: dict[tuple[str, str], Any] = {}
@@ -124,10 +133,12 @@ class MessageBuilder:
                 previous=stored.previous if kind.shows_changes else None,
                 offset=offset,
                 has_calendar=method is not None,
+                now=now,
+                operator=self.operator,
             )
 
         # Everything but the attendee is the same for every message with this key.
-        shared_key = (stored.fingerprint, ref.kind, ref.disc, locale)
+        shared_key = (stored.fingerprint, ref.kind, ref.disc, locale, registration_open(event, now))
         rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
         attachment = None
         if method is not None:

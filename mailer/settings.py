@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # A log entry is about 300 bytes of Redis memory: the upper bound is some 30 GB.
     log_max_entries: int = Field(default=1_000_000, ge=1000, le=100_000_000)
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # The operator footer under every mail; unset parts leave no line. The legal sender's
+    # postal address, one line with ";" between its lines ("Stadtverwaltung; Platz 1; 67657 Ort").
+    footer_address: str | None = Field(default=None, max_length=500)
+    privacy_url: str | None = Field(default=None, max_length=2000)
+    imprint_url: str | None = Field(default=None, max_length=2000)
     # Print one JSON line per outcome on stdout (the log stream keeps them either way).
     print_outcomes: bool = True
 
@@ -101,6 +106,28 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
             check_redis_url(value)
+        return value
+
+    @field_validator("footer_address")
+    @classmethod
+    def _check_footer_address(cls, value: str | None) -> str | None:
+        if value is not None and any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+            raise ValueError('must be one line without control characters (separate lines with ";")')
+        return value
+
+    @field_validator("privacy_url", "imprint_url")
+    @classmethod
+    def _check_footer_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or any(ord(ch) <= 32 or 127 <= ord(ch) < 160 for ch in value)
+            ):
+                raise ValueError(
+                    "must be an http(s) URL without spaces, e.g. https://www.example.org/datenschutz"
+                )
         return value
 
     @field_validator("template_dir")
