@@ -270,6 +270,7 @@ async def test_dry_run_reports_and_changes_nothing(
     async with MailerClient(redis_url) as client:
         await client.publish(make_event())
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
+    await settled(redis_url)  # the snapshot must not race the worker's last writes
     redis = await connect(redis_url)
     try:
         before = sorted(await redis.keys("mailer:*"))
