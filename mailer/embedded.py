@@ -171,9 +171,13 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 break
             time.sleep(0.02)
+        status = self.process.poll()
+        # How it ended says what happened: an exit status of its own, a signal (negative), or
+        # still running but not answering on the socket within `timeout`.
+        how = f"it exited with status {status}" if status is not None else f"no answer within {timeout:g} s"
         tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
         self._end_process()
-        raise QueueUnavailable(f"embedded redis-server did not start (see {log}): {tail}")
+        raise QueueUnavailable(f"embedded redis-server did not start ({how}; see {log}): {tail}")
 
     def supervise(self, *, backoff: float = 0.5, max_backoff: float = 30.0) -> None:
         """Start the server again whenever it dies, waiting `backoff` seconds, doubled while it
