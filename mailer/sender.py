@@ -52,6 +52,7 @@ from mailer.transport import Transport
 
 logger = logging.getLogger("mailer.sender")
 
+
 @dataclass(slots=True)
 class _Job:
     """One claimed message on its way out."""
@@ -236,6 +237,9 @@ class Sender:
         )
         # Lease on a claimed message: if its worker dies, it is sent again after this.
         self.lease_ms = int(1000 * (settings.smtp_timeout + 10))
+        # A send (opening a connection included) must end within its lease, with time left to
+        # record the outcome: past the lease another worker may re-claim and send it too.
+        self.send_budget_s = settings.smtp_timeout + 8
         # A probe opens one connection: connect, STARTTLS and AUTH, each within the timeout.
         self.probe_lease_ms = int(1000 * (3 * settings.smtp_timeout + 5))
         self.message_ttl_ms = int(settings.message_ttl.total_seconds() * 1000)
@@ -383,11 +387,10 @@ class Sender:
         """This worker holds the probe lock: open one connection to see if the relay is back."""
         try:
             await self.transport.probe()
-        except RelayFault as fault:
+        except DeliveryError as exc:  # only a connection that really opened closes the circuit
+            fault = exc if isinstance(exc, RelayFault) else RelayFault(exc.detail, code=exc.code)
             trip = await self._trip(fault)
             return Gate.HOLD, trip.until_ms
-        except DeliveryError as exc:  # not about the relay itself: let messages find out
-            logger.info("relay probe: %s", exc)
         await self.circuit.close(now_ms=ms(self.clock()))
         logger.warning("relay %s answers again: sending resumes", self.transport.name)
         return Gate.SEND, 0
@@ -452,9 +455,10 @@ class Sender:
                     done = None
                     continue  # our claim lapsed and another worker holds the message now
                 try:
-                    accepted = await lane.send(
-                        sender=self.builder.sender.email, recipient=job.recipient, data=job.data
-                    )
+                    async with asyncio.timeout(self.send_budget_s):
+                        accepted = await lane.send(
+                            sender=self.builder.sender.email, recipient=job.recipient, data=job.data
+                        )
                     result: DeliveryError | str = accepted.detail
                 except RelayFault as fault:
                     result = fault
@@ -463,6 +467,11 @@ class Sender:
                             outcomes.hold_until_ms = (await self._trip(fault)).until_ms
                 except DeliveryError as exc:
                     result = exc
+                except TimeoutError:  # the budget ran out (SMTP's own timeouts are DeliveryErrors)
+                    result = UncertainDeliveryError(
+                        f"no outcome within {self.send_budget_s:g} s (the message's lease)",
+                        recipient=job.recipient,
+                    )
                 outcomes.results.append(result)
                 done = (job, result)
             if done is not None:
@@ -482,7 +491,7 @@ class Sender:
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
-            recorded = (done[0].claim.ref, state, line)
+            recorded = (done[0].claim.ref, state, line, done[0].claim.attempt)
         handed = None
         if following is not None:
             claim = following.claim

@@ -320,11 +320,19 @@ return out
 # reg may be the empty string). Returns 1 if the next message may be sent.
 STEP_SCRIPT = """
 if KEYS[3] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-  if ARGV[3] == '1' then
-    redis.call('ZREM', KEYS[1], ARGV[4])
-  else
-    redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
+  -- Only while it is still ours: sending, with the attempt we handed over (ARGV[13]). A send
+  -- that outlived its lease may have been re-claimed and even sent by another worker; its
+  -- late outcome must not overwrite theirs (a stale 'retrying' over 'sent' sent it again).
+  local cur = redis.call('HGET', KEYS[3], ARGV[1])
+  local st, at = nil, nil
+  if cur then st, at = string.match(cur, '^([^|]+)|([^|]+)|') end
+  if st == 'sending' and tonumber(at) == tonumber(ARGV[13]) then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+    if ARGV[3] == '1' then
+      redis.call('ZREM', KEYS[1], ARGV[4])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
+    end
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'j', ARGV[6])
 end
@@ -383,17 +391,19 @@ class MessageStore:
 
     async def step(
         self,
-        done: tuple[MessageRef, MessageState, bytes] | None,
+        done: tuple[MessageRef, MessageState, bytes, int] | None,
         following: tuple[MessageRef, int, MessageState] | None,
         *,
         log_max_entries: int,
     ) -> bool:
-        """Record `done` (ref, final-or-retry state, log JSON) and hand `following` (ref,
-        claimed attempt, sending state) over, in one command. False: don't send `following`."""
+        """Record `done` (ref, final-or-retry state, log JSON, the attempt it was handed over
+        with; the state only if it is still that handover) and hand `following` (ref, claimed
+        attempt, sending state) over, in one command. False: don't send `following`."""
         keys = [DUE_KEY, LOG_STREAM, "", ""]
-        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, ""]
+        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0]
         if done is not None:
-            ref, state, entry = done
+            ref, state, entry, handed_attempt = done
+            args[12] = handed_attempt
             keys[2] = registration_key(ref.registration_id)
             args[0:6] = [
                 ref.field,

@@ -175,8 +175,14 @@ def _map_connect_error(exc: BaseException) -> DeliveryError:
         if "AUTH" in text:
             return RelayFault(text, healable=False, setting=f"{_CREDENTIALS} or MAILER_SMTP_SECURITY")
         return RelayFault(f"SMTP error: {text}")
-    logger.error("internal error while connecting to the relay", exc_info=exc)
-    return PermanentDeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+    # Something nobody foresaw (an IDNA error for a host name, a bug): still about the relay,
+    # not the message, so the mail is held and the error shouted, never dead-lettered.
+    logger.error("unexpected error while connecting to the relay", exc_info=exc)
+    return RelayFault(
+        f"cannot connect ({type(exc).__name__}: {exc})",
+        healable=False,
+        setting="MAILER_SMTP_HOST / MAILER_SMTP_PORT",
+    )
 
 
 def is_fully_qualified(name: str) -> bool:
@@ -309,7 +315,14 @@ class SmtpTransport:
             return await lane.send(sender=sender, recipient=recipient, data=data)
 
     async def probe(self) -> None:
-        """Open (and keep) one connection; raises RelayFault if the relay will not have it."""
+        """Open (and keep) one fresh connection; raises RelayFault if the relay will not have it.
+
+        Fresh, never a pooled one: a connection kept from before the fault (or half-open after
+        the relay's host went down) would "succeed" without asking the relay anything.
+        """
+        stale, self._idle = self._idle, []
+        for session, _ in stale:
+            session.close()
         async with self.lane() as lane:
             assert isinstance(lane, _SmtpLane)
             await lane.session()

@@ -603,3 +603,62 @@ async def test_held_mail_is_left_alone_while_a_probe_is_out(
         assert most <= 6, {rid: sorted(seen) for rid, seen in states.items()}
     finally:
         server.close()
+
+
+async def test_a_late_outcome_does_not_overwrite_what_another_worker_recorded(redis_url: str) -> None:
+    """A send that outlived its lease was re-claimed and sent by another worker (sent, attempt 2);
+    the first worker's late 'retrying' must not overwrite it (that made it go out a third time).
+    Its log entry is still written: it says what that worker saw."""
+    from mailer.messages import MessageRef, MessageState
+    from mailer.store import MessageStore, registration_key
+
+    redis = await connect(redis_url)
+    try:
+        ref = MessageRef("late-1", "confirmation")
+        theirs = MessageState("sent", 2, 1, 2, 0).encode()
+        await redis.hset(registration_key("late-1"), ref.field, theirs)
+        late = MessageState("retrying", 1, 1, 3, 99_999)
+        await MessageStore(redis).step((ref, late, b'{"status":"retrying"}', 1), None, log_max_entries=1000)
+        assert await redis.hget(registration_key("late-1"), ref.field) == theirs.encode()
+        assert await redis.zscore("mailer:due", ref.id) is None
+        assert await redis.xlen("mailer:log") == 1
+        # While it is still ours (sending, attempt 1), the outcome is recorded.
+        await redis.hset(registration_key("late-1"), ref.field, MessageState("sending", 1, 1, 2, 9).encode())
+        await MessageStore(redis).step((ref, late, b'{"status":"retrying"}', 1), None, log_max_entries=1000)
+        assert await redis.hget(registration_key("late-1"), ref.field) == late.encode().encode()
+    finally:
+        await redis.aclose()
+
+
+def test_an_unforeseen_connect_error_is_a_relay_fault_not_a_dead_letter() -> None:
+    """An IDNA error for a host name (or any surprise while connecting) holds the mail and names
+    the setting; before, it failed every message permanently and a probe took it as success."""
+    mapped = _map_connect_error(UnicodeError("label too long"))
+    assert isinstance(mapped, RelayFault)
+    assert not mapped.healable
+    assert mapped.setting is not None
+    assert "MAILER_SMTP_HOST" in mapped.setting
+
+
+async def test_a_probe_opens_a_fresh_connection_not_a_pooled_one(
+    smtp_server: Any, make_settings: Any
+) -> None:
+    """A probe must ask the relay: a connection kept from before the fault would answer nothing."""
+    transport = SmtpTransport(make_settings(smtp_host=smtp_server.host, smtp_port=smtp_server.port))
+    opened: list[int] = []
+    real_open = transport._open
+
+    async def counting_open() -> Any:
+        opened.append(1)
+        return await real_open()
+
+    transport._open = counting_open  # type: ignore[method-assign]
+    try:
+        await transport.send(
+            sender="a@example.org", recipient="b@example.org", data=b"Subject: x\r\n\r\nx\r\n"
+        )
+        assert len(opened) == 1  # one connection, now idle in the pool
+        await transport.probe()
+        assert len(opened) == 2  # the probe did not take the pooled one
+    finally:
+        await transport.close()
