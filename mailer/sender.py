@@ -7,7 +7,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parseaddr
@@ -276,7 +276,7 @@ class Sender:
         claims = await self.store.claim(refs, now_ms=ms(now), lease_ms=self.lease_ms)
 
         entries: list[LogEntry] = []
-        writes: list[tuple[MessageRef, MessageState]] = []
+        writes: list[tuple[Claim, MessageState, LogEntry]] = []
         jobs: list[_Job] = []
         for claim in claims:
             if claim.code not in ("claimed", "reclaimed"):
@@ -292,12 +292,13 @@ class Sender:
                 job = f"internal error while building: {type(exc).__name__}: {exc}"
             if isinstance(job, str):
                 status: Literal["skipped", "failed"] = "skipped" if job.startswith("skip: ") else "failed"
-                writes.append((claim.ref, self._state(status, claim, now)))
-                entries.append(self._entry(claim, reg, stored, status, job.removeprefix("skip: "), now))
+                entry = self._entry(claim, reg, stored, status, job.removeprefix("skip: "), now)
+                writes.append((claim, self._state(status, claim, now), entry))
                 continue
             jobs.append(job)
 
         await self._record(writes, entries)
+        entries += [entry for _, _, entry in writes]
         jobs = await self._hold_back(jobs, now)
         sent = _Outcomes()
         queue = deque(jobs)
@@ -421,21 +422,22 @@ class Sender:
         """Park claimed messages until `until_ms` (spread a little); fail those past their deadline."""
         now_ms = ms(now)
         spread = max(1000, (until_ms - now_ms) // 4)
-        writes: list[tuple[MessageRef, MessageState]] = []
-        entries: list[LogEntry] = []
+        writes: list[tuple[Claim, MessageState, LogEntry | None]] = []
         for job in jobs:
             claim = job.claim
             at = until_ms + random.randrange(min(spread, 10_000))
             if at >= self._deadline_ms(claim, job.event):
-                writes.append((claim.ref, self._state("failed", claim, now)))
                 detail = f"{why} until after the message's deadline"
-                entries.append(self._entry(claim, job.registration, job.event, "failed", detail, now))
+                entry = self._entry(claim, job.registration, job.event, "failed", detail, now)
+                writes.append((claim, self._state("failed", claim, now), entry))
                 continue
-            writes.append((claim.ref, MessageState("held", claim.attempt - 1, claim.since_ms, now_ms, at)))
+            held = MessageState("held", claim.attempt - 1, claim.since_ms, now_ms, at)
+            logged = None
             if claim.previous != "held":  # log the hold once, not at every look
                 detail = f"{why}; held until {iso(from_ms(at))}, attempt not counted"
-                entries.append(self._entry(claim, job.registration, job.event, "held", detail, now))
-        await self._record(writes, entries)
+                logged = self._entry(claim, job.registration, job.event, "held", detail, now)
+            writes.append((claim, held, logged))
+        await self._record(writes, [])
         logger.info("holding %d message(s) until %d (%s)", len(jobs), until_ms, why)
 
     async def _run_lane(self, queue: deque[_Job], outcomes: _Outcomes) -> None:
@@ -527,16 +529,14 @@ class Sender:
         entry = self._entry(claim, reg, stored, "failed", detail, now, code, enhanced)
         return self._state("failed", claim, now), entry
 
-    async def _record(self, writes: list[tuple[MessageRef, MessageState]], entries: list[LogEntry]) -> None:
-        if not writes and not entries:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ref, state in writes:
-                self.store.write_state(pipe, ref, state)
-            for entry in entries:
-                self.log.add(pipe, entry)
-            await pipe.execute()
-        self.log.print(entries)
+    async def _record(
+        self, writes: Sequence[tuple[Claim, MessageState, LogEntry | None]], entries: list[LogEntry]
+    ) -> None:
+        """Write states of messages this worker claimed (each only while its claim holds, with
+        its log entry only then) and other log entries."""
+        kept = await self.store.settle([(claim.ref, claim.attempt, state) for claim, state, _ in writes])
+        logged = [e for (_, _, e), ok in zip(writes, kept, strict=True) if ok and e is not None]
+        await self.log.write(entries + logged)
 
     # --- small helpers ------------------------------------------------------------------
 

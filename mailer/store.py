@@ -347,6 +347,34 @@ return 1
 """
 
 
+# Write a new state for messages this worker claimed, each only while the claim still holds
+# (claimed, same attempt): a claim that lapsed may belong to another worker by now, and a
+# hold or skip written over its 'sending' would let a third worker send it again.
+# KEYS: the registrations, then the due index; ARGV per message: field, attempt, state,
+# final ('1'/'0'), due score, message id. Returns 1/0 per message.
+SETTLE_SCRIPT = """
+local out = {}
+for i = 1, #KEYS - 1 do
+  local b = (i - 1) * 6
+  local cur = redis.call('HGET', KEYS[i], ARGV[b + 1])
+  local st, at = nil, nil
+  if cur then st, at = string.match(cur, '^([^|]+)|([^|]+)|') end
+  if st == 'claimed' and tonumber(at) == tonumber(ARGV[b + 2]) then
+    redis.call('HSET', KEYS[i], ARGV[b + 1], ARGV[b + 3])
+    if ARGV[b + 4] == '1' then
+      redis.call('ZREM', KEYS[#KEYS], ARGV[b + 6])
+    else
+      redis.call('ZADD', KEYS[#KEYS], ARGV[b + 5], ARGV[b + 6])
+    end
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     ref: MessageRef
@@ -363,6 +391,7 @@ class MessageStore:
         self.redis = redis
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._step = redis.register_script(STEP_SCRIPT)
+        self._settle = redis.register_script(SETTLE_SCRIPT)
 
     async def claim(self, refs: list[MessageRef], *, now_ms: int, lease_ms: int) -> list[Claim]:
         if not refs:
@@ -380,6 +409,23 @@ class MessageStore:
             else:
                 claims.append(Claim(ref, parts[0]))
         return claims
+
+    async def settle(self, claimed: list[tuple[MessageRef, int, MessageState]]) -> list[bool]:
+        """Write each (ref, claimed attempt, new state) while its claim still holds; which did."""
+        if not claimed:
+            return []
+        keys = [registration_key(ref.registration_id) for ref, _, _ in claimed] + [DUE_KEY]
+        args: list[Any] = []
+        for ref, attempt, state in claimed:
+            args += [
+                ref.field,
+                attempt,
+                state.encode(),
+                "1" if state.final else "0",
+                state.aux_ms or state.at_ms,
+                ref.id,
+            ]
+        return [bool(flag) for flag in await self._settle(keys=keys, args=args)]
 
     def write_state(self, pipe: Pipeline, ref: MessageRef, state: MessageState) -> None:
         """Queue a state write (and the due-index update) on a pipeline."""

@@ -662,3 +662,27 @@ async def test_a_probe_opens_a_fresh_connection_not_a_pooled_one(
         assert len(opened) == 2  # the probe did not take the pooled one
     finally:
         await transport.close()
+
+
+async def test_a_hold_does_not_overwrite_a_message_another_worker_now_sends(redis_url: str) -> None:
+    """The tail of a slow batch: its claims lapsed and another worker re-claimed and is sending
+    them. The first worker's hold (or skip, or failure) must leave them alone; written over
+    'sending', a third worker would send them again when the hold ran out."""
+    from mailer.messages import MessageRef, MessageState
+    from mailer.store import MessageStore, registration_key
+
+    redis = await connect(redis_url)
+    try:
+        store = MessageStore(redis)
+        ours, theirs = MessageRef("tail-1", "confirmation"), MessageRef("tail-2", "confirmation")
+        await redis.hset(registration_key("tail-1"), ours.field, MessageState("claimed", 1, 1, 2, 9).encode())
+        busy = MessageState("sending", 2, 1, 3, 9).encode()  # re-claimed (attempt 2) elsewhere
+        await redis.hset(registration_key("tail-2"), theirs.field, busy)
+        held = MessageState("held", 0, 1, 4, 99_000)
+        assert await store.settle([(ours, 1, held), (theirs, 1, held)]) == [True, False]
+        assert await redis.hget(registration_key("tail-1"), ours.field) == held.encode().encode()
+        assert await redis.hget(registration_key("tail-2"), theirs.field) == busy.encode()
+        assert await redis.zscore("mailer:due", ours.id) == 99_000
+        assert await redis.zscore("mailer:due", theirs.id) is None
+    finally:
+        await redis.aclose()
