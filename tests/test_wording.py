@@ -17,6 +17,7 @@ from mailer.preview import preview, sample_event, sample_previous
 from mailer.render import all_kinds_and_locales, event_view
 from mailer.sender import Built
 from mailer.settings import Settings
+from tests.test_render import _next_zone_change
 
 BERLIN = ZoneInfo("Europe/Berlin")
 KINDS_LOCALES = all_kinds_and_locales()
@@ -154,13 +155,7 @@ def test_times_carry_the_short_zone_name(settings: Settings, kind: str, locale: 
 
 def _across_clock_change() -> datetime:
     """04:00 Berlin time on the first morning, a week or more from today, after a clock change."""
-    day = datetime.now(BERLIN).date() + timedelta(days=7)
-    while True:
-        noon = datetime(day.year, day.month, day.day, 12, tzinfo=BERLIN)
-        if noon.utcoffset() != (noon + timedelta(days=1)).utcoffset():
-            nxt = day + timedelta(days=1)
-            return datetime(nxt.year, nxt.month, nxt.day, 4, tzinfo=BERLIN)
-        day += timedelta(days=1)
+    return _next_zone_change(datetime.now(BERLIN).date() + timedelta(days=7))
 
 
 @pytest.mark.parametrize("locale", ["de", "en"])
