@@ -18,7 +18,8 @@ from arq.worker import Worker, func
 
 from bench.infra import LOCAL_HOSTNAME, SENDER, SENDER_ADDRESS, cpu_seconds
 from mailer.constants import QUEUE_NAME
-from mailer.queue import SEND, Enqueuer, connect, worker_options
+from mailer.intake.job_bodies import worker_options
+from mailer.state.queue import SEND, Enqueuer, connect
 
 # First job start and last job end, set by the job functions of the phase's own process.
 _marks: dict[str, float] = {}
@@ -62,8 +63,8 @@ def protocol_phase(*, host: str, port: int, n: int, connections: int, data: byte
 
 
 async def _transport(settings: Any, n: int, data: bytes) -> dict[str, Any]:
-    from mailer.compose import WireMessage
-    from mailer.transport import SmtpTransport
+    from mailer.content.compose import WireMessage
+    from mailer.delivery.transport import SmtpTransport
 
     transport = SmtpTransport(settings)
     wire = WireMessage(data)  # as compose() hands it over

@@ -10,7 +10,7 @@ from email.parser import BytesParser
 from typing import Any
 
 from bench.infra import LOCAL_HOSTNAME, SENDER
-from mailer.preview import preview, sample_event
+from mailer.ops.preview import preview, sample_event
 from mailer.settings import Settings, load_settings
 
 _NAMES = ("Maria Müller", "Jürgen Weiß", "Ayşe Yılmaz", "Anna Schmidt", "Björn Köhler")
@@ -86,7 +86,7 @@ class SampleMessage:
 
 
 def sample_message(settings: Settings) -> SampleMessage:
-    """Built once with mailer's own MessageBuilder and compose (through mailer.preview)."""
+    """Built once with mailer's own MessageBuilder and compose (through mailer.ops.preview)."""
     built, _ = preview(settings, "confirmation", sample_event(), "de")
     parsed = BytesParser(policy=policy.default).parsebytes(built.data)
     ics, filename = b"", "veranstaltung.ics"

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from mailer.embedded import find_redis_server
+from mailer.ops.embedded import find_redis_server
 
 SENDER = "Stadt Kaiserslautern <noreply@example.org>"
 SENDER_ADDRESS = "noreply@example.org"
@@ -114,7 +114,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def client(self) -> Any:
-        """A sync client, typed Any as mailer.store.RedisClient is (redis-py's unions of sync and async)."""
+        """A sync client, typed Any (redis-py types sync and async clients as one union)."""
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
 
     def used_memory(self) -> int:

@@ -20,8 +20,8 @@ from bench.mailer_phases import throughput
 from bench.sink import Sink
 from mailer.constants import SCHEDULE_KEY
 from mailer.events import parse_event
-from mailer.planner import Planner
-from mailer.queue import connect
+from mailer.lifecycle.planner import Planner
+from mailer.state.queue import connect
 
 OFFSETS = "P1D,PT1H"
 

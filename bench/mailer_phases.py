@@ -15,8 +15,8 @@ from bench.data import address, registrations
 from bench.infra import PhaseTimeout, RedisServer, WorkerProcess, cpu_seconds, vm_hwm_kib, wait_ready
 from bench.machine import ForeignLoad
 from bench.sink import Record, Sink
-from mailer.client import MailerClient
 from mailer.constants import LOG_STREAM, QUEUE_NAME
+from mailer.intake.client import MailerClient
 
 HEALTH_KEY = QUEUE_NAME + ":health-check"
 

@@ -25,7 +25,7 @@ from bench.phases import PHASES, RUNNERS, Context, progress, short
 from bench.report import format_table, summary_rows, write_results
 from bench.sink import Sink
 from bench.snapshot import ROOT, fingerprint, reexec_on_snapshot, remove_snapshot, snapshot_dir
-from mailer.embedded import find_redis_server
+from mailer.ops.embedded import find_redis_server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mailer.preview import sample_event  # noqa: E402
+from mailer.ops.preview import sample_event
 
 
 def main() -> None:
@@ -40,8 +40,12 @@ def main() -> None:
     moved["ends_at"] = (start + timedelta(hours=2, minutes=30)).isoformat()
     update = {"type": "event.updated", "id": "evt-update-1", "occurred_at": now.isoformat(), "event": moved}
     (here / "event-updated.json").write_text(json.dumps(update, indent=2, ensure_ascii=False) + "\n")
-    cancel = {"type": "registration.cancelled", "id": "evt-cancel-1", "occurred_at": now.isoformat(),
-              "registration": {"id": "reg-1001"}}
+    cancel = {
+        "type": "registration.cancelled",
+        "id": "evt-cancel-1",
+        "occurred_at": now.isoformat(),
+        "registration": {"id": "reg-1001"},
+    }
     (here / "registration-cancelled.json").write_text(json.dumps(cancel, indent=2) + "\n")
 
 

@@ -20,10 +20,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer.constants import MESSAGE_KINDS
-from mailer.deliverylog import LOG_STATUSES
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
+from mailer.state.deliverylog import LOG_STATUSES
 
 T = TypeVar("T")
 
@@ -108,7 +108,7 @@ class _Mailer(click.Group):
 
 
 def _message_ids(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    from mailer.messages import MessageRef
+    from mailer.state.messages import MessageRef
 
     for value in values:
         try:
@@ -128,7 +128,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 
 
 def _redis_url(settings: Settings) -> str:
-    from mailer.embedded import resolve_redis_url
+    from mailer.ops.embedded import resolve_redis_url
 
     return resolve_redis_url(settings.redis_url, settings.data_dir)
 
@@ -155,8 +155,8 @@ def worker() -> None:
     Without MAILER_REDIS_URL it starts a private Redis under MAILER_DATA_DIR (default ./var)
     and stops it on exit. SIGTERM or Ctrl-C: finish the sends in flight, then exit 0.
     """
-    from mailer.embedded import EmbeddedRedis
-    from mailer.queue import masked_url
+    from mailer.ops.embedded import EmbeddedRedis
+    from mailer.state.queue import masked_url
     from mailer.worker import run
 
     settings = _settings()
@@ -270,7 +270,7 @@ def enqueue(source: str, dry_run: bool) -> None:
     entries in the delivery log; the valid ones are still enqueued. A UTF-8 byte-order mark is
     ignored. Exit status 1 if any record was invalid.
     """
-    from mailer.client import MailerClient
+    from mailer.intake.client import MailerClient
 
     settings = _settings()
     raws, refused = _validate(_records(_read(source)))
@@ -297,8 +297,8 @@ def enqueue(source: str, dry_run: bool) -> None:
 
 async def _dry_run(settings: Settings, raws: list[Any]) -> None:
     from mailer.events import parse_event
-    from mailer.planner import Planner
-    from mailer.queue import connect_client
+    from mailer.lifecycle.planner import Planner
+    from mailer.state.queue import connect_client
 
     redis = await connect_client(_redis_url(settings))
     try:
@@ -326,7 +326,7 @@ def health() -> None:
     Exit status 0 ok, 1 degraded (a relay circuit is open: mail is held, nothing lost),
     2 down (Redis unreachable); for container and monitoring health checks.
     """
-    from mailer.health import EXIT_STATUS, Health, check
+    from mailer.ops.health import EXIT_STATUS, Health, check
 
     settings = _settings()
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
@@ -371,8 +371,8 @@ def log_command(
     limit: int,
 ) -> None:
     """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
-    from mailer.deliverylog import read_log
-    from mailer.queue import connect_client
+    from mailer.state.deliverylog import read_log
+    from mailer.state.queue import connect_client
 
     settings = _settings()
 
@@ -426,10 +426,10 @@ def retry(
 ) -> None:
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
     from mailer.clock import iso, utc_now
-    from mailer.deliverylog import DeliveryLog, LogEntry, read_log
-    from mailer.messages import MessageRef, MessageState
-    from mailer.queue import SEND, Enqueuer, connect_client
-    from mailer.store import MessageStore
+    from mailer.state.deliverylog import DeliveryLog, LogEntry, read_log
+    from mailer.state.messages import MessageRef, MessageState
+    from mailer.state.queue import SEND, Enqueuer, connect_client
+    from mailer.state.store import MessageStore
 
     if not message_ids and not status:
         raise click.UsageError("name MESSAGE_IDs or --status")
@@ -523,7 +523,7 @@ def _user() -> str:
 def render(kind: str, event_file: str, locale: str | None, out_dir: str, previous_file: str | None) -> None:
     """Write KIND.LOCALE.eml and KIND.LOCALE.html: see what attendees get, as the pipeline would
     send it for this registration (and, for a change notice, this previous event)."""
-    from mailer.preview import preview
+    from mailer.ops.preview import preview
 
     if kind == "event_changed" and previous_file is None:
         raise click.UsageError("event_changed needs --previous FILE: the event as it was before the change")
@@ -546,7 +546,7 @@ def templates() -> None:
 @_errors_to_exit
 def templates_check() -> None:
     """Render every kind in every locale against sample data; fail on any error."""
-    from mailer.preview import check_all
+    from mailer.ops.preview import check_all
 
     settings = _settings()
     failures = 0

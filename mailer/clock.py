@@ -2,7 +2,7 @@
 
 Wall-clock time in UTC as timezone-aware datetimes; Redis scores and message states keep
 milliseconds since the epoch (`ms`, `from_ms`); the delivery log writes ISO 8601 (`iso`).
-Jobs due "now" in the queue are scored with Redis's own clock instead (mailer.queue), so a
+Jobs due "now" in the queue are scored with Redis's own clock instead (mailer.state.queue), so a
 producer host whose clock runs fast cannot park them in the future.
 """
 

@@ -25,7 +25,7 @@ EVENT_REGISTRATIONS_KEY: Final = PREFIX + "event:{event_id}:regs"
 # plus one field "m:<kind>[/<disc>]" per message holding that message's state.
 REGISTRATION_KEY: Final = PREFIX + "reg:{registration_id}"
 
-# Single events from publish(), oldest first, until a worker has applied them (mailer.inbox);
+# Single events from publish(), oldest first, until a worker has applied them (mailer.intake.inbox);
 # "armed" holds when the pending drain job was started (ms), "lease" the token of the one
 # worker draining, "seq" numbers the drain jobs.
 INBOX_KEY: Final = PREFIX + "inbox"
@@ -44,7 +44,7 @@ DUE_KEY: Final = PREFIX + "due"
 # The delivery log: a Redis stream, trimmed to MAILER_LOG_MAX_ENTRIES.
 LOG_STREAM: Final = PREFIX + "log"
 
-# The relay circuit (mailer.circuit): a hash with its state (open/closed), the next probe
+# The relay circuit (mailer.state.circuit): a hash with its state (open/closed), the next probe
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.
 RELAY_CIRCUIT_KEY: Final = PREFIX + "relay:{relay}:circuit"
 RELAY_PROBE_KEY: Final = PREFIX + "relay:{relay}:probe"

@@ -105,7 +105,7 @@ class RelayFault(TransientDeliveryError):
     """What the relay says about itself, not about one message: refused or reset connections,
     timeouts at connect, 421/432, TLS and login failures, a malformed greeting.
 
-    Such a fault opens the relay circuit (mailer.circuit): every worker holds its sends and
+    Such a fault opens the relay circuit (mailer.state.circuit): every worker holds its sends and
     one probe at a time tries again. `healable` is False for faults that waiting will not
     cure (wrong credentials, a refused certificate, STARTTLS missing): those are logged as
     errors naming `setting`, the MAILER_ variable(s) an operator must fix.

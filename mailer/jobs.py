@@ -12,15 +12,15 @@ from typing import Any, Literal
 import orjson
 from arq.worker import Retry
 
-from mailer.deliverylog import DeliveryLog, LogEntry, LogStatus
+from mailer.delivery.sender import Sender
 from mailer.errors import InvalidEvent
 from mailer.events import IncomingEvent, parse_event
-from mailer.inbox import Inbox
-from mailer.messages import MessageRef
-from mailer.planner import Planner
-from mailer.queue import REDIS_DOWN
-from mailer.scheduler import Scheduler
-from mailer.sender import Sender
+from mailer.intake.inbox import Inbox
+from mailer.lifecycle.planner import Planner
+from mailer.lifecycle.scheduler import Scheduler
+from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
+from mailer.state.messages import MessageRef
+from mailer.state.queue import REDIS_DOWN
 
 logger = logging.getLogger("mailer.jobs")
 
@@ -80,7 +80,7 @@ def _rejected(log: DeliveryLog, detail: str, **fields: Any) -> LogEntry:
 async def ingest(ctx: dict[str, Any], *, events: list[Any]) -> dict[str, int]:
     """Apply a batch of producer events (publish_many, enqueue, the inbox) and send what they yield.
 
-    The job's arguments were checked by mailer.queue.deserialize; each event is checked here.
+    The job's arguments were checked by mailer.intake.job_bodies.deserialize; each event is checked here.
     """
     app = _app(ctx)
     try:
@@ -99,7 +99,7 @@ async def ingest(ctx: dict[str, Any], *, events: list[Any]) -> dict[str, int]:
 
 @_outlasts_redis("skip")
 async def drain(ctx: dict[str, Any]) -> dict[str, int]:
-    """Apply the single events publish() put in the inbox, batch by batch (mailer.inbox)."""
+    """Apply the single events publish() put in the inbox, batch by batch (mailer.intake.inbox)."""
     app = _app(ctx)
     # Hand over to a fresh drain job well before arq's job timeout would cancel this one.
     turn_s = app.sender.settings.job_timeout / 4
@@ -161,7 +161,7 @@ async def fan_out(ctx: dict[str, Any], *, member: str, due_ms: int, cursor: int 
 
 @_outlasts_redis("skip")
 async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") -> None:
-    """Stands in for a job that could not be read (see mailer.queue.deserialize); never retried."""
+    """Stands in for a job that could not be read (see intake.job_bodies.deserialize); never retried."""
     app = _app(ctx)
     job_id = str(ctx.get("job_id", ""))[:200]
     logger.warning("rejected malformed job %r: %s", job_id, reason)

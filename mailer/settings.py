@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # Kept-open connections idle this long are closed with QUIT, before the relay's own
     # timeout (Postfix: smtpd_timeout 300 s) closes them with a "timeout" in its log.
     smtp_idle_seconds: float = Field(default=60.0, gt=0, le=3600, allow_inf_nan=False)
-    # The relay circuit (mailer.circuit): a relay fault holds all sends; the probe that
+    # The relay circuit (mailer.state.circuit): a relay fault holds all sends; the probe that
     # tries again waits twice as long after each failure, from base up to max.
     relay_probe_base_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
     relay_probe_max_seconds: float = Field(default=300.0, gt=0, le=86400, allow_inf_nan=False)

@@ -14,25 +14,24 @@ from arq.worker import Worker, func
 
 from mailer import jobs
 from mailer.clock import Clock, utc_now
-from mailer.deliverylog import DeliveryLog
-from mailer.inbox import Inbox
-from mailer.planner import Planner
-from mailer.queue import (
+from mailer.content.render import Renderer
+from mailer.delivery.sender import Sender
+from mailer.delivery.transport import Transport, build_transport
+from mailer.intake.inbox import Inbox
+from mailer.intake.job_bodies import QueueWorker, worker_options
+from mailer.lifecycle.planner import Planner
+from mailer.lifecycle.scheduler import Scheduler
+from mailer.settings import Settings
+from mailer.state.deliverylog import DeliveryLog
+from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
     INGEST,
     REDIS_DOWN,
     REJECT,
     SEND,
-    QueueWorker,
     connect,
-    worker_options,
 )
-from mailer.render import Renderer
-from mailer.scheduler import Scheduler
-from mailer.sender import Sender
-from mailer.settings import Settings
-from mailer.transport import Transport, build_transport
 
 logger = logging.getLogger("mailer.worker")
 
@@ -47,7 +46,7 @@ def build_worker(
     echo: TextIO | None = sys.stdout,
     burst: bool = False,
 ) -> Worker:
-    """An arq Worker wired to mailer's jobs; `redis` is a pool from mailer.queue.connect."""
+    """An arq Worker wired to mailer's jobs; `redis` is a pool from mailer.state.queue.connect."""
 
     async def startup(ctx: dict[str, Any]) -> None:
         log = DeliveryLog(

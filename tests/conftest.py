@@ -24,7 +24,7 @@ from aiosmtpd.smtp import Envelope, Session
 from hypothesis import Phase
 from hypothesis import settings as hypothesis_settings
 
-from mailer.embedded import find_redis_server
+from mailer.ops.embedded import find_redis_server
 from mailer.settings import Settings, load_settings
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -306,9 +306,9 @@ async def wait_for(predicate: Callable[[], bool], within: float = 10.0, interval
 @pytest.fixture
 async def running_worker(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process workers (real arq Worker, real transport) for the test; stopped after."""
-    from mailer.queue import connect
-    from mailer.render import Renderer
-    from mailer.transport import build_transport
+    from mailer.content.render import Renderer
+    from mailer.delivery.transport import build_transport
+    from mailer.state.queue import connect
     from mailer.worker import build_worker
 
     started: list[tuple[Any, asyncio.Task[None], Any, Any]] = []
@@ -460,8 +460,8 @@ def mail_worker(
 
 async def log_until(url: str, predicate: Callable[[list[Any]], bool], within: float = 10.0) -> list[Any]:
     """Poll the delivery log until `predicate(entries)` holds; return the entries (oldest first)."""
-    from mailer.deliverylog import read_log
-    from mailer.queue import connect
+    from mailer.state.deliverylog import read_log
+    from mailer.state.queue import connect
 
     redis = await connect(url)
     try:
@@ -482,7 +482,7 @@ async def settled(url: str, within: float = 30.0) -> None:
     due index is empty), the inbox drained and no drain holding its lease. After this, no further
     mail can go out until something new arrives or a reminder falls due, so a test may count."""
     from mailer.constants import DUE_KEY, INBOX_KEY, INBOX_LEASE_KEY
-    from mailer.queue import connect
+    from mailer.state.queue import connect
 
     redis = await connect(url)
     try:

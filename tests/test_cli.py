@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from mailer.embedded import is_running, socket_path
+from mailer.ops.embedded import is_running, socket_path
 from tests.conftest import make_event
 
 
@@ -120,7 +120,7 @@ def test_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_render_writes_eml_and_html_for_every_kind(tmp_path: Path) -> None:
     """`mailer render KIND --event FILE` works for each kind from one registration file (a change
     notice also takes the event as it was, `--previous FILE`, and is refused without it)."""
-    from mailer.preview import sample_previous
+    from mailer.ops.preview import sample_previous
 
     registration = make_event()
     (tmp_path / "reg.json").write_bytes(orjson.dumps(registration))
@@ -217,8 +217,8 @@ def test_every_refusal_of_enqueue_is_in_the_delivery_log(tmp_path: Path, redis_u
 
 def test_the_python_client_logs_refusals_like_the_cli(redis_url: str, tmp_path: Path) -> None:
     """publish() and publish_many() write the same kind of `rejected` entry: where, field, reason, id."""
-    from mailer.client import SyncMailerClient
     from mailer.errors import InvalidEvent
+    from mailer.intake.client import SyncMailerClient
 
     bad = make_event(event_id="bad-1", email="kaputt")
     with SyncMailerClient(redis_url) as client:
@@ -314,7 +314,9 @@ def test_the_worker_restarts_its_embedded_redis_when_it_dies(tmp_path: Path) -> 
     sock = socket_path(tmp_path / "var")
     deadline = time.monotonic() + 40
     try:
-        while not is_running(sock):
+        # The banner is printed once the embedded Redis answered and is supervised; killing it
+        # before then (the socket answers a moment earlier) would fail the start, not test a restart.
+        while "mailer worker: Redis" not in log.read_text():
             assert worker.poll() is None, log.read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mailer.compose import Address, Attachment, MailParts, WireMessage, compose, compose_reference
+from mailer.content.compose import Address, Attachment, MailParts, WireMessage, compose, compose_reference
+from mailer.delivery.transport import wire_payload
 from mailer.errors import ComposeError
-from mailer.transport import wire_payload
 
 BERLIN = ZoneInfo("Europe/Berlin")
 GOLDEN = Path(__file__).parent / "golden" / "confirmation_de.eml"

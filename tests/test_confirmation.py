@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.client import MailerClient, SyncMailerClient
-from mailer.deliverylog import read_log
 from mailer.errors import InvalidEvent
-from mailer.queue import connect
+from mailer.intake.client import MailerClient, SyncMailerClient
+from mailer.state.deliverylog import read_log
+from mailer.state.queue import connect
 from tests.conftest import BERLIN, event_day, log_until, make_event, wait_for
 
 

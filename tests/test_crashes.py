@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from mailer.client import MailerClient
-from mailer.queue import connect
-from mailer.throttle import Throttle
+from mailer.intake.client import MailerClient
+from mailer.state.queue import connect
+from mailer.state.throttle import Throttle
 from tests.conftest import make_event, settled, wait_for
 from tests.test_confirmation import log_entries
 from tests.test_failures import publish_one_and_wait_for_delivery
@@ -205,8 +205,8 @@ async def test_a_planned_message_whose_job_was_lost_is_redriven(
 ) -> None:
     """State says planned but no job exists (a lost job, an old snapshot): the reconciler sends it."""
     from mailer.events import parse_event
-    from mailer.planner import Planner
-    from mailer.scheduler import Scheduler
+    from mailer.lifecycle.planner import Planner
+    from mailer.lifecycle.scheduler import Scheduler
 
     settings = make_settings(redis_url=redis_url, smtp_host=smtp_server.host, smtp_port=smtp_server.port)
     redis = await connect(redis_url)
@@ -233,8 +233,8 @@ async def test_a_job_hit_by_a_redis_outage_is_one_warning_not_a_traceback(
     from arq.worker import Retry
 
     from mailer import jobs
-    from mailer.render import Renderer
-    from mailer.transport import build_transport
+    from mailer.content.render import Renderer
+    from mailer.delivery.transport import build_transport
     from mailer.worker import build_worker
 
     settings = make_settings(redis_url=own_redis.url)

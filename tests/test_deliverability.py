@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mailer.preview import sample_event, sample_previous
-from mailer.render import all_kinds_and_locales
+from mailer.content.render import all_kinds_and_locales
+from mailer.ops.preview import sample_event, sample_previous
 
 LIMIT = 1.0
 SPAMASSASSIN = shutil.which("spamassassin")

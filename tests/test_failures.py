@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.client import MailerClient
-from mailer.retry import backoff_seconds, enhanced_code, is_transient
+from mailer.delivery.retry import backoff_seconds, enhanced_code, is_transient
+from mailer.intake.client import MailerClient
 from tests.conftest import log_until, make_event, settled, wait_for
 from tests.test_confirmation import log_entries
 
@@ -199,9 +199,9 @@ async def test_an_ingest_job_that_raises_is_retried_then_its_events_are_logged_a
     from arq.worker import Retry
 
     from mailer import jobs
-    from mailer.queue import connect
-    from mailer.render import Renderer
-    from mailer.transport import build_transport
+    from mailer.content.render import Renderer
+    from mailer.delivery.transport import build_transport
+    from mailer.state.queue import connect
     from mailer.worker import build_worker
 
     settings = make_settings(redis_url=redis_url)

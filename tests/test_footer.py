@@ -14,7 +14,7 @@ import pytest
 from mailer.constants import LOCALES, MESSAGE_KINDS
 from mailer.errors import ConfigError, InvalidEvent
 from mailer.events import parse_event
-from mailer.preview import preview, sample_event, sample_previous
+from mailer.ops.preview import preview, sample_event, sample_previous
 from mailer.settings import load_settings
 
 ADDRESS = "Stadtverwaltung Kaiserslautern; Willy-Brandt-Platz 1; 67657 Kaiserslautern"

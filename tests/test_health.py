@@ -6,9 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from mailer.circuit import RelayCircuit
 from mailer.errors import RelayFault
-from mailer.queue import connect
+from mailer.state.circuit import RelayCircuit
+from mailer.state.queue import connect
 from tests.conftest import free_port
 from tests.test_cli import clean_env, mailer
 

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from icalendar import Calendar
 
+from mailer.content.ics import CalendarEvent, build_calendar, calendar_uid
 from mailer.errors import ComposeError
-from mailer.ics import CalendarEvent, build_calendar, calendar_uid
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DOMAIN = "mailer.example.org"

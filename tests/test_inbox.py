@@ -8,10 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
-from mailer.client import MailerClient
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, QUEUE_NAME
-from mailer.inbox import SPILL_ABOVE, Inbox
-from mailer.queue import connect, deserialize, job_key
+from mailer.intake.client import MailerClient
+from mailer.intake.inbox import SPILL_ABOVE, Inbox
+from mailer.intake.job_bodies import deserialize
+from mailer.state.queue import connect, job_key
 from tests.conftest import log_until, make_event, settled, wait_for
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailer.constants import LOCALES, MESSAGE_KINDS
-from mailer.preview import preview, sample_event, sample_previous
+from mailer.ops.preview import preview, sample_event, sample_previous
 
 LINK = "https://meet.example.org/weltoffen"
 # May this kind show the link, with the organiser's join_url_in_confirmation true / false?

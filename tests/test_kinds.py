@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from mailer.constants import LOCALES, MESSAGE_KINDS
+from mailer.delivery.sender import why_not_send
 from mailer.events import Attendee, Event
-from mailer.kinds import FANNED_OUT, KINDS
-from mailer.messages import MessageRef
-from mailer.sender import why_not_send
-from mailer.store import StoredEvent, StoredRegistration
+from mailer.lifecycle.kinds import FANNED_OUT, KINDS
+from mailer.state.messages import MessageRef
+from mailer.state.store import StoredEvent, StoredRegistration
 
 START = datetime(2030, 6, 1, 16, 0, tzinfo=UTC)
 EVENT = Event.model_validate(

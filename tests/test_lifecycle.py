@@ -8,10 +8,10 @@ from typing import Any
 
 import icalendar
 
-from mailer.client import MailerClient
 from mailer.durations import Offset
-from mailer.planner import Planner
-from mailer.queue import connect
+from mailer.intake.client import MailerClient
+from mailer.lifecycle.planner import Planner
+from mailer.state.queue import connect
 from tests.clocks import SettableClock
 from tests.conftest import BERLIN, log_until, make_event, settled, wait_for
 from tests.test_confirmation import log_entries

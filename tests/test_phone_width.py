@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from mailer.preview import preview, sample_event, sample_previous
-from mailer.render import all_kinds_and_locales
+from mailer.content.render import all_kinds_and_locales
+from mailer.ops.preview import preview, sample_event, sample_previous
 from mailer.settings import Settings
 
 CHROMIUM = shutil.which("chromium")

@@ -10,9 +10,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.client import MailerClient
 from mailer.constants import EVENT_KEY, INBOX_KEY, QUEUE_NAME
-from mailer.queue import connect, job_key
+from mailer.intake.client import MailerClient
+from mailer.state.queue import connect, job_key
 from tests.conftest import log_until, make_event, wait_for
 
 # The bodies that killed every worker that picked them up (issue 15), so systemd's
@@ -272,7 +272,7 @@ inbox_entries = (
 def expected_rejections(jobs: dict[str, bytes], inbox: list[bytes]) -> tuple[set[str], int]:
     """Which jobs must be rejected as malformed, and how many events as invalid (the oracle)."""
     from mailer.events import parse_event
-    from mailer.queue import deserialize
+    from mailer.intake.job_bodies import deserialize
 
     def invalid(raw: Any) -> bool:
         try:
@@ -322,7 +322,7 @@ async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_th
     """Arbitrary bytes and JSON (arq-shaped too) as job bodies and inbox entries of a running
     worker: it stays alive, each malformed job and each invalid event is one `rejected` entry,
     and a valid event published afterwards is delivered."""
-    from mailer.inbox import Inbox
+    from mailer.intake.inbox import Inbox
 
     if not worker_task_alive():
         await mail_worker()

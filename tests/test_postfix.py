@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mailer.client import MailerClient
+from mailer.intake.client import MailerClient
 from tests.conftest import log_until, make_event, wait_for
 from tests.postfix import PostfixRelay, postfix_relay
 

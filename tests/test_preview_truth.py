@@ -11,8 +11,8 @@ from typing import Any
 import icalendar
 import pytest
 
-from mailer.client import MailerClient
-from mailer.preview import preview
+from mailer.intake.client import MailerClient
+from mailer.ops.preview import preview
 from tests.conftest import make_event, wait_for
 
 
@@ -83,7 +83,7 @@ async def test_preview_and_pipeline_send_the_same_mail(
 def test_a_change_notice_preview_needs_the_old_event(make_settings: Any) -> None:
     """Without the event as it was, a change notice would show invented old values."""
     from mailer.errors import MailerError
-    from mailer.preview import sample_event
+    from mailer.ops.preview import sample_event
 
     with pytest.raises(MailerError, match="--previous"):
         preview(make_settings(), "event_changed", sample_event(), "de")

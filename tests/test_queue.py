@@ -1,4 +1,4 @@
-"""The Redis pool from mailer.queue.connect: hiredis packs the commands, and they mean the same."""
+"""The Redis pool from mailer.state.queue.connect: hiredis packs the commands, and they mean the same."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from mailer.constants import QUEUE_NAME
-from mailer.queue import INGEST, Enqueuer, connect
+from mailer.state.queue import INGEST, Enqueuer, connect
 
 
 async def test_commands_packed_by_hiredis_read_back_unchanged(redis_url: str) -> None:
@@ -35,7 +35,7 @@ async def test_jobs_due_now_are_scored_by_redis_clock_not_the_producers(
 ) -> None:
     """A producer host whose clock runs two minutes fast must not park its jobs in the future."""
     real_time = time.time
-    monkeypatch.setattr("mailer.queue.time", SimpleNamespace(time=lambda: real_time() + 120))
+    monkeypatch.setattr("mailer.intake.job_bodies.time", SimpleNamespace(time=lambda: real_time() + 120))
     redis = await connect(redis_url)
     try:
         enqueuer = Enqueuer(redis)
@@ -52,8 +52,9 @@ async def test_jobs_due_now_are_scored_by_redis_clock_not_the_producers(
 
 async def test_every_job_mailer_writes_itself_passes_the_strict_deserializer(redis_url: str) -> None:
     """What mailer's own writers enqueue (Enqueuer, the inbox's drain, arq's cron) is run, not rejected."""
-    from mailer.inbox import Inbox
-    from mailer.queue import FAN_OUT, SEND, deserialize, job_key
+    from mailer.intake.inbox import Inbox
+    from mailer.intake.job_bodies import deserialize
+    from mailer.state.queue import FAN_OUT, SEND, job_key
 
     redis = await connect(redis_url)
     try:

@@ -24,11 +24,11 @@ from aiosmtpd.smtp import AuthResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.circuit import RelayCircuit, relay_states
-from mailer.client import MailerClient
+from mailer.delivery.transport import SmtpTransport, _map_connect_error, _map_smtp_error, is_fully_qualified
 from mailer.errors import DeliveryError, RelayFault, TimeoutDeliveryError
-from mailer.queue import connect
-from mailer.transport import SmtpTransport, _map_connect_error, _map_smtp_error, is_fully_qualified
+from mailer.intake.client import MailerClient
+from mailer.state.circuit import RelayCircuit, relay_states
+from mailer.state.queue import connect
 from tests.conftest import RecordingHandler, free_port, log_until, make_event, wait_for
 
 
@@ -394,9 +394,9 @@ async def test_a_message_that_cannot_be_built_fails_alone(
     not know) is `failed` once with the reason; the rest of its batch is sent, and nothing
     stays `claimed` with a growing attempt count."""
     from mailer.events import parse_event
-    from mailer.planner import Planner
-    from mailer.scheduler import Scheduler
-    from mailer.store import registration_key
+    from mailer.lifecycle.planner import Planner
+    from mailer.lifecycle.scheduler import Scheduler
+    from mailer.state.store import registration_key
 
     settings = await mail_worker(max_attempts=3)
     redis = await connect(redis_url)
@@ -533,9 +533,9 @@ async def test_a_stored_record_that_cannot_be_read_fails_its_messages_alone(
     """An event or registration in Redis that no longer decodes (written by an older version,
     edited by hand) fails the messages that need it, with the reason; the rest of the batch is sent."""
     from mailer.events import parse_event
-    from mailer.planner import Planner
-    from mailer.scheduler import Scheduler
-    from mailer.store import event_key, registration_key
+    from mailer.lifecycle.planner import Planner
+    from mailer.lifecycle.scheduler import Scheduler
+    from mailer.state.store import event_key, registration_key
 
     settings = await mail_worker(max_attempts=3)
     other_event = {"id": "other-evening", "title": "Zweiter Abend"}
@@ -568,7 +568,7 @@ async def test_held_mail_is_left_alone_while_a_probe_is_out(
     """A relay that accepts connections and never greets: each probe takes MAILER_SMTP_TIMEOUT.
     Meanwhile the tick does not re-drive the held mail (it would only be claimed and held again,
     every second, all of it): a held message's state changes about twice per probe, not per tick."""
-    from mailer.store import registration_key
+    from mailer.state.store import registration_key
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # never a greeting; the client gives up after its timeout
@@ -609,8 +609,8 @@ async def test_a_late_outcome_does_not_overwrite_what_another_worker_recorded(re
     """A send that outlived its lease was re-claimed and sent by another worker (sent, attempt 2);
     the first worker's late 'retrying' must not overwrite it (that made it go out a third time).
     Its log entry is still written: it says what that worker saw."""
-    from mailer.messages import MessageRef, MessageState
-    from mailer.store import MessageStore, registration_key
+    from mailer.state.messages import MessageRef, MessageState
+    from mailer.state.store import MessageStore, registration_key
 
     redis = await connect(redis_url)
     try:
@@ -668,8 +668,8 @@ async def test_a_hold_does_not_overwrite_a_message_another_worker_now_sends(redi
     """The tail of a slow batch: its claims lapsed and another worker re-claimed and is sending
     them. The first worker's hold (or skip, or failure) must leave them alone; written over
     'sending', a third worker would send them again when the hold ran out."""
-    from mailer.messages import MessageRef, MessageState
-    from mailer.store import MessageStore, registration_key
+    from mailer.state.messages import MessageRef, MessageState
+    from mailer.state.store import MessageStore, registration_key
 
     redis = await connect(redis_url)
     try:

@@ -11,9 +11,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from babel.dates import format_date
 
+from mailer.content.render import Renderer, SharedRenderer, build_context, event_view
 from mailer.durations import Offset
 from mailer.events import Attendee, Event
-from mailer.render import Renderer, SharedRenderer, build_context, event_view
 
 
 def _context(person: Any) -> dict[str, Any]:

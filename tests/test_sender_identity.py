@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailer.constants import MESSAGE_KINDS
-from mailer.preview import preview, sample_event, sample_previous
+from mailer.ops.preview import preview, sample_event, sample_previous
 
 
 def _message(settings: Any, kind: str) -> EmailMessage:

@@ -12,6 +12,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailer.delivery.transport import SmtpTransport, wire_payload
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -19,7 +20,6 @@ from mailer.errors import (
     TransientDeliveryError,
     UncertainDeliveryError,
 )
-from mailer.transport import SmtpTransport, wire_payload
 
 
 def unstuff(payload: bytes) -> bytes:

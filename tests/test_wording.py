@@ -12,10 +12,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from mailer.content.render import all_kinds_and_locales, event_view
+from mailer.delivery.sender import Built
 from mailer.events import RegistrationCreated, parse_event
-from mailer.preview import preview, sample_event, sample_previous
-from mailer.render import all_kinds_and_locales, event_view
-from mailer.sender import Built
+from mailer.ops.preview import preview, sample_event, sample_previous
 from mailer.settings import Settings
 from tests.test_render import _next_zone_change
 

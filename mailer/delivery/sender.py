@@ -13,21 +13,10 @@ from datetime import datetime
 from email.utils import parseaddr
 from typing import Any, Literal
 
-from mailer.circuit import Gate, RelayCircuit
 from mailer.clock import Clock, from_ms, iso, ms, utc_now
-from mailer.compose import Address, Attachment, MailParts, compose
-from mailer.deliverylog import DeliveryLog, LogEntry, LogStatus
-from mailer.errors import (
-    DeliveryError,
-    MailerError,
-    PermanentDeliveryError,
-    RelayFault,
-    UncertainDeliveryError,
-)
-from mailer.ics import CalendarEvent, CalendarTemplate, build_calendar
-from mailer.kinds import KINDS, reminder_offset_of
-from mailer.messages import MessageRef, MessageState, Status
-from mailer.render import (
+from mailer.content.compose import Address, Attachment, MailParts, compose
+from mailer.content.ics import CalendarEvent, CalendarTemplate, build_calendar
+from mailer.content.render import (
     CALENDAR_FILENAMES,
     Renderer,
     SharedRenderer,
@@ -36,9 +25,21 @@ from mailer.render import (
     operator_view,
     registration_open,
 )
-from mailer.retry import RetryPolicy
+from mailer.delivery.retry import RetryPolicy
+from mailer.delivery.transport import Transport
+from mailer.errors import (
+    DeliveryError,
+    MailerError,
+    PermanentDeliveryError,
+    RelayFault,
+    UncertainDeliveryError,
+)
+from mailer.lifecycle.kinds import KINDS, reminder_offset_of
 from mailer.settings import Settings
-from mailer.store import (
+from mailer.state.circuit import Gate, RelayCircuit
+from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
+from mailer.state.messages import MessageRef, MessageState, Status
+from mailer.state.store import (
     Claim,
     MessageStore,
     RedisClient,
@@ -47,8 +48,7 @@ from mailer.store import (
     load_events,
     load_registrations,
 )
-from mailer.throttle import Throttle
-from mailer.transport import Transport
+from mailer.state.throttle import Throttle
 
 logger = logging.getLogger("mailer.sender")
 

@@ -28,8 +28,8 @@ from mailer.clock import ms
 from mailer.constants import MESSAGE_KINDS, MessageKind
 from mailer.durations import Offset
 from mailer.events import Event
-from mailer.messages import MessageRef
-from mailer.store import StoredEvent, StoredRegistration
+from mailer.state.messages import MessageRef
+from mailer.state.store import StoredEvent, StoredRegistration
 
 CalendarMethod = Literal["PUBLISH", "CANCEL"]
 # always: whenever the event has one; unless_withheld: not if join_url_in_confirmation is false.

@@ -1,12 +1,12 @@
 """The rate limit shared by all workers through Redis (MAILER_RATE_LIMIT, messages per minute).
 
-The relay's own health (421, refused connections, failed logins) is mailer.circuit.
+The relay's own health (421, refused connections, failed logins) is mailer.state.circuit.
 """
 
 from __future__ import annotations
 
 from mailer.constants import RATE_KEY
-from mailer.store import RedisClient
+from mailer.state.store import RedisClient
 
 # Grant up to ARGV[1] sends from this window's remaining ARGV[2] allowance.
 _GRANT_SCRIPT = """

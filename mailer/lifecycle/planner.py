@@ -11,7 +11,6 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from mailer.clock import Clock, iso, ms, utc_now
-from mailer.deliverylog import LogEntry, LogStatus
 from mailer.durations import Offset
 from mailer.events import (
     Event,
@@ -21,8 +20,9 @@ from mailer.events import (
     RegistrationCancelled,
     RegistrationCreated,
 )
-from mailer.messages import MessageRef, MessageState
-from mailer.store import (
+from mailer.state.deliverylog import LogEntry, LogStatus
+from mailer.state.messages import MessageRef, MessageState
+from mailer.state.store import (
     Change,
     Enrol,
     MarkSeen,

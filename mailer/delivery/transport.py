@@ -23,7 +23,8 @@ from typing import Protocol
 import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
-from mailer.compose import WireMessage
+from mailer.content.compose import WireMessage
+from mailer.delivery.retry import enhanced_code, is_transient
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -32,7 +33,6 @@ from mailer.errors import (
     TransientDeliveryError,
     UncertainDeliveryError,
 )
-from mailer.retry import enhanced_code, is_transient
 from mailer.settings import Settings
 
 logger = logging.getLogger("mailer.transport")

@@ -25,7 +25,7 @@ from mailer.constants import LOCALES, MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import TemplateError
 from mailer.events import Attendee, Event
-from mailer.kinds import KINDS
+from mailer.lifecycle.kinds import KINDS
 
 PARTS = ("subject", "text", "html")
 _FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
@@ -38,8 +38,9 @@ CALENDAR_FILENAMES = {"de": "veranstaltung.ics", "en": "event.ics"}
 
 def default_template_dir() -> Path:
     """The packaged templates: inside the wheel, or the repository's templates/ folder."""
-    packaged = Path(__file__).parent / "default_templates"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
+    package = Path(__file__).parents[1]  # mailer/
+    packaged = package / "default_templates"
+    return packaged if packaged.is_dir() else package.parent / "templates"
 
 
 def _tidy(text: str) -> str:
@@ -182,7 +183,7 @@ def event_view(event: Event, locale: str) -> SimpleNamespace:
 
 def change_list(previous: Event, current: Event, locale: str) -> list[SimpleNamespace]:
     """Old and new values of what changed, worded for the attendee."""
-    from mailer.planner import visible_changes
+    from mailer.lifecycle.planner import visible_changes
 
     labels = CHANGE_LABELS[locale]
     none = "—"

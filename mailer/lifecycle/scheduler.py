@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from mailer.circuit import RelayCircuit
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
-from mailer.kinds import reminder_disc
-from mailer.messages import MessageRef
-from mailer.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
-from mailer.store import (
+from mailer.lifecycle.kinds import reminder_disc
+from mailer.state.circuit import RelayCircuit
+from mailer.state.messages import MessageRef
+from mailer.state.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
+from mailer.state.store import (
     UNSCHEDULE_IF_SCRIPT,
     MessageStore,
     RedisClient,

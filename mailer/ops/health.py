@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from mailer.circuit import CircuitState, relay_states
 from mailer.errors import QueueUnavailable
+from mailer.state.circuit import CircuitState, relay_states
 
 Verdict = Literal["ok", "degraded", "down"]
 EXIT_STATUS: dict[Verdict, int] = {"ok": 0, "degraded": 1, "down": 2}
@@ -35,7 +35,7 @@ def describe(state: CircuitState, now_ms: int) -> str:
 
 async def check(redis_url: str, *, now_ms: int) -> Health:
     """Ask Redis; `down` when it cannot be reached, `degraded` while a relay circuit is open."""
-    from mailer.queue import connect_client
+    from mailer.state.queue import connect_client
 
     health = Health()
     try:

@@ -12,7 +12,7 @@ import orjson
 
 from mailer.clock import Clock, from_ms, iso, utc_now
 from mailer.constants import LOG_STREAM
-from mailer.redis_types import Pipeline, RedisClient
+from mailer.state.redis_types import Pipeline, RedisClient
 
 # Every state change of a message is one entry with one of these; "rejected" is bad input,
 # "ignored" a replay, "foreign" a stream entry mailer did not write (shown, not trusted).

@@ -8,15 +8,15 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
+from mailer.content.render import Renderer, all_kinds_and_locales
+from mailer.delivery.sender import Built, MessageBuilder
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
-from mailer.kinds import KINDS
-from mailer.messages import MessageRef
-from mailer.planner import visible_changes
-from mailer.render import Renderer, all_kinds_and_locales
-from mailer.sender import Built, MessageBuilder
+from mailer.lifecycle.kinds import KINDS
+from mailer.lifecycle.planner import visible_changes
 from mailer.settings import Settings
-from mailer.store import StoredEvent, StoredRegistration
+from mailer.state.messages import MessageRef
+from mailer.state.store import StoredEvent, StoredRegistration
 
 
 def sample_event(today: datetime | None = None) -> dict[str, Any]:

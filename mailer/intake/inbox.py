@@ -29,8 +29,8 @@ from typing import Any
 
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import INBOX_ARMED_KEY, INBOX_KEY, INBOX_LEASE_KEY, INBOX_SEQ_KEY, QUEUE_NAME
-from mailer.queue import INGEST, JOB_EXPIRY_MS, REDIS_NOW_MS, batch_job_id, job_body, job_key
-from mailer.store import RedisClient
+from mailer.state.queue import INGEST, JOB_EXPIRY_MS, REDIS_NOW_MS, batch_job_id, job_body, job_key
+from mailer.state.store import RedisClient
 
 logger = logging.getLogger("mailer.inbox")
 

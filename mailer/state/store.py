@@ -17,8 +17,8 @@ from mailer.constants import (
     SEEN_KEY,
 )
 from mailer.events import Attendee, Event
-from mailer.messages import MessageRef, MessageState
-from mailer.redis_types import Pipeline, RedisClient
+from mailer.state.messages import MessageRef, MessageState
+from mailer.state.redis_types import Pipeline, RedisClient
 
 __all__ = ["RedisClient"]  # re-exported: the state modules take the typed client from here
 

@@ -15,8 +15,8 @@ from redis.exceptions import RedisError
 
 from mailer.errors import FieldProblem, InvalidEvent, QueueUnavailable
 from mailer.events import parse_event
-from mailer.inbox import Inbox
-from mailer.queue import INGEST, Enqueuer, batch_job_id, connect
+from mailer.intake.inbox import Inbox
+from mailer.state.queue import INGEST, Enqueuer, batch_job_id, connect
 
 EventInput = dict[str, Any] | str | bytes | BaseModel
 
@@ -107,7 +107,7 @@ class MailerClient:
         """Validate and enqueue one event, in one round trip.
 
         Single events go to mailer's inbox, which a worker drains in batches (see
-        mailer.inbox): a registration form's events then cost the worker far less than one
+        mailer.intake.inbox): a registration form's events then cost the worker far less than one
         queue job each. The same event id twice is applied once (the worker logs the replay).
         Raises InvalidEvent (with every field problem) or QueueUnavailable.
         """
@@ -158,7 +158,7 @@ class MailerClient:
         had one. Every intake (publish, publish_many, `mailer enqueue`) refuses through here.
         """
         from mailer.clock import iso, utc_now
-        from mailer.deliverylog import DeliveryLog, LogEntry
+        from mailer.state.deliverylog import DeliveryLog, LogEntry
 
         entries = [
             LogEntry(

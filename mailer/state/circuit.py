@@ -20,7 +20,7 @@ from enum import Enum
 
 from mailer.constants import RELAY_CIRCUIT_KEY, RELAY_PROBE_KEY
 from mailer.errors import RelayFault
-from mailer.store import RedisClient
+from mailer.state.store import RedisClient
 
 FAILURES_REMEMBERED_MS = 600_000
 

@@ -1,0 +1,1 @@
+"""Content: the words and bytes of a mail (templates, MIME, the calendar file)."""

@@ -1,0 +1,1 @@
+"""Intake: how registration events and job bodies come in, and are checked before anything runs."""

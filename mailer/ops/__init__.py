@@ -1,0 +1,1 @@
+"""Ops: what operators run and look at beside the flow (health, previews, the embedded Redis)."""
