@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
-
-from redis.exceptions import RedisError
 
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.durations import Offset
@@ -22,6 +21,7 @@ from mailer.events import (
 )
 from mailer.state.deliverylog import LogEntry, LogStatus
 from mailer.state.messages import MessageRef, MessageState
+from mailer.state.records import REDIS_FAILURES, Records
 from mailer.state.store import (
     Change,
     Enrol,
@@ -33,12 +33,7 @@ from mailer.state.store import (
     Schedule,
     StoredEvent,
     StoredRegistration,
-    load_events,
-    load_registrations,
-    queue_changes,
-    registrations_key,
     schedule_member,
-    seen,
 )
 
 logger = logging.getLogger("mailer.planner")
@@ -93,7 +88,7 @@ class Planner:
         clock: Clock = utc_now,
         worker: str = "",
     ) -> None:
-        self.redis = redis
+        self.records = Records(redis)
         self.default_offsets = default_offsets
         self.clock = clock
         self.worker = worker
@@ -120,25 +115,23 @@ class Planner:
             break
         plan.notes[:0] = refused
         if not dry_run and plan.changes:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                queue_changes(pipe, plan.changes)
-                await pipe.execute()
+            await self.records.apply(plan.changes)
         return plan
 
     async def _plan_pass(self, events: list[IncomingEvent], *, dry_run: bool, now: datetime) -> Plan:
         plan = Plan(dry_run=dry_run)
-        already = await seen(self.redis, [e.id for e in events])
+        already = await self.records.seen(e.id for e in events)
         reg_ids = [
             e.registration.id for e in events if isinstance(e, RegistrationCreated | RegistrationCancelled)
         ]
         regs: dict[str, StoredRegistration | None] = dict.fromkeys(reg_ids)
-        loaded_regs = await load_registrations(self.redis, reg_ids)
+        loaded_regs = await self.records.registrations(reg_ids)
         regs.update(loaded_regs.found)
         unreadable = dict(loaded_regs.unreadable)
         event_ids = [e.event.id for e in events if not isinstance(e, RegistrationCancelled)]
         event_ids += [r.event_id for r in regs.values() if r is not None and r.event_id]
         stored: dict[str, StoredEvent | None] = dict.fromkeys(event_ids)
-        loaded_events = await load_events(self.redis, event_ids)
+        loaded_events = await self.records.events(event_ids)
         stored.update(loaded_events.found)
         unreadable |= {f"event {k}": v for k, v in loaded_events.unreadable.items()}
 
@@ -146,7 +139,7 @@ class Planner:
             try:
                 _check_readable(incoming, regs, unreadable)
                 await self._apply_one(incoming, already, regs, stored, plan, now)
-            except (RedisError, OSError):
+            except REDIS_FAILURES:
                 raise  # Redis trouble is the batch's (the job retries), not this event's fault
             except Exception as exc:
                 raise _Unplannable(incoming, exc) from exc
@@ -239,6 +232,24 @@ class Planner:
         # details, but sends nothing twice: the confirmation's state already exists.
         if current is not None and current.status == "active":
             about("ignored", "registration already active: details updated, nothing sent again")
+        self._activate(incoming, event, regs, plan, now, about)
+
+    def _activate(
+        self,
+        incoming: RegistrationCreated,
+        event: StoredEvent,
+        regs: dict[str, StoredRegistration | None],
+        plan: Plan,
+        now: datetime,
+        about: Callable[[LogStatus, str], None],
+    ) -> None:
+        """Store the registration as active, enrol it, and confirm it if the event still lies ahead."""
+        reg_in, attendee, occurred = (
+            incoming.registration,
+            incoming.registration.attendee,
+            ms(incoming.occurred_at),
+        )
+        confirmation = MessageRef(reg_in.id, "confirmation")
         registration = StoredRegistration(
             id=reg_in.id,
             attendee=attendee,
@@ -400,10 +411,9 @@ class Planner:
         if not plan.dry_run:
             return
         # For --dry-run only: how many would get it, and a few of them (three round trips).
-        active = await self.redis.scard(registrations_key(event_id))
-        plan.count("send", kind, "*", n=int(active))
-        sample = [m.decode() for m in await self.redis.srandmember(registrations_key(event_id), 5)]
-        for reg in (await load_registrations(self.redis, sample)).found.values():
+        active, sample = await self.records.enrolled(event_id, sample=5)
+        plan.count("send", kind, "*", n=active)
+        for reg in (await self.records.registrations(sample)).found.values():
             if reg.attendee:
                 plan.count("send", kind, reg.attendee.locale, reg.attendee.email, n=0)
 

@@ -6,20 +6,13 @@ import logging
 from datetime import UTC, datetime
 
 from mailer.clock import Clock, ms, utc_now
-from mailer.constants import SCHEDULE_KEY
 from mailer.durations import Offset
 from mailer.lifecycle.kinds import reminder_disc
 from mailer.state.circuit import RelayCircuit
 from mailer.state.messages import MessageRef
 from mailer.state.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
-from mailer.state.store import (
-    UNSCHEDULE_IF_SCRIPT,
-    MessageStore,
-    RedisClient,
-    due_schedule,
-    parse_schedule_member,
-    registrations_key,
-)
+from mailer.state.schedule import ScheduleMember, ScheduleStore
+from mailer.state.store import MessageStore, RedisClient
 
 logger = logging.getLogger("mailer.scheduler")
 
@@ -39,7 +32,6 @@ class Scheduler:
         clock: Clock = utc_now,
         circuit: RelayCircuit | None = None,
     ) -> None:
-        self.redis = redis
         # While the relay circuit holds the mail, re-driving held messages would only claim
         # and hold them again, every second, all of them: wait for the hold to end instead.
         self.circuit = circuit
@@ -47,20 +39,20 @@ class Scheduler:
         self.clock = clock
         self.enqueuer = Enqueuer(redis, clock=clock)
         self.store = MessageStore(redis)
-        self._unschedule_if = redis.register_script(UNSCHEDULE_IF_SCRIPT)
+        self.schedule = ScheduleStore(redis)
 
     async def tick(self) -> dict[str, int]:
         """One pass; run every second by the worker's cron. Safe to run on several workers."""
         now_ms = ms(self.clock())
         fan_outs = 0
-        for member, due_ms in await due_schedule(self.redis, now_ms=now_ms, limit=100):
+        for member, due_ms in await self.schedule.due(now_ms=now_ms, limit=100):
             # The job id names the entry and its due time: enqueueing twice is a no-op, and
             # a rescheduled entry (new due time) gets a new job.
             job_id = f"fan:{member}:{due_ms}:0"
             await self.enqueuer.enqueue(
                 [(job_id, FAN_OUT, {"member": member, "due_ms": due_ms, "cursor": 0})]
             )
-            await self._unschedule_if(keys=[SCHEDULE_KEY], args=[member, due_ms])
+            await self.schedule.remove_if_still(member, due_ms)
             fan_outs += 1
         holding = self.circuit is not None and await self.circuit.holding(now_ms=now_ms)
         redriven = 0 if holding else await self.redrive_due(now_ms=now_ms)
@@ -85,20 +77,20 @@ class Scheduler:
 
     async def fan_out(self, member: str, due_ms: int, cursor: int) -> int:
         """Send one slice of an event's active registrations the message `member` stands for."""
-        event_id, kind, disc = parse_schedule_member(member)
+        event_id, kind, disc = ScheduleMember.parse(member)
         if kind == "reminder":
             due = datetime.fromtimestamp(due_ms / 1000, tz=UTC)
             disc = reminder_disc(Offset.parse(disc), due)
-        next_cursor, raw_ids = await self.redis.sscan(
-            registrations_key(event_id), cursor, count=FAN_OUT_SLICE
+        next_cursor, registration_ids = await self.schedule.registrations_page(
+            event_id, cursor, count=FAN_OUT_SLICE
         )
-        refs = [MessageRef(r.decode(), kind, disc).id for r in raw_ids]  # type: ignore[arg-type]
+        refs = [MessageRef(r, kind, disc).id for r in registration_ids]
         jobs: list[tuple[str, str, dict[str, object]]] = []
         for start in range(0, len(refs), self.batch_size):
             chunk = refs[start : start + self.batch_size]
             jobs.append((f"send:{member}:{due_ms}:{cursor}:{start}", SEND, {"messages": chunk}))
-        if int(next_cursor) != 0:
-            follow = {"member": member, "due_ms": due_ms, "cursor": int(next_cursor)}
-            jobs.append((f"fan:{member}:{due_ms}:{int(next_cursor)}", FAN_OUT, follow))
+        if next_cursor != 0:
+            follow = {"member": member, "due_ms": due_ms, "cursor": next_cursor}
+            jobs.append((f"fan:{member}:{due_ms}:{next_cursor}", FAN_OUT, follow))
         await self.enqueuer.enqueue(jobs)
         return len(refs)
