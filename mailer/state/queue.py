@@ -44,6 +44,12 @@ def job_body(function: str, kwargs: dict[str, object], enqueued_ms: int) -> byte
     return serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": enqueued_ms})
 
 
+def job_body_before_time(function: str, kwargs: dict[str, object]) -> str:
+    """A job body up to its enqueue time, for Lua that appends Redis's clock and the closing brace."""
+    # job_body writes "et" last (orjson keeps the dict's order), so the body ends `"et":0}`.
+    return job_body(function, kwargs, 0).decode().removesuffix("0}")
+
+
 def batch_job_id(prefix: str, parts: list[str] | list[bytes], digest_size: int = 12) -> str:
     """A job id naming a batch by its content, so enqueueing the same batch twice is a no-op."""
     joined = b"\n".join(p if isinstance(p, bytes) else p.encode() for p in parts)
