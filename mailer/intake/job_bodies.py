@@ -25,13 +25,14 @@ from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
     INGEST,
-    JOB_EXPIRY_MS,
     KNOWN_FUNCTIONS,
     REJECT,
     SEND,
-    job_key,
+    replace_entries,
     serialize,
+    untimed_entries,
 )
+from mailer.state.redis_types import as_client
 
 logger = logging.getLogger("mailer.queue")
 
@@ -200,23 +201,17 @@ class QueueWorker(Worker):
                 job_id.decode()
             except UnicodeDecodeError:
                 unusable[job_id] = "its queue entry is not UTF-8"
-        untimed = await self.pool.zrangebyscore(
-            self.queue_name, "-inf", "(1", start=0, num=100, withscores=True
-        )
-        for job_id, score in untimed:
+        for job_id, score in await untimed_entries(as_client(self.pool)):
             unusable.setdefault(job_id, f"its queue score {score!r} is not a time in milliseconds")
         if not unusable:
             return job_ids
-        async with self.pool.pipeline(transaction=False) as pipe:
-            for job_id, reason in unusable.items():
-                pipe.zrem(self.queue_name, job_id)
-                name = job_id.decode("utf-8", "replace")[:100]
-                logger.warning("removed queue entry %r: %s", name, reason)
-                rejection = _rejection(f"job {name!r} cannot be run: {reason}", b"")
-                rejection_id = f"{_REJECTED_PREFIX}{uuid.uuid4().hex}"
-                pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)
-                pipe.zadd(self.queue_name, {rejection_id: rejection["et"]})
-            await pipe.execute()
+        rejections = []
+        for job_id, reason in unusable.items():
+            name = job_id.decode("utf-8", "replace")[:100]
+            logger.warning("removed queue entry %r: %s", name, reason)
+            rejection = _rejection(f"job {name!r} cannot be run: {reason}", b"")
+            rejections.append((f"{_REJECTED_PREFIX}{uuid.uuid4().hex}", rejection))
+        await replace_entries(as_client(self.pool), remove=list(unusable), add=rejections)
         return [job_id for job_id in job_ids if job_id not in unusable]
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
@@ -228,10 +223,7 @@ class QueueWorker(Worker):
             return
         rejection = _rejection(f"job {job_id[:100]!r} was not run by arq: {reason}", b"")
         rejection_id = f"{_REJECTED_PREFIX}{job_id[:100]}:{uuid.uuid4().hex[:12]}"
-        async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.set(job_key(rejection_id), serialize(rejection), px=JOB_EXPIRY_MS)
-            pipe.zadd(self.queue_name, {rejection_id: rejection["et"]})
-            await pipe.execute()
+        await replace_entries(as_client(self.pool), remove=[], add=[(rejection_id, rejection)], atomic=True)
 
 
 _REJECTED_PREFIX = "rejected:"

@@ -69,6 +69,25 @@ def serialize(obj: Any) -> bytes:
     return orjson.dumps(obj, default=repr)
 
 
+async def untimed_entries(redis: RedisClient, *, limit: int = 100) -> list[tuple[bytes, float]]:
+    """Queue entries scored below 1 ms (0, negative, -inf): arq skips or chokes on them."""
+    rows = await redis.zrangebyscore(QUEUE_NAME, "-inf", "(1", start=0, num=limit, withscores=True)
+    return [(member, float(score)) for member, score in rows]
+
+
+async def replace_entries(
+    redis: RedisClient, *, remove: list[bytes], add: list[tuple[str, dict[str, Any]]], atomic: bool = False
+) -> None:
+    """Take queue entries out and put jobs in (id, arq job dict due at its "et"), one round trip."""
+    async with redis.pipeline(transaction=atomic) as pipe:
+        for member in remove:
+            pipe.zrem(QUEUE_NAME, member)
+        for job_id, job in add:
+            pipe.set(job_key(job_id), serialize(job), px=JOB_EXPIRY_MS)
+            pipe.zadd(QUEUE_NAME, {job_id: job["et"]})
+        await pipe.execute()
+
+
 def redis_settings(url: str) -> RedisSettings:
     """arq's connection settings for `url`; a URL it cannot read is a ConfigError."""
     from mailer.errors import ConfigError
