@@ -49,6 +49,23 @@ class MessageRef:
         return f"{self.kind}.{digest}@{domain}"
 
 
+# The same encoding for the Lua scripts that read and write states (mailer.state.store): each
+# script starts with this snippet, so the layout is spelled out here and in MessageState only.
+# A string that is not a state decodes to nil fields, and the script errors on them, as the
+# Python decode raises: a state written by hand is never taken for a valid one.
+STATE_LUA = """
+local function decode_state(raw)
+  if not raw then return nil end
+  local status, attempts, since, at, aux =
+    string.match(raw, '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([^|]+)$')
+  return status, tonumber(attempts), tonumber(since), tonumber(at), tonumber(aux)
+end
+local function encode_state(status, attempts, since, at, aux)
+  return status .. '|' .. attempts .. '|' .. since .. '|' .. at .. '|' .. aux
+end
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class MessageState:
     """What happened to one message so far, stored as one compact string per message."""

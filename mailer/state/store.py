@@ -17,7 +17,7 @@ from mailer.constants import (
     SEEN_KEY,
 )
 from mailer.events import Attendee, Event
-from mailer.state.messages import MessageRef, MessageState
+from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import Pipeline, RedisClient
 
 __all__ = ["RedisClient"]  # re-exported: the state modules take the typed client from here
@@ -277,7 +277,7 @@ async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str
 #   "busy"                 another worker holds a live lease
 #   "wait|<ms>"            retrying or held, not due before <ms>
 #   "final|<status>"       sent, failed or skipped already
-CLAIM_SCRIPT = """
+CLAIM_SCRIPT = STATE_LUA + """
 local now = tonumber(ARGV[1])
 local lease_until = tonumber(ARGV[2])
 local out = {}
@@ -287,9 +287,8 @@ for i = 1, #KEYS - 1 do
   local raw = redis.call('HGET', KEYS[i], field)
   local status, attempts, since, aux = 'planned', 0, now, 0
   if raw then
-    local p = {}
-    for part in string.gmatch(raw, '([^|]*)') do if part ~= '' then table.insert(p, part) end end
-    status, attempts, since, aux = p[1], tonumber(p[2]), tonumber(p[3]), tonumber(p[5])
+    local _
+    status, attempts, since, _, aux = decode_state(raw)
   end
   local code = nil
   if status == 'sent' or status == 'failed' or status == 'skipped' then
@@ -302,8 +301,7 @@ for i = 1, #KEYS - 1 do
     local verb = 'claimed'
     if status == 'sending' then verb = 'reclaimed' end
     attempts = attempts + 1
-    redis.call('HSET', KEYS[i], field,
-      'claimed|' .. attempts .. '|' .. since .. '|' .. now .. '|' .. lease_until)
+    redis.call('HSET', KEYS[i], field, encode_state('claimed', attempts, since, now, lease_until))
     redis.call('ZADD', KEYS[#KEYS], lease_until, message_id)
     code = verb .. '|' .. attempts .. '|' .. since .. '|' .. status
   end
@@ -318,15 +316,13 @@ return out
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
 # reg may be the empty string). Returns 1 if the next message may be sent.
-STEP_SCRIPT = """
+STEP_SCRIPT = STATE_LUA + """
 if KEYS[3] ~= '' then
   -- Only while it is still ours: sending, with the attempt we handed over (ARGV[13]). A send
   -- that outlived its lease may have been re-claimed and even sent by another worker; its
   -- late outcome must not overwrite theirs (a stale 'retrying' over 'sent' sent it again).
-  local cur = redis.call('HGET', KEYS[3], ARGV[1])
-  local st, at = nil, nil
-  if cur then st, at = string.match(cur, '^([^|]+)|([^|]+)|') end
-  if st == 'sending' and tonumber(at) == tonumber(ARGV[13]) then
+  local st, at = decode_state(redis.call('HGET', KEYS[3], ARGV[1]) or nil)
+  if st == 'sending' and at == tonumber(ARGV[13]) then
     redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
     if ARGV[3] == '1' then
       redis.call('ZREM', KEYS[1], ARGV[4])
@@ -337,10 +333,8 @@ if KEYS[3] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'j', ARGV[6])
 end
 if KEYS[4] == '' then return 1 end
-local raw = redis.call('HGET', KEYS[4], ARGV[8])
-if not raw then return 0 end
-local status, attempts = string.match(raw, '^([^|]+)|([^|]+)|')
-if status ~= 'claimed' or tonumber(attempts) ~= tonumber(ARGV[9]) then return 0 end
+local status, attempts = decode_state(redis.call('HGET', KEYS[4], ARGV[8]) or nil)
+if status ~= 'claimed' or attempts ~= tonumber(ARGV[9]) then return 0 end
 redis.call('HSET', KEYS[4], ARGV[8], ARGV[10])
 redis.call('ZADD', KEYS[1], ARGV[11], ARGV[12])
 return 1
@@ -352,14 +346,12 @@ return 1
 # hold or skip written over its 'sending' would let a third worker send it again.
 # KEYS: the registrations, then the due index; ARGV per message: field, attempt, state,
 # final ('1'/'0'), due score, message id. Returns 1/0 per message.
-SETTLE_SCRIPT = """
+SETTLE_SCRIPT = STATE_LUA + """
 local out = {}
 for i = 1, #KEYS - 1 do
   local b = (i - 1) * 6
-  local cur = redis.call('HGET', KEYS[i], ARGV[b + 1])
-  local st, at = nil, nil
-  if cur then st, at = string.match(cur, '^([^|]+)|([^|]+)|') end
-  if st == 'claimed' and tonumber(at) == tonumber(ARGV[b + 2]) then
+  local st, at = decode_state(redis.call('HGET', KEYS[i], ARGV[b + 1]) or nil)
+  if st == 'claimed' and at == tonumber(ARGV[b + 2]) then
     redis.call('HSET', KEYS[i], ARGV[b + 1], ARGV[b + 3])
     if ARGV[b + 4] == '1' then
       redis.call('ZREM', KEYS[#KEYS], ARGV[b + 6])
