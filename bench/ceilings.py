@@ -64,7 +64,7 @@ def protocol_phase(*, host: str, port: int, n: int, connections: int, data: byte
 
 async def _transport(settings: Any, n: int, data: bytes) -> dict[str, Any]:
     from mailer.content.compose import WireMessage
-    from mailer.delivery.transport import SmtpTransport
+    from mailer.delivery.smtp import SmtpTransport
 
     transport = SmtpTransport(settings)
     wire = WireMessage(data)  # as compose() hands it over

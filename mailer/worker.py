@@ -15,8 +15,10 @@ from arq.worker import Worker, func
 from mailer import jobs
 from mailer.clock import Clock, utc_now
 from mailer.content.render import Renderer
+from mailer.delivery.maildir import MaildirTransport
 from mailer.delivery.sender import Sender
-from mailer.delivery.transport import Transport, build_transport
+from mailer.delivery.smtp import SmtpTransport
+from mailer.delivery.transport import Transport
 from mailer.intake.inbox import Inbox
 from mailer.intake.job_bodies import QueueWorker, worker_options
 from mailer.lifecycle.planner import Planner
@@ -182,3 +184,10 @@ async def _drain(worker: Worker, grace: float) -> None:
             len(unfinished),
             unfinished[0].exception(),
         )
+
+
+def build_transport(settings: Settings) -> Transport:
+    """SMTP when MAILER_SMTP_HOST is set, else the Maildir outbox."""
+    if settings.smtp_host:
+        return SmtpTransport(settings)
+    return MaildirTransport(settings.effective_outbox_dir)

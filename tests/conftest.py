@@ -307,9 +307,8 @@ async def wait_for(predicate: Callable[[], bool], within: float = 10.0, interval
 async def running_worker(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process workers (real arq Worker, real transport) for the test; stopped after."""
     from mailer.content.render import Renderer
-    from mailer.delivery.transport import build_transport
     from mailer.state.queue import connect
-    from mailer.worker import build_worker
+    from mailer.worker import build_transport, build_worker
 
     started: list[tuple[Any, asyncio.Task[None], Any, Any]] = []
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mailer.content.compose import Address, Attachment, MailParts, WireMessage, compose, compose_reference
-from mailer.delivery.transport import wire_payload
+from mailer.delivery.smtp import wire_payload
 from mailer.errors import ComposeError
 
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -234,8 +234,7 @@ async def test_a_job_hit_by_a_redis_outage_is_one_warning_not_a_traceback(
 
     from mailer import jobs
     from mailer.content.render import Renderer
-    from mailer.delivery.transport import build_transport
-    from mailer.worker import build_worker
+    from mailer.worker import build_transport, build_worker
 
     settings = make_settings(redis_url=own_redis.url)
     redis = await connect(own_redis.url)

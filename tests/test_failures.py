@@ -200,9 +200,8 @@ async def test_an_ingest_job_that_raises_is_retried_then_its_events_are_logged_a
 
     from mailer import jobs
     from mailer.content.render import Renderer
-    from mailer.delivery.transport import build_transport
     from mailer.state.queue import connect
-    from mailer.worker import build_worker
+    from mailer.worker import build_transport, build_worker
 
     settings = make_settings(redis_url=redis_url)
     redis = await connect(redis_url)

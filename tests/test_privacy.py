@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mailer.delivery.transport import MaildirTransport
+from mailer.delivery.maildir import MaildirTransport
 from tests.test_cli import mailer, start_embedded_worker
 
 

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import AuthResult
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.delivery.transport import SmtpTransport, _map_connect_error, _map_smtp_error, is_fully_qualified
+from mailer.delivery.smtp import SmtpTransport, _map_connect_error, _map_smtp_error, is_fully_qualified
 from mailer.errors import DeliveryError, RelayFault, TimeoutDeliveryError
 from mailer.intake.client import MailerClient
 from mailer.state.circuit import RelayCircuit, relay_states

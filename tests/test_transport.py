@@ -12,7 +12,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.delivery.transport import SmtpTransport, wire_payload
+from mailer.delivery.smtp import SmtpTransport, wire_payload
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
