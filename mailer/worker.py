@@ -38,6 +38,37 @@ from mailer.state.queue import (
 logger = logging.getLogger("mailer.worker")
 
 
+def _app(
+    settings: Settings,
+    redis: Any,
+    *,
+    transport: Transport,
+    renderer: Renderer,
+    clock: Clock,
+    echo: TextIO | None,
+) -> jobs.App:
+    """The planner, sender, scheduler, inbox and log one worker's jobs share."""
+    log = DeliveryLog(
+        redis,
+        max_entries=settings.log_max_entries,
+        echo=echo if settings.print_outcomes else None,
+        worker=settings.worker_name,
+        clock=clock,
+    )
+    sender = Sender(
+        redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
+    )
+    return jobs.App(
+        planner=Planner(
+            redis, default_offsets=settings.reminder_offsets, clock=clock, worker=settings.worker_name
+        ),
+        sender=sender,
+        scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock, circuit=sender.circuit),
+        inbox=Inbox(redis, clock=clock),
+        log=log,
+    )
+
+
 def build_worker(
     settings: Settings,
     redis: Any,
@@ -51,25 +82,7 @@ def build_worker(
     """An arq Worker wired to mailer's jobs; `redis` is a pool from mailer.state.queue.connect."""
 
     async def startup(ctx: dict[str, Any]) -> None:
-        log = DeliveryLog(
-            redis,
-            max_entries=settings.log_max_entries,
-            echo=echo if settings.print_outcomes else None,
-            worker=settings.worker_name,
-            clock=clock,
-        )
-        sender = Sender(
-            redis=redis, settings=settings, transport=transport, renderer=renderer, log=log, clock=clock
-        )
-        ctx["app"] = jobs.App(
-            planner=Planner(
-                redis, default_offsets=settings.reminder_offsets, clock=clock, worker=settings.worker_name
-            ),
-            sender=sender,
-            scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock, circuit=sender.circuit),
-            inbox=Inbox(redis, clock=clock),
-            log=log,
-        )
+        ctx["app"] = _app(settings, redis, transport=transport, renderer=renderer, clock=clock, echo=echo)
 
     timeout = settings.job_timeout
     return QueueWorker(
@@ -82,13 +95,7 @@ def build_worker(
             func(jobs.reject, name=REJECT, timeout=timeout, max_tries=1),
         ],
         cron_jobs=[
-            cron(
-                jobs.tick,
-                name="cron:tick",
-                second=set(range(60)),
-                timeout=timeout,
-                run_at_startup=True,
-            )
+            cron(jobs.tick, name="cron:tick", second=set(range(60)), timeout=timeout, run_at_startup=True)
         ],
         redis_pool=redis,
         on_startup=startup,
@@ -104,63 +111,73 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
     """Run until SIGTERM/SIGINT; survive Redis going away. Returns the exit status."""
     transport = build_transport(settings)
     renderer = Renderer(settings.template_dir)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    current: dict[str, Worker] = {}
-
-    def on_signal(signum: int) -> None:
-        if stopping.is_set():
-            logger.warning("second %s: stopping now", signal.Signals(signum).name)
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-            return
-        logger.info(
-            "%s received: taking no new jobs, finishing the sends in flight", signal.Signals(signum).name
-        )
-        stopping.set()
-        worker = current.get("worker")
-        if worker is not None:
-            worker.allow_pick_jobs = False
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
+    stop = _Stop(asyncio.get_running_loop())
     delay = 0.5
     try:
-        while not stopping.is_set():
+        while not stop.requested.is_set():
             try:
                 redis = await connect(redis_url)
                 await redis.ping()
             except REDIS_DOWN as exc:
                 logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), delay)
+                    await asyncio.wait_for(stop.requested.wait(), delay)
                 delay = min(delay * 2, 10)
                 continue
             delay = 0.5
-            worker = build_worker(settings, redis, transport=transport, renderer=renderer, echo=echo)
-            current["worker"] = worker
-            main = asyncio.create_task(worker.main())
-            stop_wait = asyncio.create_task(stopping.wait())
-            done, _ = await asyncio.wait({main, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if main in done:
-                stop_wait.cancel()
-                failure = main.exception()
-                if failure is not None and not isinstance(failure, REDIS_DOWN):
-                    raise failure
-                logger.warning("lost Redis (%s); reconnecting", failure)
-                await _drain(worker, settings.smtp_timeout + 5)
-            else:
-                await _drain(worker, settings.smtp_timeout + 5)
-                main.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
-                    await main
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+            try:
+                worker = build_worker(settings, redis, transport=transport, renderer=renderer, echo=echo)
+                await _serve(worker, stop, grace=settings.smtp_timeout + 5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await redis.aclose()
     finally:
         await transport.close()
     logger.info("worker stopped")
     return 0
+
+
+class _Stop:
+    """SIGTERM or Ctrl-C: take no new jobs and finish the sends in flight; a second one: now."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.requested = asyncio.Event()
+        self.worker: Worker | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            logger.warning("second %s: stopping now", name)
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            return
+        logger.info("%s received: taking no new jobs, finishing the sends in flight", name)
+        self.requested.set()
+        if self.worker is not None:
+            self.worker.allow_pick_jobs = False
+
+
+async def _serve(worker: Worker, stop: _Stop, *, grace: float) -> None:
+    """Run one arq worker until Redis goes away (return, to reconnect) or a stop is asked for."""
+    stop.worker = worker
+    main = asyncio.create_task(worker.main())
+    stop_wait = asyncio.create_task(stop.requested.wait())
+    done, _ = await asyncio.wait({main, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if main in done:
+        stop_wait.cancel()
+        failure = main.exception()
+        if failure is not None and not isinstance(failure, REDIS_DOWN):
+            raise failure
+        logger.warning("lost Redis (%s); reconnecting", failure)
+        await _drain(worker, grace)
+        return
+    await _drain(worker, grace)
+    main.cancel()
+    with contextlib.suppress(asyncio.CancelledError, *REDIS_DOWN):
+        await main
 
 
 async def _drain(worker: Worker, grace: float) -> None:
