@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from mailer.ops.embedded import find_redis_server
+from mailer.ops.embedded import redis_server_command
 
 SENDER = "Stadt Kaiserslautern <noreply@example.org>"
 SENDER_ADDRESS = "noreply@example.org"
@@ -79,28 +79,13 @@ class RedisServer:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        aof = (
-            ["--appendonly", "yes", "--appendfsync", "everysec"]
-            if self.appendonly
-            else ["--appendonly", "no"]
-        )
         self.process = subprocess.Popen(
-            [
-                find_redis_server(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                *aof,
-                "--maxmemory-policy",
-                "noeviction",
-                "--logfile",
-                "redis.log",
-            ],
+            redis_server_command(
+                directory=self.directory,
+                listen=["--port", str(self.port), "--bind", "127.0.0.1"],
+                appendfsync="everysec" if self.appendonly else None,
+                logfile=Path("redis.log"),
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import Envelope, Session
 from hypothesis import Phase
 from hypothesis import settings as hypothesis_settings
 
-from mailer.ops.embedded import find_redis_server
+from mailer.ops.embedded import redis_server_command
 from mailer.settings import Settings, load_settings
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -60,23 +60,11 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [
-                find_redis_server(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--maxmemory-policy",
-                "noeviction",
-            ],
+            redis_server_command(
+                directory=self.directory,
+                listen=["--port", str(self.port), "--bind", "127.0.0.1"],
+                appendfsync="always",
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

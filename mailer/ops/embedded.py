@@ -93,6 +93,20 @@ def is_running(path: Path) -> bool:
         return False
 
 
+def redis_server_command(
+    *, directory: Path, listen: list[str], appendfsync: str | None, logfile: Path | None = None
+) -> list[str]:
+    """The redis-server command line mailer runs (the embedded default; the tests and the bench).
+
+    No RDB snapshots (the AOF, or nothing, is the persistence), and noeviction: job keys have
+    TTLs, and an evicting policy would drop them first. `appendfsync` None: no AOF either.
+    """
+    aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else ["--appendonly", "no"]
+    command = [find_redis_server(), *listen, "--dir", str(directory), *aof, "--save", ""]
+    command += ["--maxmemory-policy", "noeviction"]
+    return command + (["--logfile", str(logfile)] if logfile is not None else [])
+
+
 class EmbeddedRedis:
     """Start (or attach to) the private server; `stop()` only stops one this process started."""
 
@@ -133,28 +147,12 @@ class EmbeddedRedis:
             self.socket.unlink()
         log = workdir / "redis.log"
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, our own binary
-            [
-                find_redis_server(),
-                "--port",
-                "0",
-                "--unixsocket",
-                str(self.socket),
-                "--unixsocketperm",
-                "700",
-                "--dir",
-                str(workdir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-                # Job keys have TTLs; an evicting policy would drop them first.
-                "--maxmemory-policy",
-                "noeviction",
-                "--logfile",
-                str(log),
-            ],
+            redis_server_command(
+                directory=workdir,
+                listen=["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"],
+                appendfsync="everysec",
+                logfile=log,
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -164,6 +162,11 @@ class EmbeddedRedis:
             # The AOF, RDB and log it creates are 0600: attendee addresses are in them.
             umask=PRIVATE_UMASK,
         )
+        self._wait_until_up(log, timeout)
+
+    def _wait_until_up(self, log: Path, timeout: float) -> None:
+        """Return once the new server answers; otherwise stop it and say how it ended."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if is_running(self.socket):
