@@ -16,6 +16,7 @@ from mailer.delivery.smtp import SmtpTransport, wire_payload
 from mailer.errors import (
     DeliveryError,
     PermanentDeliveryError,
+    RelayFault,
     TimeoutDeliveryError,
     TransientDeliveryError,
     UncertainDeliveryError,
@@ -103,7 +104,9 @@ class ScriptedServer:
         mail_reply: bytes = b"",  # e.g. 421 then hang up
         extra_after_final: bytes = b"",
         stall: str = "",  # "data": never answer the pipelined commands; "final": not the message
+        hang_up_after: int = 0,  # per connection: 421 to the MAIL after this many messages, then close
     ) -> None:
+        self.hang_up_after = hang_up_after
         self.refuse_rcpt = refuse_rcpt
         self.split = split
         self.mail_reply = mail_reply
@@ -125,12 +128,16 @@ class ScriptedServer:
         self.connections += 1
         await self._send(writer, b"220-scripted\r\n220 ready\r\n")
         pending: list[bytes] = []
+        taken = 0
         while line := await reader.readline():
             self.commands.append(line)
             verb = line[:4].upper()
             if verb == b"EHLO":
                 await self._send(writer, b"250-scripted\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 OK\r\n")
             elif verb == b"MAIL":
+                if self.hang_up_after and taken >= self.hang_up_after:
+                    await self._send(writer, b"421 4.4.2 scripted idle timeout, closing\r\n")
+                    break
                 if self.mail_reply:
                     await self._send(writer, self.mail_reply)
                     break
@@ -149,6 +156,7 @@ class ScriptedServer:
                 await self._send(writer, b"".join([*pending, b"354 go ahead\r\n"]))
                 pending = []
                 self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                taken += 1
                 if self.stall == "final":
                     await asyncio.sleep(5)
                     break
@@ -210,6 +218,31 @@ async def test_a_421_to_a_pipelined_mail_keeps_its_code_for_the_relay_back_off(m
             await send(lane, "b@example.org")
     assert refused.value.code == 421  # type: ignore[attr-defined]
     assert refused.value.enhanced_code == "4.7.0"  # type: ignore[attr-defined]
+
+
+async def test_a_421_on_a_kept_connection_is_tried_once_more_on_a_fresh_one(make_settings: Any) -> None:
+    """A relay that timed out a kept-open connection answers the next MAIL with 421 and hangs up
+    (Postfix's idle timeout racing our write): that says nothing about the relay, so the message
+    goes out on a new connection instead of tripping the relay circuit for every worker."""
+    scripted = ScriptedServer(hang_up_after=1)
+    async with scripted_lane(make_settings, scripted) as lane:
+        first = await send(lane, "a@example.org", b"one\r\n")
+        second = await send(lane, "b@example.org", b"two\r\n")
+    assert (first.code, second.code) == (250, 250)
+    assert scripted.messages == [b"one\r\n.\r\n", b"two\r\n.\r\n"]
+    assert scripted.connections == 2
+
+
+async def test_a_421_on_the_fresh_connection_too_is_the_relays(make_settings: Any) -> None:
+    """If the new connection is refused the same way, the 421 stands: a RelayFault (circuit)."""
+    scripted = ScriptedServer(hang_up_after=1, mail_reply=b"")
+    async with scripted_lane(make_settings, scripted) as lane:
+        await send(lane, "a@example.org")
+        scripted.mail_reply = b"421 4.3.2 going down\r\n"
+        with pytest.raises(RelayFault) as refused:
+            await send(lane, "b@example.org")
+    assert refused.value.code == 421
+    assert scripted.connections == 2  # one retry, not a loop
 
 
 async def test_a_stray_reply_costs_a_reconnect_not_the_next_message(make_settings: Any) -> None:

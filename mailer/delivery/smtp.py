@@ -346,6 +346,7 @@ class _SmtpLane:
             raise PermanentDeliveryError(str(exc), recipient=recipient) from None
         payload = wire_payload(data)
         for attempt in (1, 2):
+            kept = self.client is not None and not self.client.closed
             session = await self.session(recipient)
             try:
                 reply = await session.transact(*envelope, payload)
@@ -362,6 +363,11 @@ class _SmtpLane:
                 # A clean reply: the connection stays usable unless the server closed it (421).
                 if exc.code in RELAY_CODES or session.closed:
                     self._drop()
+                if exc.code in RELAY_CODES and kept and attempt == 1 and not session.data_sent:
+                    # A kept connection the relay timed out as idle gets 421 and a hang-up for
+                    # the next MAIL: about that connection, not the relay. Once more on a new one.
+                    logger.info("SMTP %s on a kept connection; trying a new one", exc)
+                    continue
                 raise _classified(exc.code, exc.text, recipient) from exc
             except BaseException as exc:
                 # Timeouts, drops and cancellation leave the connection out of step: never reuse it.
