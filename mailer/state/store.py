@@ -277,7 +277,9 @@ async def seen(redis: RedisClient, producer_event_ids: Iterable[str]) -> set[str
 #   "busy"                 another worker holds a live lease
 #   "wait|<ms>"            retrying or held, not due before <ms>
 #   "final|<status>"       sent, failed or skipped already
-CLAIM_SCRIPT = STATE_LUA + """
+CLAIM_SCRIPT = (
+    STATE_LUA
+    + """
 local now = tonumber(ARGV[1])
 local lease_until = tonumber(ARGV[2])
 local out = {}
@@ -309,6 +311,7 @@ for i = 1, #KEYS - 1 do
 end
 return out
 """
+)
 
 
 # The send path's one round trip per mail, as a single command: record the previous
@@ -316,7 +319,9 @@ return out
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
 # reg may be the empty string). Returns 1 if the next message may be sent.
-STEP_SCRIPT = STATE_LUA + """
+STEP_SCRIPT = (
+    STATE_LUA
+    + """
 if KEYS[3] ~= '' then
   -- Only while it is still ours: sending, with the attempt we handed over (ARGV[13]). A send
   -- that outlived its lease may have been re-claimed and even sent by another worker; its
@@ -339,6 +344,7 @@ redis.call('HSET', KEYS[4], ARGV[8], ARGV[10])
 redis.call('ZADD', KEYS[1], ARGV[11], ARGV[12])
 return 1
 """
+)
 
 
 # Write a new state for messages this worker claimed, each only while the claim still holds
@@ -346,7 +352,9 @@ return 1
 # hold or skip written over its 'sending' would let a third worker send it again.
 # KEYS: the registrations, then the due index; ARGV per message: field, attempt, state,
 # final ('1'/'0'), due score, message id. Returns 1/0 per message.
-SETTLE_SCRIPT = STATE_LUA + """
+SETTLE_SCRIPT = (
+    STATE_LUA
+    + """
 local out = {}
 for i = 1, #KEYS - 1 do
   local b = (i - 1) * 6
@@ -365,6 +373,7 @@ for i = 1, #KEYS - 1 do
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
