@@ -427,9 +427,9 @@ def retry(
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
     from mailer.clock import iso, utc_now
     from mailer.state.deliverylog import DeliveryLog, LogEntry, read_log
+    from mailer.state.message_states import MessageStore
     from mailer.state.messages import MessageRef, MessageState
     from mailer.state.queue import SEND, Enqueuer, connect_client
-    from mailer.state.store import MessageStore
 
     if not message_ids and not status:
         raise click.UsageError("name MESSAGE_IDs or --status")

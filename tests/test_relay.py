@@ -609,8 +609,9 @@ async def test_a_late_outcome_does_not_overwrite_what_another_worker_recorded(re
     """A send that outlived its lease was re-claimed and sent by another worker (sent, attempt 2);
     the first worker's late 'retrying' must not overwrite it (that made it go out a third time).
     Its log entry is still written: it says what that worker saw."""
+    from mailer.state.message_states import MessageStore
     from mailer.state.messages import MessageRef, MessageState
-    from mailer.state.store import MessageStore, registration_key
+    from mailer.state.store import registration_key
 
     redis = await connect(redis_url)
     try:
@@ -668,8 +669,9 @@ async def test_a_hold_does_not_overwrite_a_message_another_worker_now_sends(redi
     """The tail of a slow batch: its claims lapsed and another worker re-claimed and is sending
     them. The first worker's hold (or skip, or failure) must leave them alone; written over
     'sending', a third worker would send them again when the hold ran out."""
+    from mailer.state.message_states import MessageStore
     from mailer.state.messages import MessageRef, MessageState
-    from mailer.state.store import MessageStore, registration_key
+    from mailer.state.store import registration_key
 
     redis = await connect(redis_url)
     try:

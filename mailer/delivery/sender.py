@@ -38,10 +38,9 @@ from mailer.lifecycle.kinds import KINDS, reminder_offset_of
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
+from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
 from mailer.state.store import (
-    Claim,
-    MessageStore,
     RedisClient,
     StoredEvent,
     StoredRegistration,

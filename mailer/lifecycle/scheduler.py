@@ -9,10 +9,11 @@ from mailer.clock import Clock, ms, utc_now
 from mailer.durations import Offset
 from mailer.lifecycle.kinds import reminder_disc
 from mailer.state.circuit import RelayCircuit
+from mailer.state.message_states import MessageStore
 from mailer.state.messages import MessageRef
 from mailer.state.queue import FAN_OUT, SEND, Enqueuer, batch_job_id
 from mailer.state.schedule import ScheduleMember, ScheduleStore
-from mailer.state.store import MessageStore, RedisClient
+from mailer.state.store import RedisClient
 
 logger = logging.getLogger("mailer.scheduler")
 

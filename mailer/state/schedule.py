@@ -6,7 +6,23 @@ from typing import NamedTuple
 
 from mailer.constants import MESSAGE_KINDS, SCHEDULE_KEY, MessageKind
 from mailer.state.redis_types import RedisClient
-from mailer.state.store import UNSCHEDULE_IF_SCRIPT, due_schedule, registrations_key
+from mailer.state.store import registrations_key
+
+
+async def _due_schedule(redis: RedisClient, *, now_ms: int, limit: int) -> list[tuple[str, int]]:
+    rows = await redis.zrangebyscore(SCHEDULE_KEY, "-inf", now_ms, start=0, num=limit, withscores=True)
+    return [(m.decode(), int(score)) for m, score in rows]
+
+
+# Remove a schedule entry only if it still has the score we ran it for: a reschedule that
+# moved it in the meantime must survive.
+UNSCHEDULE_IF_SCRIPT = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 class ScheduleMember(NamedTuple):
@@ -34,7 +50,7 @@ class ScheduleStore:
 
     async def due(self, *, now_ms: int, limit: int) -> list[tuple[str, int]]:
         """(member, due ms) of entries due by `now_ms`, earliest first."""
-        return await due_schedule(self.redis, now_ms=now_ms, limit=limit)
+        return await _due_schedule(self.redis, now_ms=now_ms, limit=limit)
 
     async def remove_if_still(self, member: str, due_ms: int) -> None:
         """Remove the entry unless a reschedule has moved it since it was read."""
