@@ -34,7 +34,7 @@ from mailer.errors import (
     RelayFault,
     UncertainDeliveryError,
 )
-from mailer.lifecycle.kinds import KINDS, reminder_offset_of
+from mailer.lifecycle.kinds import KINDS, CalendarMethod, reminder_offset_of
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
@@ -175,7 +175,7 @@ class MessageBuilder:
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
 
     def _calendar(
-        self, stored: StoredEvent, sequence: int, method: str, now: datetime, *, with_link: bool
+        self, stored: StoredEvent, sequence: int, method: CalendarMethod, now: datetime, *, with_link: bool
     ) -> CalendarTemplate:
         event = stored.event
         key = (stored.fingerprint, sequence, method, with_link)
@@ -197,7 +197,7 @@ class MessageBuilder:
                     organizer_email=event.organizer.email,
                 ),
                 sequence=sequence,
-                method=method,  # type: ignore[arg-type]
+                method=method,
                 uid_domain=self.domain,
                 stamp=now,
             )
