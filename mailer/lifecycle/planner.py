@@ -388,9 +388,12 @@ class Planner:
 
     def _schedule_reminders(self, old: Event | None, new: Event | None, plan: Plan, now: datetime) -> None:
         """Keep one schedule entry per event and offset; a reschedule rewrites only those."""
+        either = new or old
+        if either is None:
+            return
         old_offsets = set(old.offsets(self.default_offsets)) if old else set()
         new_offsets = set(new.offsets(self.default_offsets)) if new else set()
-        event_id = (new or old).id  # type: ignore[union-attr]
+        event_id = either.id
         for offset in old_offsets - new_offsets:
             member = schedule_member(event_id, "reminder", offset.iso)
             plan.changes.append(Schedule(member, None))
