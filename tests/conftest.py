@@ -300,9 +300,9 @@ async def running_worker(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
 
     started: list[tuple[Any, asyncio.Task[None], Any, Any]] = []
 
-    async def start(settings: Settings, *, clock: Any = None) -> Any:
+    async def start(settings: Settings, *, clock: Any = None, transport: Any = None) -> Any:
         redis = await connect(settings.redis_url or redis_url)
-        transport = build_transport(settings)
+        transport = transport or build_transport(settings)
         kwargs = {"clock": clock} if clock else {}
         worker = build_worker(
             settings,

@@ -225,3 +225,36 @@ async def test_an_ingest_job_that_raises_is_retried_then_its_events_are_logged_a
     finally:
         await transport.close()
         await redis.aclose()
+
+
+async def test_a_transport_that_raises_costs_only_its_own_message(
+    redis_url: str, make_settings: Any, running_worker: Any
+) -> None:
+    """A transport raising something that is not a DeliveryError (a bug, for one recipient) makes
+    that message `retrying` as uncertain, with the error named; the other messages of the batch
+    go out, and no job raises (running_worker fails the test if one did)."""
+    from mailer.delivery.maildir import MaildirTransport
+
+    settings = make_settings(redis_url=redis_url, smtp_max_connections=2, max_attempts=2)
+
+    class BuggyForOne(MaildirTransport):
+        async def send(self, *, sender: str, recipient: str, data: bytes) -> Any:
+            if recipient.startswith("bug@"):
+                raise RuntimeError("a bug in the transport")
+            return await super().send(sender=sender, recipient=recipient, data=data)
+
+    await running_worker(settings, transport=BuggyForOne(settings.effective_outbox_dir))
+    events = [
+        make_event(event_id=f"evt-{n}", registration_id=f"reg-{n}", email=f"{who}@example.org")
+        for n, who in enumerate(["bug", "ok", "fine"])
+    ]
+    async with MailerClient(redis_url) as client:
+        await client.publish_many(events)
+    log = await log_until(
+        redis_url,
+        lambda log: {e.message_id for e in log if e.status == "sent"}
+        == {"reg-1/confirmation", "reg-2/confirmation"}
+        and any(e.message_id == "reg-0/confirmation" and e.status == "retrying" for e in log),
+    )
+    bug = next(e for e in log if e.message_id == "reg-0/confirmation" and e.status == "retrying")
+    assert "RuntimeError: a bug in the transport" in bug.detail

@@ -260,20 +260,40 @@ class Sender:
         if not refs:
             return []
         now = self.clock()
-        regs = dict(registrations or {})
-        missing = [r.registration_id for r in refs if r.registration_id not in regs]
-        loaded_regs = await load_registrations(self.redis, missing)
-        regs.update(loaded_regs.found)
-        events = dict(events or {})
-        missing = [r.event_id for r in regs.values() if r.event_id and r.event_id not in events]
-        loaded_events = await load_events(self.redis, missing)
-        events.update(loaded_events.found)
-        unreadable = {f"registration {k}": v for k, v in loaded_regs.unreadable.items()}
-        unreadable |= {f"event {k}": v for k, v in loaded_events.unreadable.items()}
-        for what, exc in unreadable.items():
-            logger.error("stored %s cannot be read, its messages fail: %s", what, exc)
+        regs, events, unreadable = await self._load(refs, dict(registrations or {}), dict(events or {}))
         claims = await self.store.claim(refs, now_ms=ms(now), lease_ms=self.lease_ms)
 
+        entries, writes, jobs = self._prepare_all(claims, regs, events, unreadable, now)
+        await self._record(writes, entries)
+        entries += [entry for _, _, entry in writes]
+        jobs = await self._hold_back(jobs, now)
+        sent = _Outcomes()
+        queue = deque(jobs)
+        lanes = min(len(jobs), self.settings.smtp_max_connections)
+        # Every lane runs to its end even if one fails (Redis gone mid-batch): the others'
+        # outcomes are recorded and printed before the failure is raised for the job to retry.
+        failures = await asyncio.gather(
+            *(self._run_lane(queue, sent) for _ in range(lanes)), return_exceptions=True
+        )
+        self.log.print_json(sent.lines)
+        if queue and sent.hold_until_ms is not None:
+            await self._hold(list(queue), sent.hold_until_ms, self.clock(), "relay unavailable")
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                raise failure
+        return entries + sent.entries
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _prepare_all(
+        self,
+        claims: list[Claim],
+        regs: dict[str, StoredRegistration],
+        events: dict[str, StoredEvent],
+        unreadable: dict[str, Exception],
+        now: datetime,
+    ) -> tuple[list[LogEntry], list[tuple[Claim, MessageState, LogEntry]], list[_Job]]:
+        """Build each claimed message; what cannot go out becomes its skip or failure to record."""
         entries: list[LogEntry] = []
         writes: list[tuple[Claim, MessageState, LogEntry]] = []
         jobs: list[_Job] = []
@@ -295,20 +315,26 @@ class Sender:
                 writes.append((claim, self._state(status, claim, now), entry))
                 continue
             jobs.append(job)
+        return entries, writes, jobs
 
-        await self._record(writes, entries)
-        entries += [entry for _, _, entry in writes]
-        jobs = await self._hold_back(jobs, now)
-        sent = _Outcomes()
-        queue = deque(jobs)
-        lanes = min(len(jobs), self.settings.smtp_max_connections)
-        await asyncio.gather(*(self._run_lane(queue, sent) for _ in range(lanes)))
-        self.log.print_json(sent.lines)
-        if queue and sent.hold_until_ms is not None:
-            await self._hold(list(queue), sent.hold_until_ms, self.clock(), "relay unavailable")
-        return entries + sent.entries
-
-    # --- steps --------------------------------------------------------------------------
+    async def _load(
+        self,
+        refs: list[MessageRef],
+        regs: dict[str, StoredRegistration],
+        events: dict[str, StoredEvent],
+    ) -> tuple[dict[str, StoredRegistration], dict[str, StoredEvent], dict[str, Exception]]:
+        """Complete the state the caller passed in from Redis; and what could not be read."""
+        missing = [r.registration_id for r in refs if r.registration_id not in regs]
+        loaded_regs = await load_registrations(self.redis, missing)
+        regs.update(loaded_regs.found)
+        missing = [r.event_id for r in regs.values() if r.event_id and r.event_id not in events]
+        loaded_events = await load_events(self.redis, missing)
+        events.update(loaded_events.found)
+        unreadable = {f"registration {k}": v for k, v in loaded_regs.unreadable.items()}
+        unreadable |= {f"event {k}": v for k, v in loaded_events.unreadable.items()}
+        for what, exc in unreadable.items():
+            logger.error("stored %s cannot be read, its messages fail: %s", what, exc)
+        return regs, events, unreadable
 
     def _prepare(
         self,
@@ -471,6 +497,14 @@ class Sender:
                 except TimeoutError:  # the budget ran out (SMTP's own timeouts are DeliveryErrors)
                     result = UncertainDeliveryError(
                         f"no outcome within {self.send_budget_s:g} s (the message's lease)",
+                        recipient=job.recipient,
+                    )
+                except Exception as exc:
+                    # A transport that raised something it should have mapped (a bug): this
+                    # message's outcome, unknown since it was handed over, not the batch's.
+                    logger.exception("the transport raised for %s", job.claim.ref.id)
+                    result = UncertainDeliveryError(
+                        f"internal error in the transport: {type(exc).__name__}: {exc}"[:500],
                         recipient=job.recipient,
                     )
                 outcomes.results.append(result)
