@@ -425,11 +425,9 @@ def retry(
     since: Offset | None,
 ) -> None:
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
-    from mailer.clock import iso, utc_now
-    from mailer.state.deliverylog import DeliveryLog, LogEntry, read_log
-    from mailer.state.message_states import MessageStore
-    from mailer.state.messages import MessageRef, MessageState
-    from mailer.state.queue import SEND, Enqueuer, connect_client
+    from mailer.ops.redrive import latest_with_status, redrive
+    from mailer.state.messages import MessageRef
+    from mailer.state.queue import connect_client
 
     if not message_ids and not status:
         raise click.UsageError("name MESSAGE_IDs or --status")
@@ -441,47 +439,12 @@ def retry(
     async def go() -> int:
         redis = await connect_client(_redis_url(settings))
         try:
-            chosen = list(dict.fromkeys(message_ids))
+            chosen = list(message_ids)
             if status:
-                latest: dict[str, str] = {}
-                async for entry in read_log(redis):
-                    if cutoff and datetime.fromisoformat(entry.ts) < cutoff:
-                        break
-                    if entry.message_id and entry.message_id not in latest:
-                        latest[entry.message_id] = entry.status
-                        if (
-                            entry.status == status
-                            and (not kind or entry.kind == kind)
-                            and (not event_id or entry.event_id == event_id)
-                        ):
-                            chosen.append(entry.message_id)
+                chosen += await latest_with_status(redis, status, kind=kind, event_id=event_id, since=cutoff)
             refs = [MessageRef.parse(m) for m in dict.fromkeys(chosen)]
-            now_ms = int(datetime.now(UTC).timestamp() * 1000)
-            store = MessageStore(redis)
-            log = DeliveryLog(redis, max_entries=settings.log_max_entries, echo=None, worker="cli")
             who = f"mailer retry by {_user()}"
-            async with redis.pipeline(transaction=False) as pipe:
-                for ref in refs:
-                    store.write_state(pipe, ref, MessageState("planned", 0, now_ms, now_ms, now_ms))
-                    log.add(
-                        pipe,
-                        LogEntry(
-                            ts=iso(utc_now()),
-                            status="redriven",
-                            message_id=ref.id,
-                            kind=ref.kind,
-                            registration_id=ref.registration_id,
-                            detail=who,
-                            worker="cli",
-                        ),
-                    )
-                await pipe.execute()
-            ids = [r.id for r in refs]
-            jobs: list[tuple[str, str, dict[str, object]]] = [
-                (f"retry:{now_ms}:{i}", SEND, {"messages": ids[i : i + 50]}) for i in range(0, len(ids), 50)
-            ]
-            await Enqueuer(redis).enqueue(jobs)
-            return len(refs)
+            return await redrive(redis, refs, who=who, log_max_entries=settings.log_max_entries)
         finally:
             await redis.aclose()
 
