@@ -34,7 +34,7 @@ from mailer.errors import (
     RelayFault,
     UncertainDeliveryError,
 )
-from mailer.lifecycle.kinds import KINDS, CalendarMethod, reminder_offset_of
+from mailer.lifecycle.kinds import KINDS, CalendarMethod, Kind, reminder_offset_of
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
@@ -121,7 +121,7 @@ class MessageBuilder:
             view = self._views[view_key] = event_view(event, locale)
         kind = KINDS[ref.kind]
         offset = reminder_offset_of(ref) if ref.kind == "reminder" else None
-        method = kind.calendar
+        has_calendar = kind.calendar is not None
 
         def context(person: Any) -> dict[str, Any]:
             return build_context(
@@ -132,7 +132,7 @@ class MessageBuilder:
                 event_view_cache=view,
                 previous=stored.previous if kind.shows_changes else None,
                 offset=offset,
-                has_calendar=method is not None,
+                has_calendar=has_calendar,
                 now=now,
                 operator=self.operator,
             )
@@ -140,17 +140,7 @@ class MessageBuilder:
         # Everything but the attendee is the same for every message with this key.
         shared_key = (stored.fingerprint, ref.kind, ref.disc, locale, registration_open(event, now))
         rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
-        attachment = None
-        if method is not None:
-            sequence = stored.version + kind.sequence_bump
-            # The calendar file obeys the kind's link rule too; a CANCEL file never has one.
-            with_link = method == "PUBLISH" and kind.shows_join_link(event)
-            calendar = self._calendar(stored, sequence, method, now, with_link=with_link)
-            attachment = Attachment(
-                filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
-                content_type=f'text/calendar; method={method}; charset="utf-8"',
-                data=calendar.for_registration(reg.id),
-            )
+        attachment = self._attachment(reg, stored, kind, locale, now)
         headers: tuple[tuple[str, str], ...] = (("X-Mailer-Kind", ref.kind),)
         if ref.kind != "confirmation":
             # One registration's mails form one conversation in the attendee's mail client.
@@ -173,6 +163,23 @@ class MessageBuilder:
             )
         )
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
+
+    def _attachment(
+        self, reg: StoredRegistration, stored: StoredEvent, kind: Kind, locale: str, now: datetime
+    ) -> Attachment | None:
+        """The calendar file of this kind, if it has one, for this registration."""
+        method = kind.calendar
+        if method is None:
+            return None
+        sequence = stored.version + kind.sequence_bump
+        # The calendar file obeys the kind's link rule too; a CANCEL file never has one.
+        with_link = method == "PUBLISH" and kind.shows_join_link(stored.event)
+        calendar = self._calendar(stored, sequence, method, now, with_link=with_link)
+        return Attachment(
+            filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
+            content_type=f'text/calendar; method={method}; charset="utf-8"',
+            data=calendar.for_registration(reg.id),
+        )
 
     def _calendar(
         self, stored: StoredEvent, sequence: int, method: CalendarMethod, now: datetime, *, with_link: bool
