@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from mailer.content.render import all_kinds_and_locales, event_view
-from mailer.delivery.sender import Built
+from mailer.delivery.builder import Built
 from mailer.events import RegistrationCreated, parse_event
 from mailer.ops.preview import preview, sample_event, sample_previous
 from mailer.settings import Settings

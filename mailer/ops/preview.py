@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from mailer.content.render import Renderer, all_kinds_and_locales
-from mailer.delivery.sender import Built, MessageBuilder
+from mailer.delivery.builder import Built, MessageBuilder
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
 from mailer.lifecycle.kinds import KINDS
