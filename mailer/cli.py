@@ -6,7 +6,7 @@ import asyncio
 import codecs
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
@@ -23,7 +23,7 @@ from mailer.constants import MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
-from mailer.state.deliverylog import LOG_STATUSES
+from mailer.state.deliverylog import LOG_STATUSES, LogEntry
 
 T = TypeVar("T")
 
@@ -371,7 +371,12 @@ def log_command(
     limit: int,
 ) -> None:
     """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
-    from mailer.state.deliverylog import read_log
+    from mailer.state.deliverylog import (
+        indexed_entries,
+        read_log,
+        recipient_index_key,
+        registration_index_key,
+    )
     from mailer.state.queue import connect_client
 
     settings = _settings()
@@ -380,9 +385,15 @@ def log_command(
         redis = await connect_client(_redis_url(settings))
         shown = 0
         try:
-            async for entry in read_log(redis):
+            # A registration or an address has few entries: read them from its index, not
+            # by scanning the whole log.
+            index = registration_index_key(registration) if registration else None
+            if index is None and recipient:
+                index = recipient_index_key(recipient)
+            entries = _aiter(await indexed_entries(redis, index)) if index else read_log(redis)
+            async for entry in entries:
                 if (
-                    (recipient and entry.recipient != recipient.lower())
+                    (recipient and entry.recipient.lower() != recipient.strip().lower())
                     or (registration and entry.registration_id != registration)
                     or (event_id and entry.event_id != event_id)
                     or (status and entry.status != status)
@@ -450,6 +461,11 @@ def retry(
 
     count = _run(go())
     click.echo(f"re-driven {count} message(s)")
+
+
+async def _aiter(items: list[LogEntry]) -> AsyncIterator[LogEntry]:
+    for item in items:
+        yield item
 
 
 def _user() -> str:

@@ -61,7 +61,7 @@ async def redrive(
                 detail=who,
                 worker="cli",
             )
-            log.add(pipe, entry)
+            await log.add(pipe, entry)
         await pipe.execute()
     ids = [r.id for r in refs]
     jobs: list[tuple[str, str, dict[str, object]]] = [

@@ -1,4 +1,10 @@
-"""The delivery log: one entry per outcome, kept in a Redis stream and printed as JSON lines."""
+"""The delivery log: one entry per outcome, kept in a Redis stream and printed as JSON lines.
+
+Each entry's stream id is also pushed onto a list per registration and per recipient, in the
+same Lua call as the XADD (LOG_APPEND_LUA), so "what happened to this registration / this
+address" reads a few ids instead of scanning the stream, and an entry never exists without
+its index members.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, Literal, TextIO, get_args
 import orjson
 
 from mailer.clock import Clock, from_ms, iso, utc_now
-from mailer.constants import LOG_STREAM
+from mailer.constants import LOG_BY_RECIPIENT_KEY, LOG_BY_REGISTRATION_KEY, LOG_STREAM
 from mailer.state.redis_types import Pipeline, RedisClient
 
 # Every state change of a message is one entry with one of these; "rejected" is bad input,
@@ -60,6 +66,38 @@ class LogEntry:
         return cls(**{k: v for k, v in data.items() if k in cls.__slots__})
 
 
+# Every writer of the log appends through this (DeliveryLog.add, the send path's step script):
+# the entry, then its id on each index list whose key is not empty. Approximate trimming (~)
+# keeps XADD O(1); index members of trimmed entries are skipped by the readers.
+LOG_APPEND_LUA = """
+local function log_append(stream, maxlen, json, by_registration, by_recipient)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'j', json)
+  if by_registration ~= '' then redis.call('RPUSH', by_registration, id) end
+  if by_recipient ~= '' then redis.call('RPUSH', by_recipient, id) end
+  return id
+end
+"""
+
+_APPEND_SCRIPT = LOG_APPEND_LUA + "return log_append(KEYS[1], ARGV[1], ARGV[2], KEYS[2], KEYS[3])"
+
+
+def registration_index_key(registration_id: str) -> str:
+    return LOG_BY_REGISTRATION_KEY.format(registration_id=registration_id)
+
+
+def recipient_index_key(recipient: str) -> str:
+    """The recipient's index; addresses are matched case-insensitively."""
+    return LOG_BY_RECIPIENT_KEY.format(recipient=recipient.strip().lower())
+
+
+def index_keys(entry: LogEntry) -> tuple[str, str]:
+    """The index lists this entry belongs on ("" where it has no registration or recipient)."""
+    return (
+        registration_index_key(entry.registration_id) if entry.registration_id else "",
+        recipient_index_key(entry.recipient) if entry.recipient else "",
+    )
+
+
 class DeliveryLog:
     """Appends entries to the stream (trimmed to `max_entries`) and echoes them to stdout."""
 
@@ -77,16 +115,18 @@ class DeliveryLog:
         self.echo = echo
         self.worker = worker
         self.clock = clock
+        self._append = redis.register_script(_APPEND_SCRIPT)
 
     def now(self) -> str:
         """The timestamp for an entry written now."""
         return iso(self.clock())
 
-    def add(self, pipe: Pipeline, entry: LogEntry) -> None:
-        """Queue the entry on a pipeline that the caller executes with its state writes."""
-        # The stream keeps one JSON field so new fields need no migration; approximate
-        # trimming (~) keeps XADD O(1).
-        pipe.xadd(LOG_STREAM, {"j": entry.to_json()}, maxlen=self.max_entries, approximate=True)
+    async def add(self, pipe: Pipeline, entry: LogEntry) -> None:
+        """Queue the entry (and its index members) on a pipeline the caller executes with its
+        state writes. The stream keeps one JSON field, so new fields need no migration."""
+        keys = [LOG_STREAM, *index_keys(entry)]
+        # On a pipeline, awaiting the script only queues its EVALSHA (loaded at execute).
+        await self._append(keys=keys, args=[self.max_entries, entry.to_json()], client=pipe)
 
     def print(self, entries: Iterable[LogEntry]) -> None:
         if self.echo is not None:
@@ -107,7 +147,7 @@ class DeliveryLog:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                self.add(pipe, entry)
+                await self.add(pipe, entry)
             await pipe.execute()
         self.print(entries)
 
@@ -129,6 +169,22 @@ async def read_log(
         for entry_id, fields in rows:
             yield _decode(entry_id, fields)
         last = rows[-1][0].decode()
+
+
+async def indexed_entries(redis: RedisClient, index_key: str, *, limit: int | None = None) -> list[LogEntry]:
+    """The entries an index lists, newest first (the newest `limit` of them if given).
+
+    One LRANGE and one pipelined XRANGE per entry, whatever the size of the whole log; ids
+    whose entry the stream has trimmed away are skipped.
+    """
+    ids = await redis.lrange(index_key, -limit if limit else 0, -1)
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for entry_id in reversed(ids):
+            pipe.xrange(LOG_STREAM, min=entry_id, max=entry_id, count=1)
+        rows = await pipe.execute()
+    return [_decode(found[0][0], found[0][1]) for found in rows if found]
 
 
 _INT_FIELDS = frozenset({"attempt"})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailer.constants import DUE_KEY, LOG_STREAM
+from mailer.state.deliverylog import LOG_APPEND_LUA
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import Pipeline, RedisClient
 from mailer.state.store import registration_key
@@ -65,9 +66,11 @@ return out
 # message's outcome (state, due index, delivery log) and hand the next one over (only if
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
-# reg may be the empty string). Returns 1 if the next message may be sent.
+# reg may be the empty string), then the log entry's two index lists (deliverylog.index_keys).
+# Returns 1 if the next message may be sent.
 STEP_SCRIPT = (
     STATE_LUA
+    + LOG_APPEND_LUA
     + """
 if KEYS[3] ~= '' then
   -- Only while it is still ours: sending, with the attempt we handed over (ARGV[13]). A send
@@ -82,7 +85,7 @@ if KEYS[3] ~= '' then
       redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
     end
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'j', ARGV[6])
+  log_append(KEYS[2], ARGV[7], ARGV[6], KEYS[5], KEYS[6])
 end
 if KEYS[4] == '' then return 1 end
 local status, attempts = decode_state(redis.call('HGET', KEYS[4], ARGV[8]) or nil)
@@ -185,19 +188,21 @@ class MessageStore:
 
     async def step(
         self,
-        done: tuple[MessageRef, MessageState, bytes, int] | None,
+        done: tuple[MessageRef, MessageState, bytes, int, tuple[str, str]] | None,
         following: tuple[MessageRef, int, MessageState] | None,
         *,
         log_max_entries: int,
     ) -> bool:
         """Record `done` (ref, final-or-retry state, log JSON, the attempt it was handed over
-        with; the state only if it is still that handover) and hand `following` (ref, claimed
-        attempt, sending state) over, in one command. False: don't send `following`."""
-        keys = [DUE_KEY, LOG_STREAM, "", ""]
+        with, the entry's index keys; the state only if it is still that handover) and hand
+        `following` (ref, claimed attempt, sending state) over, in one command. False: don't
+        send `following`."""
+        keys = [DUE_KEY, LOG_STREAM, "", "", "", ""]
         args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0]
         if done is not None:
-            ref, state, entry, handed_attempt = done
+            ref, state, entry, handed_attempt, (by_registration, by_recipient) = done
             args[12] = handed_attempt
+            keys[4:6] = [by_registration, by_recipient]
             keys[2] = registration_key(ref.registration_id)
             args[0:6] = [
                 ref.field,

@@ -61,6 +61,7 @@ class Pipeline(Protocol):
     def xadd(
         self, name: Key, fields: Mapping[Any, Any], *, maxlen: int | None = None, approximate: bool = True
     ) -> Any: ...
+    def xrange(self, name: Key, min: Key = "-", max: Key = "+", count: int | None = None) -> Any: ...
 
 
 class RedisClient(Protocol):
