@@ -374,8 +374,8 @@ def log_command(
     from mailer.state.deliverylog import (
         indexed_entries,
         read_log,
-        recipient_index_key,
-        registration_index_key,
+        recipient_index,
+        registration_index,
     )
     from mailer.state.queue import connect_client
 
@@ -387,9 +387,9 @@ def log_command(
         try:
             # A registration or an address has few entries: read them from its index, not
             # by scanning the whole log.
-            index = registration_index_key(registration) if registration else None
+            index = registration_index(registration) if registration else None
             if index is None and recipient:
-                index = recipient_index_key(recipient)
+                index = recipient_index(recipient)
             entries = _aiter(await indexed_entries(redis, index)) if index else read_log(redis)
             async for entry in entries:
                 if (

@@ -43,10 +43,10 @@ DUE_KEY: Final = PREFIX + "due"
 
 # The delivery log: a Redis stream, trimmed to MAILER_LOG_MAX_ENTRIES.
 LOG_STREAM: Final = PREFIX + "log"
-# Its indexes: lists of stream ids, oldest first, per registration and per recipient (the
-# address lower-cased), written in the same command as the entry (mailer.state.deliverylog).
-LOG_BY_REGISTRATION_KEY: Final = PREFIX + "log:registration:{registration_id}"
-LOG_BY_RECIPIENT_KEY: Final = PREFIX + "log:recipient:{recipient}"
+# Its indexes: per registration and per recipient (the address lower-cased), the stream ids of
+# their entries, oldest first, as one field of a hash bucket (mailer.state.deliverylog says why).
+LOG_BY_REGISTRATION_KEY: Final = PREFIX + "log:registration:{bucket}"
+LOG_BY_RECIPIENT_KEY: Final = PREFIX + "log:recipient:{bucket}"
 
 # The relay circuit (mailer.state.circuit): a hash with its state (open/closed), the next probe
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.

@@ -18,8 +18,8 @@ from mailer.state.deliverylog import (
     LogEntry,
     indexed_entries,
     read_log,
-    recipient_index_key,
-    registration_index_key,
+    recipient_index,
+    registration_index,
 )
 from mailer.state.queue import connect_client
 from tests.conftest import log_until, make_event
@@ -62,12 +62,12 @@ async def test_each_index_lists_exactly_what_a_scan_finds(
         for batch in batches:
             await log.write(batch)
         for registration in filter(None, REGISTRATIONS):
-            found = [e.to_json() for e in await indexed_entries(redis, registration_index_key(registration))]
+            found = [e.to_json() for e in await indexed_entries(redis, registration_index(registration))]
             assert found == await scan(redis, lambda e, r=registration: e.registration_id == r)
         for address in filter(None, ADDRESSES):
-            found = [e.to_json() for e in await indexed_entries(redis, recipient_index_key(address))]
+            found = [e.to_json() for e in await indexed_entries(redis, recipient_index(address))]
             assert found == await scan(redis, lambda e, a=address: e.recipient.lower() == a.lower())
-        newest = await indexed_entries(redis, registration_index_key("reg-1"), limit=2)
+        newest = await indexed_entries(redis, registration_index("reg-1"), limit=2)
         assert [e.to_json() for e in newest] == (await scan(redis, lambda e: e.registration_id == "reg-1"))[
             :2
         ]
@@ -84,7 +84,7 @@ async def test_entries_the_stream_trimmed_are_skipped(redis_url: str) -> None:
             [LogEntry(ts=log.now(), status="planned", registration_id="r", detail=str(n)) for n in range(5)]
         )
         await redis.execute_command("XTRIM", LOG_STREAM, "MAXLEN", 2)
-        kept = await indexed_entries(redis, registration_index_key("r"))
+        kept = await indexed_entries(redis, registration_index("r"))
         assert [e.detail for e in kept] == ["4", "3"]
     finally:
         await redis.aclose()
@@ -107,10 +107,10 @@ async def test_the_send_path_indexes_what_it_logs(
     await log_until(redis_url, lambda log: sum(e.status == "sent" for e in log) == 4)
     redis = await connect_client(redis_url)
     try:
-        reg = [e.to_json() for e in await indexed_entries(redis, registration_index_key("reg-2"))]
+        reg = [e.to_json() for e in await indexed_entries(redis, registration_index("reg-2"))]
         assert reg == await scan(redis, lambda e: e.registration_id == "reg-2")
         assert any(b'"status":"sent"' in line for line in reg)
-        by_address = await indexed_entries(redis, recipient_index_key("PERSON1@example.org"))
+        by_address = await indexed_entries(redis, recipient_index("PERSON1@example.org"))
         assert {e.registration_id for e in by_address if e.status == "sent"} == {"reg-1", "reg-3"}
     finally:
         await redis.aclose()

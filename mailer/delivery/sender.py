@@ -27,7 +27,7 @@ from mailer.errors import (
 from mailer.lifecycle.kinds import KINDS
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
-from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus, index_keys
+from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus, index_slots
 from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
 from mailer.state.store import (
@@ -399,7 +399,7 @@ class Sender:
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
-            recorded = (done[0].claim.ref, state, line, done[0].claim.attempt, index_keys(entry))
+            recorded = (done[0].claim.ref, state, line, done[0].claim.attempt, index_slots(entry))
         handed = None
         if following is not None:
             claim = following.claim

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailer.constants import DUE_KEY, LOG_STREAM
-from mailer.state.deliverylog import LOG_APPEND_LUA
+from mailer.state.deliverylog import LOG_APPEND_LUA, IndexSlot
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import Pipeline, RedisClient
 from mailer.state.store import registration_key
@@ -66,7 +66,8 @@ return out
 # message's outcome (state, due index, delivery log) and hand the next one over (only if
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
-# reg may be the empty string), then the log entry's two index lists (deliverylog.index_keys).
+# reg may be the empty string), then the log entry's two index buckets (deliverylog.index_slots;
+# their fields are ARGV[14] and ARGV[15]).
 # Returns 1 if the next message may be sent.
 STEP_SCRIPT = (
     STATE_LUA
@@ -85,7 +86,7 @@ if KEYS[3] ~= '' then
       redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
     end
   end
-  log_append(KEYS[2], ARGV[7], ARGV[6], KEYS[5], KEYS[6])
+  log_append(KEYS[2], ARGV[7], ARGV[6], KEYS[5], ARGV[14], KEYS[6], ARGV[15])
 end
 if KEYS[4] == '' then return 1 end
 local status, attempts = decode_state(redis.call('HGET', KEYS[4], ARGV[8]) or nil)
@@ -188,7 +189,7 @@ class MessageStore:
 
     async def step(
         self,
-        done: tuple[MessageRef, MessageState, bytes, int, tuple[str, str]] | None,
+        done: tuple[MessageRef, MessageState, bytes, int, tuple[IndexSlot, IndexSlot]] | None,
         following: tuple[MessageRef, int, MessageState] | None,
         *,
         log_max_entries: int,
@@ -198,11 +199,12 @@ class MessageStore:
         `following` (ref, claimed attempt, sending state) over, in one command. False: don't
         send `following`."""
         keys = [DUE_KEY, LOG_STREAM, "", "", "", ""]
-        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0]
+        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0, "", ""]
         if done is not None:
             ref, state, entry, handed_attempt, (by_registration, by_recipient) = done
             args[12] = handed_attempt
-            keys[4:6] = [by_registration, by_recipient]
+            keys[4:6] = [by_registration[0], by_recipient[0]]
+            args[13:15] = [by_registration[1], by_recipient[1]]
             keys[2] = registration_key(ref.registration_id)
             args[0:6] = [
                 ref.field,
