@@ -25,7 +25,7 @@ from mailer.constants import LOCALES, MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import TemplateError
 from mailer.events import Attendee, Event
-from mailer.lifecycle.kinds import KINDS
+from mailer.lifecycle.kinds import kind_named
 
 PARTS = ("subject", "text", "html")
 _FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
@@ -407,7 +407,7 @@ def build_context(
     `now` is the message's build time (default: the current time): it decides whether
     registration is still open. `operator` is `operator_view(settings)`: the footer.
     """
-    show_join = KINDS[kind].shows_join_link(event)  # type: ignore[index]
+    show_join = kind_named(kind).shows_join_link(event)
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
     if not show_join:

@@ -183,3 +183,11 @@ KINDS: dict[MessageKind, Kind] = {
 assert tuple(KINDS) == MESSAGE_KINDS, "every kind in constants.MessageKind has a row, in order"
 
 FANNED_OUT: frozenset[str] = frozenset(k.name for k in KINDS.values() if k.fanned_out)
+
+
+def kind_named(name: str) -> Kind:
+    """The row of a kind given by name (from a template folder, a CLI argument); KeyError if none."""
+    for known, kind in KINDS.items():  # five rows: a scan, and no cast from str to the Literal
+        if known == name:
+            return kind
+    raise KeyError(name)

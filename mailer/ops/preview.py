@@ -12,7 +12,7 @@ from mailer.content.render import Renderer, all_kinds_and_locales
 from mailer.delivery.builder import Built, MessageBuilder
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
-from mailer.lifecycle.kinds import KINDS
+from mailer.lifecycle.kinds import kind_named
 from mailer.lifecycle.planner import visible_changes
 from mailer.settings import Settings
 from mailer.state.messages import MessageRef
@@ -88,7 +88,7 @@ def preview(
     if locale:
         attendee = attendee.model_copy(update={"locale": locale})
     event = incoming.event
-    row = KINDS[kind]  # type: ignore[index]
+    row = kind_named(kind)
     before = _old_event(previous)
     if row.shows_changes and before is None:
         raise MailerError(
@@ -129,7 +129,7 @@ def check_all(settings: Settings) -> list[tuple[str, str, str]]:
     sample = sample_event()
     for kind, locale in all_kinds_and_locales():
         try:
-            before = sample_previous(sample) if KINDS[kind].shows_changes else None  # type: ignore[index]
+            before = sample_previous(sample) if kind_named(kind).shows_changes else None
             built, _ = preview(settings, kind, sample, locale, previous=before)
             if not built.text.strip() or "<html" not in built.html:
                 raise MailerError("rendered an empty text or HTML part")
