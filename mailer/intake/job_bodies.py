@@ -17,6 +17,9 @@ from typing import Annotated, Any
 import orjson
 from arq.worker import Worker
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from mailer.constants import ID_PATTERN, QUEUE_NAME
 from mailer.durations import reminder_offset
@@ -192,7 +195,16 @@ class QueueWorker(Worker):
         """
         if job_ids:
             job_ids = await self._screen(job_ids)
-        await super().start_jobs(job_ids)
+        try:
+            await super().start_jobs(job_ids)
+        except WatchError as exc:
+            # arq WATCHes each job's in-progress key; redis-py reports a connection lost while
+            # watching as WatchError, which arq only expects for a job taken elsewhere. Seen
+            # killing the worker when Redis died under it: say what it is, so the worker
+            # reconnects as for any other lost connection.
+            if isinstance(exc.__context__, (RedisConnectionError, RedisTimeoutError, OSError)):
+                raise RedisConnectionError(f"lost Redis while starting jobs: {exc.__context__}") from exc
+            raise
 
     async def _screen(self, job_ids: list[bytes]) -> list[bytes]:
         unusable: dict[bytes, str] = {}
