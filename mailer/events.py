@@ -151,6 +151,21 @@ Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(_email)
 Url = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_http_url)]
 Text = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_no_control_characters_but_newlines)]
 TimeZoneName = Annotated[str, AfterValidator(_timezone)]
+# A booking code as the registration system prints it ("KL-2026-0815"): short, one line.
+Reference = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_control_characters)
+]
+_PHONE = re.compile(r"\+?[0-9][0-9 ()/.\-]{2,38}\Z")
+
+
+def _phone(value: str) -> str:
+    if not _PHONE.match(value) or sum(ch.isdigit() for ch in value) < 3:
+        raise ValueError('must be a phone number of digits, spaces and ( ) / . - (e.g. "+49 631 365-0")')
+    return value
+
+
+Phone = Annotated[str, AfterValidator(_phone)]
+Locale = Literal["de", "en"]
 
 
 class _Model(BaseModel):
@@ -173,6 +188,10 @@ class Organizer(_Model):
 class Registration(_Model):
     id: Id
     attendee: Attendee
+    # Shown in every mail about this registration, so the attendee can quote it.
+    reference: Reference | None = None
+    # Where the attendee views or cancels the registration; without it, mails say "email us".
+    manage_url: Url | None = None
 
 
 class RegistrationRef(_Model):
@@ -199,6 +218,14 @@ class Event(_Model):
         "each at most P366D, none twice",
     )
     join_url_in_confirmation: StrictBool = True
+    url: Url | None = None  # the event's own page
+    contact: Contact | None = None
+    access_info: AccessInfo | None = None
+    accessibility: Accessibility | None = None
+    # The title and description in other languages: {"en": "..."}; a locale not listed gets
+    # the main `title` / `description`.
+    title_i18n: dict[Locale, Title] | None = None
+    description_i18n: dict[Locale, Text] | None = None
 
     @field_validator("reminder_offsets")
     @classmethod
@@ -220,6 +247,54 @@ class Event(_Model):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    def title_in(self, locale: str) -> str:
+        """The title in `locale`, or the main one."""
+        return _translated(self.title_i18n, locale) or self.title
+
+    def description_in(self, locale: str) -> str | None:
+        """The description in `locale`, or the main one."""
+        return _translated(self.description_i18n, locale) or self.description
+
+
+def _translated(texts: dict[Locale, str] | None, locale: str) -> str | None:
+    for known, text in (texts or {}).items():  # at most two: a scan, no cast from str to Locale
+        if known == locale:
+            return text
+    return None
+
+
+class _AtLeastOne(_Model):
+    @model_validator(mode="after")
+    def _not_empty(self) -> _AtLeastOne:
+        if all(value in (None, False) for value in self.__dict__.values()):
+            raise ValueError(f"give at least one of {', '.join(type(self).model_fields)}")
+        return self
+
+
+class Contact(_AtLeastOne):
+    """Whom attendees ask, when it is not the organiser's address (a person, a hotline)."""
+
+    name: Line | None = None
+    email: Email | None = None
+    phone: Phone | None = None
+
+
+class AccessInfo(_AtLeastOne):
+    """How to get into an online event besides the link; withheld exactly like the link."""
+
+    platform: Line | None = None
+    meeting_id: Line | None = None
+    passcode: Line | None = None
+    dial_in: Line | None = None
+
+
+class Accessibility(_AtLeastOne):
+    """What the event offers for access: a line in every mail's details."""
+
+    sign_language: StrictBool = False
+    captions: StrictBool = False
+    note: Line | None = None
 
 
 class EventRef(_Model):
