@@ -219,6 +219,7 @@ class Planner:
             # The cancellation overtook its registration: same end state as in order, so the
             # attendee gets the cancellation notice now that we know the address.
             current.attendee, current.event_id, current.created_ms = attendee, event.event.id, occurred
+            current.reference, current.manage_url = reg_in.reference, reg_in.manage_url
             self._put_registration(current, plan)
             about("skipped", "registration was cancelled before its confirmation")
             self._plan_message(
@@ -257,6 +258,8 @@ class Planner:
             status="active",
             occurred_ms=occurred,
             created_ms=occurred,
+            reference=reg_in.reference,
+            manage_url=reg_in.manage_url,
         )
         regs[reg_in.id] = registration
         self._put_registration(registration, plan)

@@ -78,6 +78,8 @@ class StoredRegistration:
     status: str  # "active" | "cancelled"
     occurred_ms: int  # occurred_at of the newest applied producer event for it
     created_ms: int  # when the person registered (occurred_at of registration.created)
+    reference: str | None = None  # the registration system's booking code, shown in every mail
+    manage_url: str | None = None  # where the attendee views or cancels the registration
 
     def to_fields(self) -> dict[str, str | int]:
         fields: dict[str, str | int] = {"s": self.status, "t": self.occurred_ms, "c": self.created_ms}
@@ -89,12 +91,17 @@ class StoredRegistration:
             fields["al"] = self.attendee.locale
         if self.event_id is not None:
             fields["e"] = self.event_id
+        # Written even when empty: HSET merges, and a registration sent again without them
+        # must lose the old values.
+        fields["rr"] = self.reference or ""
+        fields["rm"] = self.manage_url or ""
         return fields
 
     @classmethod
     def from_fields(cls, registration_id: str, raw: dict[bytes, bytes]) -> StoredRegistration:
         email = raw.get(b"ae")
         event_id = raw.get(b"e")
+        reference, manage_url = raw.get(b"rr"), raw.get(b"rm")
         attendee = None
         if email is not None:
             # Stored values were validated on the way in; construct without re-validating.
@@ -108,6 +115,8 @@ class StoredRegistration:
             status=raw.get(b"s", b"active").decode(),
             occurred_ms=int(raw.get(b"t", 0)),
             created_ms=int(raw.get(b"c", 0)),
+            reference=reference.decode() if reference else None,
+            manage_url=manage_url.decode() if manage_url else None,
         )
 
 
