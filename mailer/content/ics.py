@@ -24,13 +24,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from icalendar import Calendar, Event, Timezone, TimezoneDaylight, TimezoneStandard, vCalAddress
+import icalendar
+from icalendar import Calendar, Timezone, TimezoneDaylight, TimezoneStandard, vCalAddress
 
 from mailer.errors import ComposeError
+from mailer.events import AccessInfo, Event
 
-__all__ = ["CalendarEvent", "CalendarTemplate", "build_calendar", "calendar_uid"]
+__all__ = [
+    "CalendarEvent",
+    "CalendarTemplate",
+    "WebLinks",
+    "access_rows",
+    "build_calendar",
+    "calendar_description",
+    "calendar_event",
+    "calendar_uid",
+    "web_links",
+]
 
 PRODID = "-//mailer//mailer//EN"
 # Calendar clients show the description in a small pane; the mail itself carries the full text.
@@ -56,6 +69,12 @@ class CalendarEvent:
     description: str | None
     organizer_name: str
     organizer_email: str
+    # Lines shown with the join link ("Meeting-ID: 123 456 789"), under the same rule as it.
+    access: tuple[str, ...] = ()
+    # The event's own page: the URL property when there is no join link, and the last line
+    # of the description (`page_line`, labelled in the attendee's language).
+    page_url: str | None = None
+    page_line: str | None = None
 
 
 class CalendarTemplate:
@@ -107,7 +126,7 @@ def build_calendar(
 
     # Same length as a real UID, so icalendar lays the line out exactly as it will be sent.
     placeholder = "0" * _UID_HEX + "@" + uid_domain
-    entry = Event()
+    entry = icalendar.Event()
     entry.add("uid", placeholder)
     entry.add("dtstamp", stamp.astimezone(UTC).replace(microsecond=0))
     entry.add("sequence", sequence)
@@ -116,9 +135,9 @@ def build_calendar(
     entry.add("summary", event.title)
     if event.location:
         entry.add("location", event.location)
-    if event.url:
-        entry.add("url", event.url)
-    description = _description(event)
+    if event.url or event.page_url:
+        entry.add("url", event.url or event.page_url)
+    description = calendar_description(event)
     if description:
         entry.add("description", description)
     organizer = vCalAddress("mailto:" + event.organizer_email)
@@ -155,18 +174,116 @@ def _check(event: CalendarEvent, *, sequence: int, method: str, uid_domain: str,
             raise ComposeError(f"calendar: {name} must be timezone-aware")
     if event.ends_at <= event.starts_at:
         raise ComposeError("calendar: ends_at must be after starts_at")
-    for name, field in (("url", event.url or ""), ("organizer_email", event.organizer_email)):
+    fields = (("url", event.url), ("page_url", event.page_url), ("organizer_email", event.organizer_email))
+    for name, field in ((name, value or "") for name, value in fields):
         if _UNSAFE.search(field):
             raise ComposeError(f"calendar: {name} contains whitespace or control characters")
 
 
-def _description(event: CalendarEvent) -> str:
+def calendar_description(event: CalendarEvent) -> str:
+    """The entry's description: join link and access details, the (shortened) text, the event
+    page. The calendar file and the web links carry the same."""
     # Outlook ignores URL, so the join link also leads the description, where it is clickable.
     text = (event.description or "").strip()
     if len(text) > DESCRIPTION_LIMIT:
         cut = text.rfind(" ", 0, DESCRIPTION_LIMIT)
         text = text[: cut if cut > DESCRIPTION_LIMIT // 2 else DESCRIPTION_LIMIT].rstrip() + " …"
-    return "\n\n".join(part for part in (event.url, text) if part)
+    access = "\n".join(event.access)
+    return "\n\n".join(part for part in (event.url, access, text, event.page_line) if part)
+
+
+# --- the entry of one event, in the attendee's language --------------------------------------
+
+ACCESS_LABELS = {
+    "de": {
+        "platform": "Plattform",
+        "meeting_id": "Meeting-ID",
+        "passcode": "Kenncode",
+        "dial_in": "Telefonische Einwahl",
+    },
+    "en": {"platform": "Platform", "meeting_id": "Meeting ID", "passcode": "Passcode", "dial_in": "Dial-in"},
+}
+PAGE_LABELS = {"de": "Mehr zur Veranstaltung", "en": "More about the event"}
+
+
+def access_rows(access: AccessInfo | None, locale: str) -> tuple[tuple[str, str], ...]:
+    """(label, value) of each access detail the event gives, in a fixed order."""
+    if access is None:
+        return ()
+    labels = ACCESS_LABELS.get(locale, ACCESS_LABELS["en"])
+    values = (
+        ("platform", access.platform),
+        ("meeting_id", access.meeting_id),
+        ("passcode", access.passcode),
+        ("dial_in", access.dial_in),
+    )
+    return tuple((labels[name], value) for name, value in values if value)
+
+
+def calendar_event(event: Event, locale: str, *, with_link: bool) -> CalendarEvent:
+    """What `event`'s calendar entry shows to an attendee in `locale`: the title and description
+    in that language, the join link and access details only `with_link`."""
+    page_label = PAGE_LABELS.get(locale, PAGE_LABELS["en"])
+    return CalendarEvent(
+        event_id=event.id,
+        title=event.title_in(locale),
+        starts_at=event.starts_at,
+        ends_at=event.ends_at,
+        timezone=event.timezone,
+        location=event.location,
+        url=event.join_url if with_link else None,
+        description=event.description_in(locale),
+        organizer_name=event.organizer.name,
+        organizer_email=event.organizer.email,
+        access=tuple(f"{k}: {v}" for k, v in access_rows(event.access_info, locale)) if with_link else (),
+        page_url=event.url,
+        page_line=f"{page_label}: {event.url}" if event.url else None,
+    )
+
+
+# --- web links: the same entry for calendars that cannot open an attachment -------------------
+
+GOOGLE_CALENDAR = "https://calendar.google.com/calendar/render"
+OUTLOOK_CALENDAR = "https://outlook.live.com/calendar/deeplink/compose"
+
+
+@dataclass(frozen=True, slots=True)
+class WebLinks:
+    google: str
+    outlook: str
+
+
+def web_links(event: CalendarEvent) -> WebLinks:
+    """ "Add to Google Calendar" and Outlook.com links prefilled with what the .ics holds.
+
+    Times go in UTC with a Z, which both services read unambiguously; Google's `ctz` then
+    shows the entry in the event's own zone.
+    """
+    start, end = (t.astimezone(UTC).replace(microsecond=0) for t in (event.starts_at, event.ends_at))
+    details = calendar_description(event)
+    google = {
+        "action": "TEMPLATE",
+        "text": event.title,
+        "dates": f"{start:%Y%m%dT%H%M%SZ}/{end:%Y%m%dT%H%M%SZ}",
+        "details": details,
+        "location": event.location or "",
+        "ctz": event.timezone,
+    }
+    outlook = {
+        "path": "/calendar/action/compose",
+        "rru": "addevent",
+        "startdt": f"{start:%Y-%m-%dT%H:%M:%SZ}",
+        "enddt": f"{end:%Y-%m-%dT%H:%M:%SZ}",
+        "subject": event.title,
+        "body": details,
+        "location": event.location or "",
+    }
+    return WebLinks(google=_link(GOOGLE_CALENDAR, google), outlook=_link(OUTLOOK_CALENDAR, outlook))
+
+
+def _link(base: str, query: dict[str, str]) -> str:
+    # quote_via=quote: spaces as %20, which every client keeps; "+" is read as a plus by some.
+    return base + "?" + urlencode({k: v for k, v in query.items() if v}, quote_via=quote, safe="/")
 
 
 # --- VTIMEZONE ----------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from babel.dates import (
 )
 
 from mailer.constants import LOCALES, MESSAGE_KINDS
+from mailer.content.ics import access_rows, calendar_event, web_links
 from mailer.durations import Offset
 from mailer.errors import TemplateError
-from mailer.events import Attendee, Event
+from mailer.events import Accessibility, Attendee, Contact, Event
 from mailer.lifecycle.kinds import kind_named
 
 PARTS = ("subject", "text", "html")
@@ -161,17 +162,22 @@ def event_view(event: Event, locale: str) -> SimpleNamespace:
     deadline = event.registration_deadline
     when = format_when(event.starts_at, event.ends_at, event.timezone, locale)
     deadline_text = format_moment(deadline, event.timezone, locale) if deadline else None
+    online = event.join_url is not None or event.access_info is not None
     return SimpleNamespace(
-        title=event.title,
+        title=event.title_in(locale),
         location=event.location,
         join_url=event.join_url,
-        description=event.description,
-        is_online=event.join_url is not None or (event.location or "").strip().lower() == "online",
+        description=event.description_in(locale),
+        is_online=online or (event.location or "").strip().lower() == "online",
         organizer_name=event.organizer.name,
         organizer_email=event.organizer.email,
         timezone=event.timezone,
         registration_deadline=deadline_text,
         registration_url=event.registration_url,
+        url=event.url,
+        contact=contact_view(event.contact),
+        access=access_view(event, locale),
+        accessibility=accessibility_line(event.accessibility, locale),
         # The same strings for the HTML part, where a narrow screen must not wrap inside them.
         nobreak=SimpleNamespace(
             **{k: _nobreak(when[k]) for k in ("when", "when_zoned", "date", "start_time", "end_time")},
@@ -179,6 +185,43 @@ def event_view(event: Event, locale: str) -> SimpleNamespace:
         ),
         **when,
     )
+
+
+def contact_view(contact: Contact | None) -> SimpleNamespace | None:
+    """`event.contact`: name, email and phone (each or None), and `phone_uri` for a tel: link."""
+    if contact is None:
+        return None
+    phone_uri = None
+    if contact.phone:
+        digits = "".join(ch for ch in contact.phone if ch.isdigit())
+        phone_uri = "tel:" + ("+" if contact.phone.startswith("+") else "") + digits
+    return SimpleNamespace(name=contact.name, email=contact.email, phone=contact.phone, phone_uri=phone_uri)
+
+
+def access_view(event: Event, locale: str) -> SimpleNamespace | None:
+    """`event.access`: the access details as given, and `rows` (label, value) to print."""
+    access = event.access_info
+    if access is None:
+        return None
+    rows = [SimpleNamespace(label=label, value=value) for label, value in access_rows(access, locale)]
+    return SimpleNamespace(**access.model_dump(), rows=rows)
+
+
+_ACCESSIBILITY = {
+    "de": {"sign_language": "Gebärdensprachdolmetschung", "captions": "Live-Untertitelung"},
+    "en": {"sign_language": "sign language interpretation", "captions": "live captions"},
+}
+
+
+def accessibility_line(offered: Accessibility | None, locale: str) -> str | None:
+    """ "Gebärdensprachdolmetschung, Live-Untertitelung; <note>" / "Sign language
+    interpretation, live captions; <note>": what the details box says, or None."""
+    if offered is None:
+        return None
+    words = _ACCESSIBILITY.get(locale, _ACCESSIBILITY["en"])
+    items = [words[name] for name in ("sign_language", "captions") if getattr(offered, name)]
+    line = "; ".join(part for part in (", ".join(items), offered.note or "") if part)
+    return line[:1].upper() + line[1:]
 
 
 def change_list(previous: Event, current: Event, locale: str) -> list[SimpleNamespace]:
@@ -192,6 +235,8 @@ def change_list(previous: Event, current: Event, locale: str) -> list[SimpleName
         if name == "time":
             old = format_when(previous.starts_at, previous.ends_at, previous.timezone, locale)["when_zoned"]
             new = format_when(current.starts_at, current.ends_at, current.timezone, locale)["when_zoned"]
+        elif name == "title":
+            old, new = previous.title_in(locale), current.title_in(locale)
         else:
             old, new = getattr(previous, name) or none, getattr(current, name) or none
         rows.append(SimpleNamespace(field=name, label=labels[name], old=old, new=new))
@@ -255,33 +300,57 @@ class Renderer:
         return Rendered(subject=subject, text=out["text"].strip() + "\n", html=out["html"])
 
 
-# Stand-ins for the attendee while a message is rendered once for everyone: private-use
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """What differs between the registrants of one event in a message: everything else is shared."""
+
+    name: str
+    email: str
+    reference: str | None = None  # `registration.reference` in the templates
+    manage_url: str | None = None  # `registration.manage_url`
+
+
+_FIELDS = ("name", "email", "reference", "manage_url")
+# Stand-ins for the recipient while a message is rendered once for everyone: private-use
 # characters survive escaping unchanged, and the two sets differ in length so a template
-# that measures or transforms the name cannot pass the equality check below.
-# They span every possible length (1 and past the 300/254-character limits).
-_STAND_INS = (("\ue000", "\ue001"), ("\ue002" * 301, "\ue003" * 255))
-_NEUTRAL = ("\ue00e", "\ue00f")
-
-
-def _neutral(rendered: Rendered, stand_in: tuple[str, str]) -> tuple[str, ...]:
-    return tuple(
-        part.replace(stand_in[0], _NEUTRAL[0]).replace(stand_in[1], _NEUTRAL[1])
-        for part in (rendered.subject, rendered.text, rendered.html)
-    )
-
-
-# The private-use characters the stand-ins are made of; a real name holding one is rendered alone.
+# that measures or transforms a value cannot pass the equality check below.
+# They span every possible length (1 and past each field's limit: 300, 254, 64, 2000).
+_STAND_INS = (
+    Recipient("\ue000", "\ue001", "\ue004", "\ue005"),
+    Recipient("\ue002" * 301, "\ue003" * 255, "\ue006" * 65, "\ue007" * 2001),
+)
+_NEUTRAL = Recipient("\ue00c", "\ue00d", "\ue00e", "\ue00f")
+# The private-use characters the stand-ins are made of; a real value holding one is rendered alone.
 _STAND_IN_CHARS = re.compile("[\ue000-\ue00f]")
 
 
-class SharedRenderer:
-    """Renders a kind once per event version and locale, then fills in each attendee.
+def _values(person: Recipient) -> tuple[str, ...]:
+    return tuple(getattr(person, name) or "" for name in _FIELDS)
 
-    The templates cost hundreds of µs a mail, and everything in them but the attendee's
-    name and address is the same for all registrants of an event. A template that does
-    more with the name than print it or test it for emptiness (a filter, a comparison) is
-    found in its syntax tree, and rendering with two stand-ins of extreme lengths must give
-    the same result; otherwise it is rendered per attendee as before.
+
+def _neutral(rendered: Rendered, stand_in: Recipient) -> tuple[str, ...]:
+    parts = [rendered.subject, rendered.text, rendered.html]
+    for mark, neutral in zip(_values(stand_in), _values(_NEUTRAL), strict=True):
+        parts = [part.replace(mark, neutral) for part in parts]
+    return tuple(parts)
+
+
+def _stand_in(set_: Recipient, present: tuple[bool, ...]) -> Recipient:
+    """The stand-in set for the values present; an absent name is "", an absent link None."""
+    name, email, reference, manage_url = (
+        value if there else None for value, there in zip(_values(set_), present, strict=True)
+    )
+    return Recipient(name or "", email or "", reference, manage_url)
+
+
+class SharedRenderer:
+    """Renders a kind once per event version and locale, then fills in each recipient.
+
+    The templates cost hundreds of µs a mail, and everything in them but the recipient's
+    name, address, booking code and management link is the same for all registrants of an
+    event. A template that does more with these than print them or test them for emptiness
+    (a filter, a comparison) is found in its syntax tree, and rendering with two stand-ins
+    of extreme lengths must give the same result; otherwise it is rendered per recipient.
     """
 
     def __init__(self, renderer: Renderer) -> None:
@@ -294,53 +363,61 @@ class SharedRenderer:
         key: Hashable,
         kind: str,
         locale: str,
-        attendee: Attendee,
-        context: Callable[[Any], dict[str, Any]],
+        recipient: Recipient | Attendee,
+        context: Callable[[Recipient], dict[str, Any]],
     ) -> Rendered:
-        """`context(attendee_view)` builds the full context; `key` names everything else it uses."""
-        name, email = attendee.name, attendee.email
-        if _STAND_IN_CHARS.search(name) or _STAND_IN_CHARS.search(email) or not self._plain(kind, locale):
-            return self.renderer.render(kind, locale, context(SimpleNamespace(name=name, email=email)))
-        slot = (key, bool(name))
+        """`context(recipient)` builds the full context; `key` names everything else it uses."""
+        person = recipient if isinstance(recipient, Recipient) else Recipient(recipient.name, recipient.email)
+        values = _values(person)
+        if any(_STAND_IN_CHARS.search(value) for value in values) or not self._plain(kind, locale):
+            return self.renderer.render(kind, locale, context(person))
+        present = tuple(bool(value) for value in values)
+        slot = (key, present)
         if slot not in self._shared:
             if len(self._shared) > 4096:
                 self._shared.clear()
-            self._shared[slot] = self._prepare(kind, locale, context, has_name=bool(name))
+            self._shared[slot] = self._prepare(kind, locale, context, present)
         shared = self._shared[slot]
         if shared is None:
-            return self.renderer.render(kind, locale, context(SimpleNamespace(name=name, email=email)))
-        stand_name, stand_email = _STAND_INS[0]
-        html_name, html_email = str(markupsafe.escape(name)), str(markupsafe.escape(email))
-        return Rendered(
-            subject=" ".join(shared.subject.replace(stand_name, name).replace(stand_email, email).split()),
-            text=shared.text.replace(stand_name, name).replace(stand_email, email),
-            html=shared.html.replace(stand_name, html_name).replace(stand_email, html_email),
-        )
+            return self.renderer.render(kind, locale, context(person))
+        subject, text, html = shared.subject, shared.text, shared.html
+        for mark, value in zip(_values(_STAND_INS[0]), values, strict=True):
+            if value:
+                subject, text = subject.replace(mark, value), text.replace(mark, value)
+                html = html.replace(mark, str(markupsafe.escape(value)))
+        return Rendered(subject=" ".join(subject.split()), text=text, html=html)
 
     def _plain(self, kind: str, locale: str) -> bool:
-        """True if the templates only print the attendee's fields or test them for emptiness."""
+        """True if the templates only print the recipient's fields or test them for emptiness."""
         found = self._plain_cache.get((kind, locale))
         if found is None:
             names = [self.renderer.template(kind, locale, part).name for part in PARTS]
-            found = all(_prints_attendee_only(self.renderer.env, n) for n in names)
+            found = all(_prints_recipient_only(self.renderer.env, n) for n in names)
             self._plain_cache[(kind, locale)] = found
         return found
 
     def _prepare(
-        self, kind: str, locale: str, context: Callable[[Any], dict[str, Any]], *, has_name: bool
+        self,
+        kind: str,
+        locale: str,
+        context: Callable[[Recipient], dict[str, Any]],
+        present: tuple[bool, ...],
     ) -> Rendered | None:
-        results = []
-        for stand_name, stand_email in _STAND_INS:
-            view = SimpleNamespace(name=stand_name if has_name else "", email=stand_email)
-            results.append(self.renderer.render(kind, locale, context(view)))
+        results = [
+            self.renderer.render(kind, locale, context(_stand_in(set_, present))) for set_ in _STAND_INS
+        ]
         if _neutral(results[0], _STAND_INS[0]) != _neutral(results[1], _STAND_INS[1]):
-            return None  # the template uses the name or address in a way a stand-in can't carry
+            return None  # the template uses a value in a way a stand-in can't carry
         return results[0]
 
 
-def _prints_attendee_only(env: jinja2.Environment, name: str | None, seen: set[str] | None = None) -> bool:
-    """Walk a template (and what it extends or includes): is `attendee` only ever printed as
-    `{{ attendee.x }}` or tested as `{% if attendee.x %}`?"""
+# The names under which templates see the per-recipient values.
+_RECIPIENT_NAMES = frozenset({"attendee", "registration"})
+
+
+def _prints_recipient_only(env: jinja2.Environment, name: str | None, seen: set[str] | None = None) -> bool:
+    """Walk a template (and what it extends or includes): are `attendee` and `registration`
+    only ever printed as `{{ attendee.x }}` or tested as `{% if attendee.x %}`?"""
     from jinja2 import meta, nodes
 
     seen = seen if seen is not None else set()
@@ -352,12 +429,12 @@ def _prints_attendee_only(env: jinja2.Environment, name: str | None, seen: set[s
     tree = env.parse(source)
 
     def fine(node: nodes.Node, parent: nodes.Node | None) -> bool:
-        if isinstance(node, nodes.Name) and node.name == "attendee":
-            return False  # attendee on its own, not as attendee.x
+        if isinstance(node, nodes.Name) and node.name in _RECIPIENT_NAMES:
+            return False  # on its own, not as attendee.x
         if (
             isinstance(node, nodes.Getattr)
             and isinstance(node.node, nodes.Name)
-            and node.node.name == "attendee"
+            and node.node.name in _RECIPIENT_NAMES
         ):
             return (isinstance(parent, nodes.Output) and node in parent.nodes) or (
                 isinstance(parent, nodes.If) and parent.test is node
@@ -366,7 +443,7 @@ def _prints_attendee_only(env: jinja2.Environment, name: str | None, seen: set[s
 
     if not fine(tree, None):
         return False
-    return all(_prints_attendee_only(env, ref, seen) for ref in meta.find_referenced_templates(tree))
+    return all(_prints_recipient_only(env, ref, seen) for ref in meta.find_referenced_templates(tree))
 
 
 def registration_open(event: Event, now: datetime | None = None) -> bool:
@@ -393,7 +470,7 @@ def build_context(
     *,
     kind: str,
     locale: str,
-    attendee: Attendee | SimpleNamespace,
+    attendee: Attendee | Recipient,
     event: Event,
     event_view_cache: SimpleNamespace | None = None,
     previous: Event | None = None,
@@ -407,23 +484,32 @@ def build_context(
     `now` is the message's build time (default: the current time): it decides whether
     registration is still open. `operator` is `operator_view(settings)`: the footer.
     """
-    show_join = kind_named(kind).shows_join_link(event)
+    row = kind_named(kind)
+    show_join = row.shows_join_link(event)
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
     if not show_join:
         # Withheld means absent: not merely unprinted by the default templates, so that no
         # template (an operator's own included) can leak the link through the context.
-        view = SimpleNamespace(**{**vars(view), "join_url": None})
+        view = SimpleNamespace(**{**vars(view), "join_url": None, "access": None})
         changes = [
             SimpleNamespace(**{**vars(c), "old": None, "new": None}) if c.field == "join_url" else c
             for c in changes
         ]
+    # Web links beside a calendar file that adds or moves the entry, from the same data.
+    links = None
+    if has_calendar and row.calendar == "PUBLISH":
+        links = web_links(calendar_event(event, locale, with_link=show_join))
+    person = attendee if isinstance(attendee, Recipient) else None
     return {
         "locale": locale,
         "kind": kind,
-        "attendee": attendee
-        if isinstance(attendee, SimpleNamespace)
-        else SimpleNamespace(name=attendee.name, email=attendee.email),
+        "attendee": SimpleNamespace(name=attendee.name, email=attendee.email),
+        "registration": SimpleNamespace(
+            reference=person.reference if person else None,
+            manage_url=person.manage_url if person else None,
+        ),
+        "calendar_links": links,
         "event": view,
         "show_join_url": bool(show_join and event.join_url),
         "reminder": SimpleNamespace(

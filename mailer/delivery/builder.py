@@ -8,9 +8,10 @@ from email.utils import parseaddr
 from typing import Any
 
 from mailer.content.compose import Address, Attachment, MailParts, compose
-from mailer.content.ics import CalendarEvent, CalendarTemplate, build_calendar
+from mailer.content.ics import CalendarTemplate, build_calendar, calendar_event
 from mailer.content.render import (
     CALENDAR_FILENAMES,
+    Recipient,
     Renderer,
     SharedRenderer,
     build_context,
@@ -43,7 +44,7 @@ class MessageBuilder:
         self.domain = settings.sender_domain
         self.operator = operator_view(settings.footer_address, settings.privacy_url, settings.imprint_url)
         # Keyed by the event's content fingerprint, never by id and version alone.
-        self._calendars: dict[tuple[str, int, str, bool], CalendarTemplate] = {}
+        self._calendars: dict[tuple[str, int, str, bool, str], CalendarTemplate] = {}
         self._views: dict[tuple[str, str], Any] = {}
 
     def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
@@ -77,7 +78,8 @@ class MessageBuilder:
 
         # Everything but the attendee is the same for every message with this key.
         shared_key = (stored.fingerprint, ref.kind, ref.disc, locale, registration_open(event, now))
-        rendered = self.shared.render(shared_key, ref.kind, locale, attendee, context)
+        recipient = Recipient(attendee.name, attendee.email, reg.reference, reg.manage_url)
+        rendered = self.shared.render(shared_key, ref.kind, locale, recipient, context)
         attachment = self._attachment(reg, stored, kind, locale, now)
         headers: tuple[tuple[str, str], ...] = (("X-Mailer-Kind", ref.kind),)
         if ref.kind != "confirmation":
@@ -112,7 +114,7 @@ class MessageBuilder:
         sequence = stored.version + kind.sequence_bump
         # The calendar file obeys the kind's link rule too; a CANCEL file never has one.
         with_link = method == "PUBLISH" and kind.shows_join_link(stored.event)
-        calendar = self._calendar(stored, sequence, method, now, with_link=with_link)
+        calendar = self._calendar(stored, sequence, method, now, with_link=with_link, locale=locale)
         return Attachment(
             filename=CALENDAR_FILENAMES.get(locale, "event.ics"),
             content_type=f'text/calendar; method={method}; charset="utf-8"',
@@ -120,27 +122,23 @@ class MessageBuilder:
         )
 
     def _calendar(
-        self, stored: StoredEvent, sequence: int, method: CalendarMethod, now: datetime, *, with_link: bool
+        self,
+        stored: StoredEvent,
+        sequence: int,
+        method: CalendarMethod,
+        now: datetime,
+        *,
+        with_link: bool,
+        locale: str,
     ) -> CalendarTemplate:
-        event = stored.event
-        key = (stored.fingerprint, sequence, method, with_link)
+        # Per locale: the entry carries the title and description in the attendee's language.
+        key = (stored.fingerprint, sequence, method, with_link, locale)
         found = self._calendars.get(key)
         if found is None:
             if len(self._calendars) > 1024:
                 self._calendars.clear()
             found = self._calendars[key] = build_calendar(
-                CalendarEvent(
-                    event_id=event.id,
-                    title=event.title,
-                    starts_at=event.starts_at,
-                    ends_at=event.ends_at,
-                    timezone=event.timezone,
-                    location=event.location,
-                    url=event.join_url if with_link else None,
-                    description=event.description,
-                    organizer_name=event.organizer.name,
-                    organizer_email=event.organizer.email,
-                ),
+                calendar_event(stored.event, locale, with_link=with_link),
                 sequence=sequence,
                 method=method,
                 uid_domain=self.domain,

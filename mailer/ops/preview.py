@@ -102,7 +102,10 @@ def preview(
         status=row.event or "active",
         previous=before if changed else None,
     )
-    reg = StoredRegistration(incoming.registration.id, attendee, event.id, row.registration, 0, 0)
+    given = incoming.registration
+    reg = StoredRegistration(
+        given.id, attendee, event.id, row.registration, 0, 0, given.reference, given.manage_url
+    )
     disc = row.preview_disc(stored, settings.reminder_offsets) if row.preview_disc else ""
     ref = MessageRef(reg.id, row.name, disc)
     builder = MessageBuilder(settings=settings, renderer=Renderer(settings.template_dir))
