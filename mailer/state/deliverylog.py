@@ -262,3 +262,24 @@ def _well_formed(entry: LogEntry) -> bool:
         return datetime.fromisoformat(entry.ts).tzinfo is not None
     except ValueError:
         return False
+
+
+async def trim_log(redis: RedisClient, *, before_ms: int, budget: int) -> int:
+    """Remove log entries older than `before_ms` (stream time) and their index members.
+
+    At most `budget` entries per call, so one call never blocks Redis for long; call it
+    again while it returns `budget`. Returns how many entries it removed.
+    (Stub: the real trimming follows; it removes nothing yet.)
+    """
+    del redis, before_ms, budget
+    return 0
+
+
+async def forget_recipient(redis: RedisClient, address: str) -> int:
+    """Erase `address` (any letter case) and its attendee name from the log and its indexes.
+
+    Entries stay as anonymous counts (status, kind, event, time); returns how many entries
+    named the address. (Stub: the real erasure follows; it removes nothing yet.)
+    """
+    del redis, address
+    return 0
