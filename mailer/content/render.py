@@ -417,7 +417,7 @@ _RECIPIENT_NAMES = frozenset({"attendee", "registration"})
 
 def _prints_recipient_only(env: jinja2.Environment, name: str | None, seen: set[str] | None = None) -> bool:
     """Walk a template (and what it extends or includes): are `attendee` and `registration`
-    only ever printed as `{{ attendee.x }}` or tested as `{% if attendee.x %}`?"""
+    only ever printed as `{{ attendee.x }}` or tested as `{% if attendee.x %}` (or `not`)?"""
     from jinja2 import meta, nodes
 
     seen = seen if seen is not None else set()
@@ -428,17 +428,21 @@ def _prints_recipient_only(env: jinja2.Environment, name: str | None, seen: set[
     source, _, _ = env.loader.get_source(env, name)
     tree = env.parse(source)
 
-    def fine(node: nodes.Node, parent: nodes.Node | None) -> bool:
-        if isinstance(node, nodes.Name) and node.name in _RECIPIENT_NAMES:
-            return False  # on its own, not as attendee.x
-        if (
+    def recipient_field(node: nodes.Node) -> bool:
+        return (
             isinstance(node, nodes.Getattr)
             and isinstance(node.node, nodes.Name)
             and node.node.name in _RECIPIENT_NAMES
-        ):
-            return (isinstance(parent, nodes.Output) and node in parent.nodes) or (
-                isinstance(parent, nodes.If) and parent.test is node
-            )
+        )
+
+    def fine(node: nodes.Node, parent: nodes.Node | None) -> bool:
+        if isinstance(node, nodes.Name) and node.name in _RECIPIENT_NAMES:
+            return False  # on its own, not as attendee.x
+        tested = isinstance(parent, nodes.If) and parent.test is node
+        if isinstance(node, nodes.Not) and recipient_field(node.node):
+            return tested  # `{% if not registration.x %}`: still only a test for emptiness
+        if recipient_field(node):
+            return tested or (isinstance(parent, nodes.Output) and node in parent.nodes)
         return all(fine(child, node) for child in node.iter_child_nodes())
 
     if not fine(tree, None):
