@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import markupsafe
 import pytest
 from babel.dates import format_date
 
@@ -196,3 +197,38 @@ def test_a_reminder_days_ahead_names_the_date() -> None:
         context["reminder"].when
         == f"am {weekday}, {start.day}. {format_date(start, 'MMMM', locale='de')}, 18:00 Uhr"
     )
+
+
+# --- per-registration values through the shared render ----------------------------------------
+
+
+def test_each_registration_gets_its_own_reference_and_link_from_the_shared_render(tmp_path: Path) -> None:
+    """One event rendered once for many registrants still gives each their own booking code and
+    management link (with `&` escaped in HTML), exactly as a render for that registration alone."""
+    from mailer.content.render import Recipient
+    from mailer.ops.preview import sample_event_with_everything
+
+    event = Event.model_validate(sample_event_with_everything()["event"])
+    renderer = Renderer(None)
+    shared = SharedRenderer(renderer)
+    people = [
+        Recipient("Maria Müller", "maria@example.org", "KL-1", "https://example.org/r?id=1&k=a"),
+        Recipient("Ali Yılmaz", "ali@example.org", "KL-22", "https://example.org/r?id=22&k=bb"),
+        Recipient("", "jane@example.org", None, None),
+        Recipient("Tom & <Jerry>", "tom@example.org", "KL-<3>", "https://example.org/r?id=3&k=<c>"),
+    ]
+    for person in people:
+
+        def full(who: Any) -> dict[str, Any]:
+            return build_context(
+                kind="confirmation", locale="de", attendee=who, event=event, has_calendar=True
+            )
+
+        got = shared.render(("evt", 1), "confirmation", "de", person, full)
+        assert got == renderer.render("confirmation", "de", full(person))
+        if person.reference:
+            assert person.reference in got.text
+            assert str(markupsafe.escape(person.manage_url)) in got.html
+        others = [p.reference for p in people if p.reference and p is not person]
+        assert not any(f"Anmeldenummer: {ref}\n" in got.text for ref in others)
+    assert len(shared._shared) == 2  # with and without the per-registration values: two renders

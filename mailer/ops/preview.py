@@ -47,6 +47,49 @@ def sample_event(today: datetime | None = None) -> dict[str, Any]:
     }
 
 
+# Every optional field of the contract, as the city would fill them in.
+SAMPLE_OPTIONAL: dict[str, dict[str, Any]] = {
+    "registration": {
+        "reference": "KL-2026-0815",
+        "manage_url": "https://anmeldung.example.org/weltoffen/meine-anmeldung?id=7f3c9a&key=b41e",
+    },
+    "event": {
+        "url": "https://www.example.org/weltoffene-kommune/dialog",
+        "description": "Wie weltoffen ist Kaiserslautern? Wo könnten Dinge besser laufen? "
+        "Darüber wollen wir mit Ihnen ins Gespräch kommen.",
+        "registration_url": "https://anmeldung.example.org/weltoffen",
+        "contact": {
+            "name": "Büro für Integration",
+            "email": "buero.integration@example.org",
+            "phone": "+49 631 365-4030",
+        },
+        "access_info": {
+            "platform": "BigBlueButton",
+            "meeting_id": "123 456 789",
+            "passcode": "4711",
+            "dial_in": "+49 69 7104 9922",
+        },
+        "accessibility": {
+            "sign_language": True,
+            "captions": True,
+            "note": "Unterlagen vorab in Leichter Sprache",
+        },
+        "title_i18n": {"en": "Digital dialogue on openness"},
+        "description_i18n": {
+            "en": "How open is Kaiserslautern? What could work better? Let us talk about it together."
+        },
+    },
+}
+
+
+def sample_event_with_everything(today: datetime | None = None) -> dict[str, Any]:
+    """The sample with every optional field of the contract set (SAMPLE_OPTIONAL)."""
+    sample = sample_event(today)
+    sample["registration"].update(SAMPLE_OPTIONAL["registration"])
+    sample["event"].update(SAMPLE_OPTIONAL["event"])
+    return sample
+
+
 def _previous(event: Event) -> Event:
     """Stand-in for the values before a change: an hour earlier, in the town hall."""
     return event.model_copy(
@@ -129,13 +172,15 @@ def _old_event(previous: bytes | dict[str, Any] | Event | None) -> Event | None:
 def check_all(settings: Settings) -> list[tuple[str, str, str]]:
     """(kind, locale, problem or "") for every template pair, rendered against sample data."""
     results = []
-    sample = sample_event()
+    # Both samples: the optional fields' branches must render too.
+    samples = (sample_event(), sample_event_with_everything())
     for kind, locale in all_kinds_and_locales():
         try:
-            before = sample_previous(sample) if kind_named(kind).shows_changes else None
-            built, _ = preview(settings, kind, sample, locale, previous=before)
-            if not built.text.strip() or "<html" not in built.html:
-                raise MailerError("rendered an empty text or HTML part")
+            for sample in samples:
+                before = sample_previous(sample) if kind_named(kind).shows_changes else None
+                built, _ = preview(settings, kind, sample, locale, previous=before)
+                if not built.text.strip() or "<html" not in built.html:
+                    raise MailerError("rendered an empty text or HTML part")
             results.append((kind, locale, ""))
         except MailerError as exc:
             results.append((kind, locale, str(exc)))
