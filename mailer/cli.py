@@ -6,7 +6,7 @@ import asyncio
 import codecs
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
@@ -23,7 +23,7 @@ from mailer.constants import MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
-from mailer.state.deliverylog import LOG_STATUSES
+from mailer.state.deliverylog import LOG_STATUSES, LogEntry
 
 T = TypeVar("T")
 
@@ -371,29 +371,40 @@ def log_command(
     limit: int,
 ) -> None:
     """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
-    from mailer.state.logquery import LogFilter, iter_log
+    from mailer.state.deliverylog import (
+        indexed_entries,
+        read_log,
+        recipient_index,
+        registration_index,
+    )
     from mailer.state.queue import connect_client
 
     settings = _settings()
-    where = LogFilter(
-        recipient=recipient,
-        registration=registration,
-        event=event_id,
-        statuses=(status,) if status else (),
-    )
 
     async def go() -> None:
         redis = await connect_client(_redis_url(settings))
         shown = 0
         try:
-            # Read from the log's indexes (mailer.state.logquery), never a scan of everything.
-            async for entry in iter_log(redis, where, batch=min(limit, 500)):
+            # A registration or an address has few entries: read them from its index, not
+            # by scanning the whole log.
+            index = registration_index(registration) if registration else None
+            if index is None and recipient:
+                index = recipient_index(recipient)
+            entries = _aiter(await indexed_entries(redis, index)) if index else read_log(redis)
+            async for entry in entries:
+                if (
+                    (recipient and entry.recipient.lower() != recipient.strip().lower())
+                    or (registration and entry.registration_id != registration)
+                    or (event_id and entry.event_id != event_id)
+                    or (status and entry.status != status)
+                ):
+                    continue
                 if as_json:
                     click.echo(entry.to_json().decode())
                 else:
                     click.echo(
                         f"{entry.ts}  {entry.status:<9} {entry.kind:<22} {entry.recipient:<30} "
-                        f"{entry.message_id}  #{entry.attempt} {entry.detail or entry.smtp_text}"
+                        f"{entry.message_id}  #{entry.attempt} {entry.detail}"
                     )
                 shown += 1
                 if shown >= limit:
@@ -450,6 +461,11 @@ def retry(
 
     count = _run(go())
     click.echo(f"re-driven {count} message(s)")
+
+
+async def _aiter(items: list[LogEntry]) -> AsyncIterator[LogEntry]:
+    for item in items:
+        yield item
 
 
 def _user() -> str:

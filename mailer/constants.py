@@ -69,14 +69,3 @@ MESSAGE_KINDS: Final[tuple[MessageKind, ...]] = (
     "event_cancelled",
 )
 LOCALES: Final = ("de", "en")
-# The log's storage (mailer.state.deliverylog says why it is laid out so): interned names
-# (event ids, workers, domains; "=name" -> code and code -> name), recipient tokens per address
-# bucket ("lower-cased address" -> "token regs…", token -> address, "@token" -> entry ids),
-# a list of entry ids per event, status, kind and event|status, counters per status|kind and
-# latency histograms (overall and per event), and the dead letters (message id -> event).
-LOG_NAMES_KEY: Final = PREFIX + "log:names"
-LOG_ADDRESS_KEY: Final = PREFIX + "log:address:{bucket}"
-LOG_INDEX_KEY: Final = PREFIX + "log:ix:{dim}:{value}"
-LOG_STATS_KEY: Final = PREFIX + "log:stats:{scope}"
-LOG_LATENCY_KEY: Final = PREFIX + "log:latency:{scope}"
-LOG_DEAD_KEY: Final = PREFIX + "log:dead"

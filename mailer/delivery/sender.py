@@ -27,7 +27,7 @@ from mailer.errors import (
 from mailer.lifecycle.kinds import KINDS
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
-from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
+from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus, index_slots
 from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
 from mailer.state.store import (
@@ -399,22 +399,20 @@ class Sender:
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
-            recorded = (done[0].claim.ref, state, done[0].claim.attempt, self.log.parts(entry))
+            recorded = (done[0].claim.ref, state, line, done[0].claim.attempt, index_slots(entry))
         handed = None
         if following is not None:
             claim = following.claim
             sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
-            logged = self._entry(claim, following.registration, following.event, "sending", "", now)
-            handed = (claim.ref, claim.attempt, sending, self.log.parts(logged))
-        return await self.store.step(recorded, handed)
+            handed = (claim.ref, claim.attempt, sending)
+        return await self.store.step(recorded, handed, log_max_entries=self.log.max_entries)
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime, hold_until_ms: int | None
     ) -> tuple[MessageState, LogEntry]:
         claim, reg, stored = job.claim, job.registration, job.event
         if isinstance(result, str):
-            entry = self._entry(claim, reg, stored, "sent", "", now, smtp_text=result)
-            return self._state("sent", claim, now), entry
+            return self._state("sent", claim, now), self._entry(claim, reg, stored, "sent", result, now)
         code, enhanced = result.code, result.enhanced_code
         detail = result.detail
         deadline = self._deadline_ms(claim, stored)
@@ -462,12 +460,7 @@ class Sender:
         now: datetime,
         code: int | None = None,
         enhanced: str | None = None,
-        *,
-        smtp_text: str = "",
     ) -> LogEntry:
-        kind = KINDS[claim.ref.kind]
-        # The SEQUENCE the builder gives this mail's calendar file (sending and sent entries).
-        with_calendar = stored is not None and kind.calendar is not None and status in ("sending", "sent")
         return LogEntry(
             ts=iso(now),
             status=status,
@@ -481,12 +474,6 @@ class Sender:
             worker=self.log.worker,
             smtp_code=code,
             enhanced_code=enhanced,
-            message_id_header=claim.ref.header_id(self.builder.domain),
-            locale=reg.attendee.locale if reg and reg.attendee else "",
-            reference=reg.reference or "" if reg else "",
-            smtp_text=smtp_text,
-            sequence=stored.version + kind.sequence_bump if with_calendar and stored else None,
-            latency_ms=max(0, ms(now) - claim.since_ms) if status == "sent" else None,
         )
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailer.constants import DUE_KEY, LOG_STREAM
-from mailer.state.deliverylog import LOG_APPEND_LUA, LogParts
-from mailer.state.loglua import APPEND_ARGS, APPEND_KEYS
+from mailer.state.deliverylog import LOG_APPEND_LUA, IndexSlot
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import Pipeline, RedisClient
 from mailer.state.store import registration_key
@@ -67,9 +66,8 @@ return out
 # message's outcome (state, due index, delivery log) and hand the next one over (only if
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
-# reg may be the empty string), then log_append's keys for the outcome's entry (from KEYS[5])
-# and for the next message's `sending` entry (from KEYS[18]; '' for none); their arguments
-# start at ARGV[14] and ARGV[40] (mailer.state.loglua).
+# reg may be the empty string), then the log entry's two index buckets (deliverylog.index_slots;
+# their fields are ARGV[14] and ARGV[15]).
 # Returns 1 if the next message may be sent.
 STEP_SCRIPT = (
     STATE_LUA
@@ -88,14 +86,13 @@ if KEYS[3] ~= '' then
       redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
     end
   end
-  log_append(KEYS, 5, ARGV, 14)
+  log_append(KEYS[2], ARGV[7], ARGV[6], KEYS[5], ARGV[14], KEYS[6], ARGV[15])
 end
 if KEYS[4] == '' then return 1 end
 local status, attempts = decode_state(redis.call('HGET', KEYS[4], ARGV[8]) or nil)
 if status ~= 'claimed' or attempts ~= tonumber(ARGV[9]) then return 0 end
 redis.call('HSET', KEYS[4], ARGV[8], ARGV[10])
 redis.call('ZADD', KEYS[1], ARGV[11], ARGV[12])
-if KEYS[18] ~= '' then log_append(KEYS, 18, ARGV, 40) end
 return 1
 """
 )
@@ -192,36 +189,35 @@ class MessageStore:
 
     async def step(
         self,
-        done: tuple[MessageRef, MessageState, int, LogParts] | None,
-        following: tuple[MessageRef, int, MessageState, LogParts | None] | None,
+        done: tuple[MessageRef, MessageState, bytes, int, tuple[IndexSlot, IndexSlot]] | None,
+        following: tuple[MessageRef, int, MessageState] | None,
+        *,
+        log_max_entries: int,
     ) -> bool:
-        """Record `done` (ref, final-or-retry state, the attempt it was handed over with, its
-        log entry as DeliveryLog.parts; the state only if it is still that handover) and hand
-        `following` (ref, claimed attempt, sending state, its `sending` entry) over, in one
-        command. False: don't send `following`."""
-        keys = [DUE_KEY, LOG_STREAM, "", ""] + [""] * (2 * APPEND_KEYS)
-        args: list[Any] = ["", "", "", "", 0, "", "", "", 0, "", 0, "", 0]
-        args += [""] * (2 * APPEND_ARGS)
+        """Record `done` (ref, final-or-retry state, log JSON, the attempt it was handed over
+        with, the entry's index keys; the state only if it is still that handover) and hand
+        `following` (ref, claimed attempt, sending state) over, in one command. False: don't
+        send `following`."""
+        keys = [DUE_KEY, LOG_STREAM, "", "", "", ""]
+        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0, "", ""]
         if done is not None:
-            ref, state, handed_attempt, (log_keys, log_args) = done
+            ref, state, entry, handed_attempt, (by_registration, by_recipient) = done
             args[12] = handed_attempt
-            keys[4 : 4 + APPEND_KEYS] = log_keys
-            args[13 : 13 + APPEND_ARGS] = log_args
+            keys[4:6] = [by_registration[0], by_recipient[0]]
+            args[13:15] = [by_registration[1], by_recipient[1]]
             keys[2] = registration_key(ref.registration_id)
-            args[0:5] = [
+            args[0:6] = [
                 ref.field,
                 state.encode(),
                 "1" if state.final else "0",
                 ref.id,
                 state.aux_ms or state.at_ms,
+                entry,
             ]
         if following is not None:
-            ref, attempt, state, sending = following
+            ref, attempt, state = following
             keys[3] = registration_key(ref.registration_id)
             args[7:12] = [ref.field, attempt, state.encode(), state.aux_ms, ref.id]
-            if sending is not None:
-                keys[4 + APPEND_KEYS :] = sending[0]
-                args[13 + APPEND_ARGS :] = sending[1]
         return bool(await self._step(keys=keys, args=args))
 
     async def due(self, *, now_ms: int, limit: int) -> list[str]:
