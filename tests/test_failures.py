@@ -252,9 +252,10 @@ async def test_a_transport_that_raises_costs_only_its_own_message(
         await client.publish_many(events)
     log = await log_until(
         redis_url,
-        lambda log: {e.message_id for e in log if e.status == "sent"}
-        == {"reg-1/confirmation", "reg-2/confirmation"}
-        and any(e.message_id == "reg-0/confirmation" and e.status == "retrying" for e in log),
+        lambda log: (
+            {e.message_id for e in log if e.status == "sent"} == {"reg-1/confirmation", "reg-2/confirmation"}
+            and any(e.message_id == "reg-0/confirmation" and e.status == "retrying" for e in log)
+        ),
     )
     bug = next(e for e in log if e.message_id == "reg-0/confirmation" and e.status == "retrying")
     assert "RuntimeError: a bug in the transport" in bug.detail
