@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     job_timeout: int = Field(default=40, ge=5, le=600)
     # A log entry is about 300 bytes of Redis memory: the upper bound is some 30 GB.
     log_max_entries: int = Field(default=1_000_000, ge=1000, le=100_000_000)
+    # Log entries older than this, and the registrations (names, addresses, message states)
+    # of events that ended longer ago than this, are removed (mailer.state.retention).
+    # 90 like django-post_office; at least a day, at most ten years.
+    retention_days: int = Field(default=90, ge=1, le=3650)
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # The operator footer under every mail; unset parts leave no line. The legal sender's
     # postal address, one line with ";" between its lines ("Stadtverwaltung; Platz 1; 67657 Ort").
@@ -166,6 +170,12 @@ class Settings(BaseSettings):
                 "MAILER_RELAY_PROBE_MAX_SECONDS, MAILER_RELAY_PROBE_BASE_SECONDS: "
                 f"the maximum ({self.relay_probe_max_seconds:g}) is less than the base "
                 f"({self.relay_probe_base_seconds:g})"
+            )
+        if timedelta(days=self.retention_days) < self.message_ttl:
+            raise ValueError(
+                "MAILER_RETENTION_DAYS, MAILER_MESSAGE_TTL: "
+                f"retention ({self.retention_days} d) is shorter than a message's lifetime "
+                f"({self.message_ttl.total_seconds() / 3600:g} h): the log of a message still being retried would be trimmed"
             )
         if self.smtp_password is not None and not self.smtp_username:
             raise ValueError("MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username")
