@@ -21,6 +21,7 @@ from mailer.lifecycle.scheduler import Scheduler
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.messages import MessageRef
 from mailer.state.queue import REDIS_DOWN
+from mailer.state.retention import Retention
 
 logger = logging.getLogger("mailer.jobs")
 
@@ -38,6 +39,7 @@ class App:
     scheduler: Scheduler
     inbox: Inbox
     log: DeliveryLog
+    retention: Retention
 
 
 Job = Callable[..., Coroutine[Any, Any, Any]]
@@ -171,10 +173,12 @@ async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") ->
 
 @_outlasts_redis("skip")
 async def tick(ctx: dict[str, Any]) -> dict[str, int]:
-    """Every second: start due fan-outs, re-drive due or stranded messages, unstick the inbox."""
+    """Every second: start due fan-outs, re-drive due or stranded messages, unstick the inbox,
+    and remove one bounded slice of what outlived MAILER_RETENTION_DAYS."""
     app = _app(ctx)
     result = await app.scheduler.tick()
     result["drains_started"] = int(await app.inbox.rearm())
+    result |= (await app.retention.run()).counts()
     return result
 
 

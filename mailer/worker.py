@@ -34,6 +34,7 @@ from mailer.state.queue import (
     SEND,
     connect,
 )
+from mailer.state.retention import Retention
 
 logger = logging.getLogger("mailer.worker")
 
@@ -66,6 +67,7 @@ def _app(
         scheduler=Scheduler(redis, batch_size=settings.batch_size, clock=clock, circuit=sender.circuit),
         inbox=Inbox(redis, clock=clock),
         log=log,
+        retention=Retention(redis, days=settings.retention_days, clock=clock),
     )
 
 
