@@ -59,6 +59,12 @@ def _errors_to_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
         except QueueUnavailable as exc:
             click.echo(f"mailer: {_one_line(exc)}", err=True)
             sys.exit(3)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # commands that run without _run
+            click.echo(f"mailer: lost the connection to Redis: {_one_line(exc)}", err=True)
+            sys.exit(3)
+        except RedisError as exc:
+            click.echo(f"mailer: Redis refused a command: {_one_line(exc)}", err=True)
+            sys.exit(1)
         except MailerError as exc:
             click.echo(f"mailer: {_one_line(exc)}", err=True)
             sys.exit(1)
@@ -469,13 +475,9 @@ async def _aiter(items: list[LogEntry]) -> AsyncIterator[LogEntry]:
 
 
 def _user() -> str:
-    import getpass
-    import os
+    from mailer.ops.log_commands import operator
 
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a container's uid with no passwd entry
-        return f"uid {os.getuid()}"
+    return operator()
 
 
 @main.command()
@@ -536,3 +538,16 @@ def templates_check() -> None:
         else:
             click.echo(f"ok   {kind}/{locale}")
     sys.exit(1 if failures else 0)
+
+
+def _register_log_commands() -> None:
+    """The log and personal-data commands live in mailer.ops.log_commands; their errors end here."""
+    from mailer.ops.log_commands import COMMANDS
+
+    for command in COMMANDS:
+        assert command.callback is not None
+        command.callback = _errors_to_exit(command.callback)
+        main.add_command(command)
+
+
+_register_log_commands()

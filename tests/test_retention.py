@@ -45,8 +45,19 @@ async def everything(redis: Any) -> dict[str, str]:
             value = await redis.xrange(raw)
         else:
             value = kind
-        found[raw.decode()] = repr(value)
+        found[raw.decode()] = _text(value)
     return found
+
+
+def _text(value: Any) -> str:
+    """Stored bytes as the text they are (so "Müller" is found), inside any structure."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, dict):
+        return " ".join(f"{_text(k)}={_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return " ".join(_text(v) for v in value)
+    return str(value)
 
 
 def mentions(stored: dict[str, str], *needles: str, log: bool = True) -> dict[str, str]:

@@ -98,6 +98,26 @@ return 0
 """
 
 
+# KEYS: pairs of (registration hash, its event's set of active registrations, or the hash again
+# when it has no event); ARGV: per pair the address as read and the registration id. Only while
+# the address is still the one read: name, address, reference and manage link go, the
+# registration ends as cancelled and leaves the event's fan-out set, so nothing more is sent
+# to it (a message already due is skipped: no address). Its status and message states stay.
+_ERASE = """
+local erased = {}
+for i = 1, #KEYS, 2 do
+  local address, rid = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEYS[i], 'ae') == address then
+    redis.call('HDEL', KEYS[i], 'ae', 'an', 'rr', 'rm')
+    redis.call('HSET', KEYS[i], 's', 'cancelled')
+    if KEYS[i + 1] ~= KEYS[i] then redis.call('SREM', KEYS[i + 1], rid) end
+    erased[#erased + 1] = rid
+  end
+end
+return erased
+"""
+
+
 @dataclass(slots=True)
 class RetentionReport:
     """What one run did; `walk_done` when its page ended a walk through the keyspace."""
@@ -279,3 +299,38 @@ def _sort(raw_keys: list[bytes]) -> _Page:
         elif key.startswith(_EVENT_PREFIX):
             page.events.add(key.removeprefix(_EVENT_PREFIX).removesuffix(_REGS_SUFFIX))
     return page
+
+
+async def erase_address(redis: RedisClient, address: str, *, page: int = 1000) -> list[tuple[str, str]]:
+    """Remove `address` (any letter case) and its name from every registration; GDPR erasure.
+
+    Walks all registrations (there is no index by address: one SCAN page per round trip), so it
+    takes seconds at a million. Returns (registration id, event id or "") of each one erased.
+    """
+    wanted = address.strip().lower()
+    erase = redis.register_script(_ERASE)
+    erased: list[tuple[str, str]] = []
+    cursor = 0
+    while True:
+        cursor, keys = await redis.scan(cursor, match=_REGISTRATION_PREFIX + "*", count=page)
+        ids = _sort(keys).registrations
+        async with redis.pipeline(transaction=False) as pipe:
+            for registration_id in ids:
+                pipe.hget(registration_key(registration_id), "ae")
+                pipe.hget(registration_key(registration_id), "e")
+            rows = await pipe.execute()
+        keys_args: list[str] = []
+        args: list[str] = []
+        events: dict[str, str] = {}
+        for at, registration_id in enumerate(ids):
+            stored, event = rows[2 * at], (rows[2 * at + 1] or b"").decode()
+            if stored is not None and stored.decode().strip().lower() == wanted:
+                own = registration_key(registration_id)
+                keys_args += [own, registrations_key(event) if event else own]
+                args += [stored.decode(), registration_id]
+                events[registration_id] = event
+        if keys_args:
+            done = await erase(keys=keys_args, args=args)
+            erased += [(rid.decode(), events[rid.decode()]) for rid in done]
+        if cursor == 0:
+            return erased
