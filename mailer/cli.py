@@ -1,4 +1,5 @@
-"""The `mailer` command: worker, enqueue, log, retry, render, templates check, schema."""
+"""The `mailer` command: worker, enqueue, retry, render, templates check, schema; log, show, stats,
+export and forget come from mailer.ops.log_commands."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import codecs
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
@@ -23,7 +24,6 @@ from mailer.constants import MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.settings import Settings, load_settings
-from mailer.state.deliverylog import LOG_STATUSES, LogEntry
 
 T = TypeVar("T")
 
@@ -354,73 +354,6 @@ def schema() -> None:
     click.echo(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
 
 
-@main.command("log")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--recipient", help="Only this address.")
-@click.option("--registration", help="Only this registration id.")
-@click.option("--event", "event_id", help="Only this event id.")
-@click.option("--status", type=click.Choice(LOG_STATUSES), help="Only this status.")
-@click.option(
-    "--limit",
-    default=50,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="At most this many entries, newest first.",
-)
-@_errors_to_exit
-def log_command(
-    as_json: bool,
-    recipient: str | None,
-    registration: str | None,
-    event_id: str | None,
-    status: str | None,
-    limit: int,
-) -> None:
-    """Show the delivery log, newest first: did Ms X get her mail, and if not, why?"""
-    from mailer.state.deliverylog import (
-        indexed_entries,
-        read_log,
-        recipient_index,
-        registration_index,
-    )
-    from mailer.state.queue import connect_client
-
-    settings = _settings()
-
-    async def go() -> None:
-        redis = await connect_client(_redis_url(settings))
-        shown = 0
-        try:
-            # A registration or an address has few entries: read them from its index, not
-            # by scanning the whole log.
-            index = registration_index(registration) if registration else None
-            if index is None and recipient:
-                index = recipient_index(recipient)
-            entries = _aiter(await indexed_entries(redis, index)) if index else read_log(redis)
-            async for entry in entries:
-                if (
-                    (recipient and entry.recipient.lower() != recipient.strip().lower())
-                    or (registration and entry.registration_id != registration)
-                    or (event_id and entry.event_id != event_id)
-                    or (status and entry.status != status)
-                ):
-                    continue
-                if as_json:
-                    click.echo(entry.to_json().decode())
-                else:
-                    click.echo(
-                        f"{entry.ts}  {entry.status:<9} {entry.kind:<22} {entry.recipient:<30} "
-                        f"{entry.message_id}  #{entry.attempt} {entry.detail}"
-                    )
-                shown += 1
-                if shown >= limit:
-                    break
-        finally:
-            await redis.aclose()
-
-    _run(go())
-
-
 @main.command()
 @click.argument("message_ids", nargs=-1, callback=_message_ids)
 @click.option(
@@ -467,11 +400,6 @@ def retry(
 
     count = _run(go())
     click.echo(f"re-driven {count} message(s)")
-
-
-async def _aiter(items: list[LogEntry]) -> AsyncIterator[LogEntry]:
-    for item in items:
-        yield item
 
 
 def _user() -> str:

@@ -175,7 +175,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MAILER_RETENTION_DAYS, MAILER_MESSAGE_TTL: "
                 f"retention ({self.retention_days} d) is shorter than a message's lifetime "
-                f"({self.message_ttl.total_seconds() / 3600:g} h): the log of a message still being retried would be trimmed"
+                f"({self.message_ttl.total_seconds() / 3600:g} h): the log of a message still "
+                "being retried would be trimmed"
             )
         if self.smtp_password is not None and not self.smtp_username:
             raise ValueError("MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username")

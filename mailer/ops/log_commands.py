@@ -7,17 +7,45 @@ exit status (Redis unreachable: 3).
 from __future__ import annotations
 
 import asyncio
+import csv
 import getpass
 import os
+import sys
+from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO, TypeVar
 
 import click
+import orjson
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from mailer.clock import utc_now
+from mailer.constants import MESSAGE_KINDS
+from mailer.content.ics import calendar_uid
+from mailer.durations import Offset
+from mailer.errors import MailerError
+from mailer.lifecycle.kinds import KINDS
+from mailer.ops import log_views
 from mailer.ops.embedded import resolve_redis_url
+from mailer.ops.log_reading import LogQuery, entries, stats, timeline
 from mailer.settings import Settings, load_settings
-from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus, forget_recipient
+from mailer.state.deliverylog import LOG_STATUSES, DeliveryLog, LogEntry, LogStatus, forget_recipient
+from mailer.state.messages import MessageRef
 from mailer.state.queue import connect_client
-from mailer.state.retention import erase_address
+from mailer.state.redis_types import RedisClient
+from mailer.state.retention import erase_address, registrations_holding
+from mailer.state.store import load_registrations
+
+T = TypeVar("T")
+
+# `mailer log` without --limit or --all; the output says so when it cut something.
+DEFAULT_LIMIT = 50
+# --follow looks for new entries this often.
+FOLLOW_POLL_SECONDS = 0.5
+# Rows per table when --all prints a table: one table per page, so memory stays flat.
+TABLE_PAGE = 500
 
 # The status of the entry that records an erasure. The log has no status of its own for it
 # yet ("forgotten" is asked of the log's owner); "ignored" is the one no delivery count reads.
@@ -34,6 +62,74 @@ def operator() -> str:
 
 def _redis_url(settings: Settings) -> str:
     return resolve_redis_url(settings.redis_url, settings.data_dir)
+
+
+def _with_redis(settings: Settings, work: Callable[[RedisClient], Coroutine[Any, Any, T]]) -> T:
+    async def go() -> T:
+        redis = await connect_client(_redis_url(settings))
+        try:
+            return await work(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(go())
+
+
+def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
+    """A time for --since/--until: an ISO 8601 duration back from now (PT1H, P7D), or an ISO 8601
+    date or time with a UTC offset (2026-12-02, 2026-12-02T10:00+01:00)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.upper().startswith("P"):
+        try:
+            back = Offset.parse(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return utc_now() - timedelta(days=back.days, seconds=back.seconds)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (PT1H) nor a date or time (2026-12-02)"
+        ) from None
+    if moment.tzinfo is None:
+        if "T" in text or " " in text:
+            raise click.BadParameter(f"{value!r} needs a UTC offset, e.g. {text}+01:00 or {text}Z")
+        moment = moment.replace(tzinfo=UTC)  # a date alone: midnight UTC
+    return moment
+
+
+def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The filter options `mailer log` and `mailer export` share."""
+    options = [
+        click.option("--recipient", help="Only this address (any letter case)."),
+        click.option("--registration", help="Only this registration id."),
+        click.option("--message", help="Only this message id (REGISTRATION/KIND[/DETAIL])."),
+        click.option("--event", "event_id", help="Only this event id."),
+        click.option("--status", type=click.Choice(LOG_STATUSES), help="Only this status."),
+        click.option("--kind", type=click.Choice(MESSAGE_KINDS), help="Only this kind of message."),
+        click.option(
+            "--since", callback=_moment, help="From this time on: PT1H (an hour ago), 2026-12-02, ..."
+        ),
+        click.option("--until", callback=_moment, help="Before this time (same forms as --since)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _query(filters: dict[str, Any]) -> LogQuery:
+    return LogQuery(
+        recipient=filters["recipient"],
+        registration=filters["registration"],
+        message=filters["message"],
+        event=filters["event_id"],
+        status=filters["status"],
+        kind=filters["kind"],
+        since=filters["since"],
+        until=filters["until"],
+    )
 
 
 def _address(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -107,4 +203,230 @@ def forget(address: str) -> None:
     click.echo(f"  logged at {done.logged[0].ts} ({done.logged[0].worker})")
 
 
-COMMANDS: list[click.Command] = [forget]
+@click.command("log")
+@_filters
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=DEFAULT_LIMIT, show_default=True, help="At most this many."
+)
+@click.option("--all", "every", is_flag=True, help="Every matching entry, page by page (no limit).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Oldest first, then new entries as they come (Ctrl-C ends)."
+)
+def log_command(limit: int, every: bool, as_json: bool, follow: bool, **filters: Any) -> None:
+    """Show the delivery log, newest first: did Ms X get her mail, and if not, why?
+
+    --registration, --message and --recipient read that registration's or address's entries
+    from the log's index; the other filters walk the log from its newest entry.
+    """
+    settings = load_settings()
+    query = _query(filters)
+    printer = _Printer(as_json=as_json)
+
+    async def go(redis: RedisClient) -> None:
+        shown: list[LogEntry] = []
+        async for entry in entries(redis, query):
+            if not every and len(shown) >= limit:
+                click.echo(
+                    f"mailer log: showing the newest {limit} entries; more match (--limit N or --all)",
+                    err=True,
+                )
+                break
+            shown.append(entry)
+            if not follow:
+                printer.add(entry, flush_at=TABLE_PAGE if every else None)
+        if follow:
+            for entry in reversed(shown):
+                printer.add(entry)
+        printer.flush()
+        if follow:
+            await _follow(redis, query, shown, printer)
+
+    try:
+        _with_redis(settings, go)
+    except KeyboardInterrupt:
+        printer.flush()
+
+
+class _Printer:
+    """Entries out as JSON lines at once, or as tables of up to a page (a table needs its rows)."""
+
+    def __init__(self, *, as_json: bool) -> None:
+        self.as_json = as_json
+        self.pending: list[LogEntry] = []
+        self.console = log_views.console()
+        self.tables = 0
+
+    def add(self, entry: LogEntry, *, flush_at: int | None = None) -> None:
+        if self.as_json:
+            sys.stdout.write(entry.to_json().decode() + "\n")
+            return
+        self.pending.append(entry)
+        if flush_at is not None and len(self.pending) >= flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.as_json:
+            sys.stdout.flush()
+            return
+        if self.pending:
+            self.console.print(log_views.entry_table(self.pending, header=self.tables == 0))
+            self.tables += 1
+        self.pending = []
+
+
+async def _follow(redis: RedisClient, query: LogQuery, shown: list[LogEntry], printer: _Printer) -> None:
+    """Print new matching entries, oldest first, as they are written (polling; Ctrl-C ends)."""
+    window = timedelta(seconds=5)  # entries this close to the newest one are compared, not assumed new
+    newest = max((datetime.fromisoformat(e.ts) for e in shown), default=utc_now())
+    seen = {e.to_json() for e in shown}
+    while True:
+        await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        fresh = [
+            e
+            async for e in entries(redis, _since(query, newest - window), skew=window)
+            if e.to_json() not in seen
+        ]
+        for entry in reversed(fresh):
+            printer.add(entry)
+            seen.add(entry.to_json())
+            newest = max(newest, datetime.fromisoformat(entry.ts))
+        printer.flush()
+        seen = {raw for raw in seen if datetime.fromisoformat(orjson.loads(raw)["ts"]) >= newest - window}
+
+
+def _since(query: LogQuery, moment: datetime) -> LogQuery:
+    if query.since is not None and query.since > moment:
+        return query
+    return LogQuery(**{name: getattr(query, name) for name in LogQuery.__slots__} | {"since": moment})
+
+
+@click.command()
+@click.argument("ident", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The entries as JSON lines, oldest first.")
+def show(ident: str, as_json: bool) -> None:
+    """The timeline of a registration (ID) or of one message (REGISTRATION/KIND[/DETAIL]): every
+    message, every attempt, with its calendar file's UID, oldest first."""
+    settings = load_settings()
+    if "/" in ident:
+        try:
+            MessageRef.parse(ident)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="ID") from None
+    story = _with_redis(settings, lambda redis: timeline(redis, ident))
+    if not story.messages and not story.other:
+        raise MailerError(f"no log entries for {ident}")
+    if as_json:
+        for message in story.messages:
+            for entry in message.entries:
+                click.echo(entry.to_json().decode())
+        for entry in story.other:
+            click.echo(entry.to_json().decode())
+        return
+
+    def uid(event_id: str, message_id: str) -> str | None:
+        ref = MessageRef.parse(message_id)
+        if KINDS[ref.kind].calendar is None:
+            return None
+        return calendar_uid(event_id, ref.registration_id, uid_domain=settings.sender_domain)
+
+    log_views.console().print(log_views.timeline_view(story, uid=uid))
+
+
+@click.command("stats")
+@click.option("--event", "event_id", help="Only this event id.")
+@click.option("--since", callback=_moment, help="From this time on: PT1H (an hour ago), 2026-12-02, ...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def stats_command(event_id: str | None, since: datetime | None, as_json: bool) -> None:
+    """Counts per status and kind, delivery latency (planned → sent), dead letters, and the oldest
+    message not yet sent, failed or skipped: for one event or all."""
+    settings = load_settings()
+    result = _with_redis(settings, lambda redis: stats(redis, LogQuery(event=event_id, since=since)))
+    if as_json:
+        counts: dict[str, dict[str, int]] = {}
+        for (status, kind), n in result.counts.items():
+            counts.setdefault(status, {})[kind] = n
+        oldest = result.oldest_waiting
+        body = {
+            "event_id": event_id,
+            "since": since.isoformat() if since else None,
+            "counts": counts,
+            "sent": result.sent,
+            "latency_ms": result.latency_ms,
+            "dead_letters": result.dead_letters,
+            "oldest_waiting": {"message_id": oldest[0], "status": oldest[1], "since": oldest[2].isoformat()}
+            if oldest
+            else None,
+        }
+        click.echo(orjson.dumps(body).decode())
+        return
+    title = f"delivery log{f' of event {event_id}' if event_id else ''}"
+    title += f" since {since:%Y-%m-%d %H:%M} UTC" if since else ""
+    log_views.console().print(log_views.stats_view(result, title=title))
+
+
+@click.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), required=True, help="CSV or JSON lines."
+)
+@_filters
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="A file instead of stdout."
+)
+def export(fmt: str, output: str | None, **filters: Any) -> None:
+    """Write the matching log entries as CSV or JSON lines, newest first, with a progress bar on
+    stderr; streamed, so a million entries need no more memory than ten.
+
+    With --recipient it answers an access request: the registrations holding the address come
+    first (record "registration": name, address, locale, reference, manage link), then every
+    log entry naming it (record "log").
+    """
+    settings = load_settings()
+    query = _query(filters)
+    with ExitStack() as stack:
+        out: TextIO = (
+            stack.enter_context(open(output, "w", newline="", encoding="utf-8")) if output else sys.stdout
+        )
+        counts = _with_redis(settings, lambda redis: _export(redis, query, fmt, out))
+    where = output or "stdout"
+    click.echo(f"exported {counts[0]} registration(s) and {counts[1]} log entries to {where}", err=True)
+
+
+async def _export(redis: RedisClient, query: LogQuery, fmt: str, out: TextIO) -> tuple[int, int]:
+    writer = csv.writer(out, lineterminator="\n")
+
+    def put(record: dict[str, Any]) -> None:
+        if fmt == "csv":
+            writer.writerow(log_views.csv_row(record))
+        else:
+            out.write(orjson.dumps(log_views.jsonl_record(record)).decode() + "\n")
+
+    if fmt == "csv":
+        writer.writerow(log_views.EXPORT_FIELDS)
+    registrations = logged = 0
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("exporting: {task.completed} rows"),
+        TimeElapsedColumn(),
+        console=log_views.console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("export", total=None)
+        if query.recipient:
+            ids = await registrations_holding(redis, query.recipient)
+            for registration in (await load_registrations(redis, ids)).found.values():
+                put(log_views.registration_record(registration))
+                registrations += 1
+        async for entry in entries(redis, query):
+            put(log_views.log_record(entry))
+            logged += 1
+            if logged % 1000 == 0:
+                progress.update(task, completed=registrations + logged)
+                out.flush()
+        progress.update(task, completed=registrations + logged)
+    out.flush()
+    return registrations, logged
+
+
+COMMANDS: list[click.Command] = [log_command, show, stats_command, export, forget]

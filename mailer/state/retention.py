@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -301,15 +302,13 @@ def _sort(raw_keys: list[bytes]) -> _Page:
     return page
 
 
-async def erase_address(redis: RedisClient, address: str, *, page: int = 1000) -> list[tuple[str, str]]:
-    """Remove `address` (any letter case) and its name from every registration; GDPR erasure.
-
-    Walks all registrations (there is no index by address: one SCAN page per round trip), so it
-    takes seconds at a million. Returns (registration id, event id or "") of each one erased.
-    """
+async def _holders(
+    redis: RedisClient, address: str, *, page: int
+) -> AsyncIterator[list[tuple[str, str, str]]]:
+    """Pages of (registration id, the address as stored, event id or "") of the registrations
+    holding `address` in any letter case. There is no index by address: this walks them all,
+    one SCAN page a round trip (seconds at a million)."""
     wanted = address.strip().lower()
-    erase = redis.register_script(_ERASE)
-    erased: list[tuple[str, str]] = []
     cursor = 0
     while True:
         cursor, keys = await redis.scan(cursor, match=_REGISTRATION_PREFIX + "*", count=page)
@@ -319,18 +318,37 @@ async def erase_address(redis: RedisClient, address: str, *, page: int = 1000) -
                 pipe.hget(registration_key(registration_id), "ae")
                 pipe.hget(registration_key(registration_id), "e")
             rows = await pipe.execute()
-        keys_args: list[str] = []
-        args: list[str] = []
-        events: dict[str, str] = {}
+        found = []
         for at, registration_id in enumerate(ids):
-            stored, event = rows[2 * at], (rows[2 * at + 1] or b"").decode()
+            stored, event = rows[2 * at], rows[2 * at + 1]
             if stored is not None and stored.decode().strip().lower() == wanted:
-                own = registration_key(registration_id)
-                keys_args += [own, registrations_key(event) if event else own]
-                args += [stored.decode(), registration_id]
-                events[registration_id] = event
-        if keys_args:
-            done = await erase(keys=keys_args, args=args)
-            erased += [(rid.decode(), events[rid.decode()]) for rid in done]
+                found.append((registration_id, stored.decode(), (event or b"").decode()))
+        yield found
         if cursor == 0:
-            return erased
+            return
+
+
+async def registrations_holding(redis: RedisClient, address: str, *, page: int = 1000) -> list[str]:
+    """The ids of the registrations that hold `address` (any letter case): an access request."""
+    return [rid async for found in _holders(redis, address, page=page) for rid, _, _ in found]
+
+
+async def erase_address(redis: RedisClient, address: str, *, page: int = 1000) -> list[tuple[str, str]]:
+    """Remove `address` (any letter case) and its name from every registration; GDPR erasure.
+
+    Returns (registration id, event id or "") of each one erased.
+    """
+    erase = redis.register_script(_ERASE)
+    erased: list[tuple[str, str]] = []
+    async for found in _holders(redis, address, page=page):
+        if not found:
+            continue
+        keys: list[str] = []
+        args: list[str] = []
+        for registration_id, stored, event in found:
+            own = registration_key(registration_id)
+            keys += [own, registrations_key(event) if event else own]
+            args += [stored, registration_id]
+        events = {registration_id: event for registration_id, _, event in found}
+        erased += [(rid.decode(), events[rid.decode()]) for rid in await erase(keys=keys, args=args)]
+    return erased
