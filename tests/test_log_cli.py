@@ -215,6 +215,37 @@ def test_stats_count_per_status_and_kind_for_one_event(redis_url: str, log_of_30
     assert "reminder" in table.stdout
 
 
+def test_stats_latency_runs_from_planned_to_sent(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Latency percentiles are planned → sent per message; a message whose planning is not in
+    the log counts in no percentile (rather than as 0 s); the oldest message waiting is named."""
+    monkeypatch.chdir(tmp_path)
+    at = START.isoformat(timespec="milliseconds")
+
+    def entry(status: str, message: str, seconds: int) -> LogEntry:
+        ts = (START + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+        return LogEntry(ts=ts, status=status, message_id=message, event_id="evt-1")  # type: ignore[arg-type]
+
+    write_log(
+        redis_url,
+        [
+            entry("planned", "reg-1/reminder", 0),
+            entry("planned", "reg-2/reminder", 0),
+            entry("planned", "reg-3/reminder", 5),
+            entry("sent", "reg-1/reminder", 10),
+            entry("retrying", "reg-2/reminder", 20),
+            entry("sent", "reg-2/reminder", 40),
+            entry("sent", "reg-4/confirmation", 50),
+        ],
+    )
+    body = orjson.loads(run(redis_url, "stats", "--event", "evt-1", "--json").stdout)
+    assert body["sent"] == 2
+    assert body["latency_ms"] == {"p50": 10_000, "p90": 40_000, "p99": 40_000, "max": 40_000}
+    assert body["oldest_waiting"]["message_id"] == "reg-3/reminder"
+    assert body["oldest_waiting"]["since"].startswith(at[:16])
+
+
 def test_export_writes_csv_and_jsonl_with_the_filters(redis_url: str, log_of_300: list[LogEntry]) -> None:
     """`mailer export --format csv|jsonl` writes the matching entries, one per row, and only the
     summary goes to stderr: stdout carries nothing but the data."""

@@ -146,7 +146,7 @@ class LogStats:
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (status, kind) -> entries
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, max
-    sent: int = 0
+    sent: int = 0  # sent messages whose planning is in the log too: the latency's sample
     dead_letters: int = 0
     oldest_waiting: tuple[str, str, datetime] | None = None  # (message id, status, first entry)
 
@@ -155,6 +155,7 @@ async def stats(redis: RedisClient, query: LogQuery) -> LogStats:
     """Stats of the matching entries (walks them all: one event, or a time range, keeps it short)."""
     result = LogStats()
     first: dict[str, datetime] = {}  # message -> its oldest entry seen
+    planned: dict[str, datetime] = {}  # message -> its oldest planned entry
     latest: dict[str, LogEntry] = {}  # message -> its newest entry
     latencies: list[float] = []
     async for entry in entries(redis, query):  # newest first
@@ -163,9 +164,13 @@ async def stats(redis: RedisClient, query: LogQuery) -> LogStats:
         if entry.message_id and entry.status in STATE_CHANGES:
             latest.setdefault(entry.message_id, entry)
             first[entry.message_id] = when(entry)
+            if entry.status == "planned":
+                planned[entry.message_id] = when(entry)
     for message_id, newest in latest.items():
         if newest.status == "sent":
-            latencies.append((when(newest) - first[message_id]).total_seconds() * 1000)
+            # Only where the log has the planning: a confirmation sent at once logs just `sent`.
+            if message_id in planned:
+                latencies.append((when(newest) - planned[message_id]).total_seconds() * 1000)
         elif newest.status == "failed":
             result.dead_letters += 1
         elif newest.status not in FINAL:
