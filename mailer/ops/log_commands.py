@@ -1,7 +1,8 @@
-"""The commands on the delivery log and on attendees' personal data, and how they print.
+"""The commands on the delivery log and on attendees' personal data: log, show, stats, export, forget.
 
-Registered on the `mailer` group by mailer/cli.py, which maps their errors to one line and an
-exit status (Redis unreachable: 3).
+What they read is mailer.ops.log_reading's, how they print mailer.ops.log_views'. Registered on
+the `mailer` group by mailer/cli.py, which maps their errors to one line and an exit status
+(Redis unreachable: 3).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO, TypeVar
 
@@ -100,12 +101,23 @@ def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     return moment
 
 
+def _message_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            MessageRef.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The filter options `mailer log` and `mailer export` share."""
     options = [
         click.option("--recipient", help="Only this address (any letter case)."),
         click.option("--registration", help="Only this registration id."),
-        click.option("--message", help="Only this message id (REGISTRATION/KIND[/DETAIL])."),
+        click.option(
+            "--message", callback=_message_id, help="Only this message id (REGISTRATION/KIND[/DETAIL])."
+        ),
         click.option("--event", "event_id", help="Only this event id."),
         click.option("--status", type=click.Choice(LOG_STATUSES), help="Only this status."),
         click.option("--kind", type=click.Choice(MESSAGE_KINDS), help="Only this kind of message."),
@@ -298,7 +310,7 @@ async def _follow(redis: RedisClient, query: LogQuery, shown: list[LogEntry], pr
 def _since(query: LogQuery, moment: datetime) -> LogQuery:
     if query.since is not None and query.since > moment:
         return query
-    return LogQuery(**{name: getattr(query, name) for name in LogQuery.__slots__} | {"since": moment})
+    return replace(query, since=moment)
 
 
 @click.command()
