@@ -370,6 +370,26 @@ def test_follow_prints_new_entries_as_they_are_written(redis_url: str, tmp_path:
         follower.communicate(timeout=10)
 
 
+def test_since_a_duration_counts_back_from_now(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--since PT1H` is the last hour; `--until P1D` everything older than a day."""
+    monkeypatch.chdir(tmp_path)
+    now = datetime.now(UTC)
+    ages = [timedelta(days=2), timedelta(hours=2), timedelta(minutes=30), timedelta(0)]
+    write_log(
+        redis_url,
+        [
+            LogEntry(ts=(now - age).isoformat(timespec="milliseconds"), status="failed", detail=str(age))
+            for age in ages
+        ],
+    )
+    hour = json_lines(run(redis_url, "log", "--json", "--since", "PT1H").stdout)
+    assert [e["detail"] for e in hour] == ["0:00:00", "0:30:00"]
+    old = json_lines(run(redis_url, "log", "--json", "--until", "P1D").stdout)
+    assert [e["detail"] for e in old] == ["2 days, 0:00:00"]
+
+
 @pytest.mark.parametrize("value", ["yesterday", "2026-12-02T10:00", "P1M"])
 def test_a_time_it_cannot_read_is_one_line_and_exit_2(
     redis_url: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
