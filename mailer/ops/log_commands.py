@@ -387,7 +387,7 @@ def stats_command(event_id: str | None, since: datetime | None, as_json: bool) -
 )
 def export(fmt: str, output: str | None, **filters: Any) -> None:
     """Write the matching log entries as CSV or JSON lines, newest first, with a progress bar on
-    stderr; streamed, so a million entries need no more memory than ten.
+    stderr; streamed, so memory does not grow with the number of entries.
 
     With --recipient it answers an access request: the registrations holding the address come
     first (record "registration": name, address, locale, reference, manage link), then every
