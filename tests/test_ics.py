@@ -267,3 +267,58 @@ def test_an_event_that_ends_before_it_starts_is_refused() -> None:
     event = event_on(in_15_days())
     with pytest.raises(ComposeError, match="ends_at"):
         build(replace(event, ends_at=event.starts_at))
+
+
+# --- every calendar file the pipeline sends, read by two parsers --------------------------------
+
+
+def _sent_calendars() -> list[Any]:
+    from mailer.constants import LOCALES, MESSAGE_KINDS
+
+    return [
+        pytest.param(
+            kind, locale, sample, shared, id=f"{kind}-{locale}-{sample}-{'shared' if shared else 'withheld'}"
+        )
+        for kind in MESSAGE_KINDS
+        if kind != "reminder"  # the only kind without a calendar file
+        for locale in LOCALES
+        for sample in ("plain", "everything")
+        for shared in (True, False)
+    ]
+
+
+@pytest.mark.parametrize(("kind", "locale", "sample", "shared"), _sent_calendars())
+def test_every_sent_calendar_file_parses_in_icalendar_and_vobject(
+    kind: str, locale: str, sample: str, shared: bool, make_settings: Any
+) -> None:
+    """Each kind × locale's .ics, with and without every optional field and with the join link
+    shared or withheld, reads the same in icalendar and in vobject: one VEVENT with the same
+    UID, SEQUENCE, STATUS, summary and aware start and end; the description keeps its lines."""
+    import vobject
+
+    from mailer.ops.preview import sample_event, sample_event_with_everything
+    from tests.test_optional_fields import build as build_mail
+
+    registration = sample_event_with_everything() if sample == "everything" else sample_event()
+    registration["event"]["join_url_in_confirmation"] = shared
+    text = build_mail(make_settings(), kind, locale, registration)["ics"]
+    assert text, "a calendar file is attached"
+    data = text.encode()
+    ours = vevent(data)
+    (theirs_calendar,) = list(vobject.readComponents(text, validate=True))
+    (theirs,) = theirs_calendar.vevent_list
+    assert theirs_calendar.method.value == (
+        "PUBLISH" if kind in ("confirmation", "event_changed") else "CANCEL"
+    )
+    assert theirs.uid.value == str(ours["uid"])
+    assert int(theirs.sequence.value) == int(ours["sequence"])
+    assert theirs.status.value == str(ours["status"])
+    assert theirs.summary.value == str(ours["summary"])
+    for name in ("dtstart", "dtend"):
+        value = getattr(theirs, name).value
+        assert value.utcoffset() is not None
+        assert value == ours.decoded(name)
+    if "description" in ours:
+        assert theirs.description.value == str(ours["description"])
+    if sample == "everything" and locale == "en":
+        assert theirs.summary.value == "Digital dialogue on openness"
