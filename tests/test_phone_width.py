@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mailer.content.render import all_kinds_and_locales
-from mailer.ops.preview import preview, sample_event, sample_previous
+from mailer.ops.preview import SAMPLE_OPTIONAL, preview, sample_event, sample_previous
 from mailer.settings import Settings
 
 CHROMIUM = shutil.which("chromium")
@@ -169,23 +169,47 @@ def long_event() -> dict[str, Any]:
     return event
 
 
-def test_no_kind_is_wider_than_a_320px_phone(chromium: Chromium, tmp_path: Path) -> None:
+def everything_event() -> dict[str, Any]:
+    """The long event with every optional field of the contract, long where a field can be."""
+    event = long_event()
+    event["registration"].update(SAMPLE_OPTIONAL["registration"])
+    event["event"].update({**SAMPLE_OPTIONAL["event"], "description": event["event"]["description"]})
+    event["event"]["title_i18n"] = {"en": LONG_TITLE}
+    event["event"]["contact"] = {**SAMPLE_OPTIONAL["event"]["contact"], "name": LONG_PLACE}
+    event["event"]["access_info"] = {**SAMPLE_OPTIONAL["event"]["access_info"], "platform": LONG_TITLE}
+    return event
+
+
+FOOTER = {
+    "footer_address": "Stadtverwaltung Kaiserslautern; Referat Bürgerbeteiligungsangelegenheiten; "
+    "Willy-Brandt-Platz 1; 67657 Kaiserslautern",
+    "privacy_url": "https://www.kaiserslautern.de/datenschutzerklaerung-buergerbeteiligungsplattform",
+    "imprint_url": "https://www.kaiserslautern.de/impressum",
+}
+VARIANTS = {"plain": (long_event, {}), "everything": (everything_event, FOOTER)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_kind_is_wider_than_a_320px_phone(chromium: Chromium, tmp_path: Path, variant: str) -> None:
     """With a long one-word title and a long place, no kind x locale document is wider than
-    320 px; screenshots at 320 and 600 px are kept under test-artifacts/phone-width/."""
-    settings = Settings(data_dir=tmp_path / "var")
+    320 px, also with every optional field and the operator footer set ("everything");
+    screenshots at 320 and 600 px are kept under test-artifacts/phone-width/."""
+    make_event, footer = VARIANTS[variant]
+    settings = Settings(data_dir=tmp_path / "var", **footer)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots and rendered HTML: {ARTIFACTS}")
     widths = {}
+    suffix = "" if variant == "plain" else f".{variant}"
     for kind, locale in all_kinds_and_locales():
-        registration = long_event()
+        registration = make_event()
         previous = sample_previous(registration) if kind == "event_changed" else None
         built, _ = preview(settings, kind, registration, locale, previous=previous)
-        page = ARTIFACTS / f"{kind}.{locale}.html"
+        page = ARTIFACTS / f"{kind}.{locale}{suffix}.html"
         page.write_text(built.html, encoding="utf-8")
         for width in (DESKTOP, PHONE):
             chromium.open(page, width)
-            chromium.screenshot(ARTIFACTS / f"{kind}.{locale}.{width}px.png")
+            chromium.screenshot(ARTIFACTS / f"{kind}.{locale}{suffix}.{width}px.png")
         widths[f"{kind}/{locale}"] = chromium.document_width()
-    print("document width at 320 px: " + ", ".join(f"{k} {w}" for k, w in widths.items()))
+    print(f"document width at 320 px ({variant}): " + ", ".join(f"{k} {w}" for k, w in widths.items()))
     too_wide = {name: width for name, width in widths.items() if width > PHONE}
     assert not too_wide, f"wider than {PHONE} px: {too_wide}"
