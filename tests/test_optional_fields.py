@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 from mailer.constants import LOCALES, MESSAGE_KINDS
 from mailer.errors import InvalidEvent
 from mailer.events import json_schema, parse_event
+from mailer.intake.client import MailerClient
 from mailer.ops.preview import SAMPLE_OPTIONAL, preview, sample_event_with_everything, sample_previous
+from tests.conftest import log_until, wait_for
 from tests.test_footer import _no_gaps
 
 CANCELLATIONS = ("registration_cancelled", "event_cancelled")
@@ -254,3 +257,128 @@ def test_the_json_schema_lists_every_optional_field() -> None:
         assert f"'{name}'" in schema, name
     for nested in ("meeting_id", "passcode", "dial_in", "sign_language", "captions", "phone"):
         assert f"'{nested}'" in schema, nested
+
+
+# --- through the real pipeline ------------------------------------------------------------------
+
+FOOTER = {
+    "footer_address": "Stadtverwaltung Kaiserslautern; Willy-Brandt-Platz 1; 67657 Kaiserslautern",
+    "privacy_url": "https://www.kaiserslautern.de/datenschutz",
+    "imprint_url": "https://www.kaiserslautern.de/impressum",
+}
+
+
+def _registration(number: int, locale: str, reference: str | None) -> dict[str, Any]:
+    """The full sample for registration `number`, with its own address, code and link (or none)."""
+    registration = sample_event_with_everything()
+    registration["id"] = f"evt-{number}"
+    registration["occurred_at"] = datetime.now(UTC).isoformat()
+    registration["registration"] = {
+        "id": f"reg-{number}",
+        "attendee": {"email": f"person{number}@example.org", "name": f"Person {number}", "locale": locale},
+    }
+    if reference is not None:
+        registration["registration"]["reference"] = reference
+        registration["registration"]["manage_url"] = (
+            f"https://anmeldung.example.org/r?id={number}&key=k{number}"
+        )
+    return registration
+
+
+def _mail_parts(received: Any) -> dict[str, str]:
+    return parts(received.message.as_bytes())
+
+
+async def test_mails_from_a_running_worker_carry_the_new_fields_and_the_footer(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """A worker with the footer settings sends each registration its own booking code and
+    management link, the event's new fields and the footer, in the confirmation and, read back
+    from Redis, in the later cancellation and change notices; one sent again without a code
+    loses it."""
+    await mail_worker(**FOOTER)
+    german, english, bare = (
+        _registration(1, "de", "KL-1"),
+        _registration(2, "en", "KL-22"),
+        _registration(3, "de", None),
+    )
+    async with MailerClient(redis_url) as client:
+        await client.publish_many([german, english, bare])
+        await wait_for(lambda: len(smtp_server.handler.received) == 3)
+        cancel = {
+            "type": "registration.cancelled",
+            "id": "evt-cancel",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "registration": {"id": "reg-1"},
+        }
+        start = datetime.fromisoformat(german["event"]["starts_at"]) + timedelta(hours=1)
+        moved = dict(
+            german["event"], starts_at=start.isoformat(), ends_at=(start + timedelta(hours=2)).isoformat()
+        )
+        update = {
+            "type": "event.updated",
+            "id": "evt-move",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "event": moved,
+        }
+        await client.publish(cancel)
+        await client.publish(update)
+        await wait_for(lambda: len(smtp_server.handler.received) == 6)
+    mails = {
+        (r.rcpt_tos[0], r.message["X-Mailer-Kind"]): _mail_parts(r) for r in smtp_server.handler.received
+    }
+    assert set(mails) == {
+        ("person1@example.org", "confirmation"),
+        ("person1@example.org", "registration_cancelled"),
+        ("person2@example.org", "confirmation"),
+        ("person2@example.org", "event_changed"),
+        ("person3@example.org", "confirmation"),
+        ("person3@example.org", "event_changed"),
+    }
+    for (address, kind), found in mails.items():
+        number = int(address[len("person")])
+        locale = "en" if number == 2 else "de"
+        _both(found, {1: "KL-1", 2: "KL-22", 3: "Anmeldenummer"}[number], number != 3)
+        manage = f"https://anmeldung.example.org/r?id={number}&key=k{number}"
+        _both(found, manage, number != 3 and kind != "registration_cancelled")
+        _both(found, EVENT["url"], True)
+        _both(found, EVENT["contact"]["phone"], True)
+        _both(found, ACCESSIBLE[locale], kind != "registration_cancelled")
+        _both(found, MEETING_ID[locale], kind != "registration_cancelled")
+        for line in FOOTER["footer_address"].split("; "):
+            _both(found, line, True)
+        _both(found, FOOTER["privacy_url"], True)
+        _both(found, FOOTER["imprint_url"], True)
+        if locale == "en":
+            assert EVENT["title_i18n"]["en"] in found["subject"]
+            assert f"SUMMARY:{EVENT['title_i18n']['en']}" in found["ics"]
+        if kind in PUBLISHING:
+            assert "calendar.google.com" in found["html"]
+        _no_gaps(found)
+
+
+async def test_a_registration_sent_again_without_its_code_loses_it(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """The stored registration follows the newest record: sent again without reference and
+    manage_url, the next mail (here the cancellation notice) has neither."""
+    await mail_worker()
+    first = _registration(1, "de", "KL-1")
+    async with MailerClient(redis_url) as client:
+        await client.publish(first)
+        await wait_for(lambda: len(smtp_server.handler.received) == 1)
+        again = dict(_registration(1, "de", None), id="evt-again")
+        await client.publish(again)
+        await log_until(redis_url, lambda log: any(e.source_event == "evt-again" for e in log))
+        cancel = {
+            "type": "registration.cancelled",
+            "id": "evt-cancel",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "registration": {"id": "reg-1"},
+        }
+        await client.publish(cancel)
+        await wait_for(lambda: len(smtp_server.handler.received) == 2)
+    confirmation, cancellation = (_mail_parts(r) for r in smtp_server.handler.received)
+    _both(confirmation, "KL-1", True)
+    _both(cancellation, "KL-1", False)
+    _both(cancellation, "Anmeldenummer", False)
