@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mailer.ops.preview import sample_event
+from mailer.ops.preview import sample_event, sample_event_with_everything
 
 
 def main() -> None:
@@ -22,6 +22,14 @@ def main() -> None:
     event["registration"]["id"] = "reg-1001"
     event["event"]["id"] = "weltoffen-dialog"
     (here / "registration.json").write_text(json.dumps(event, indent=2, ensure_ascii=False) + "\n")
+    # The same evening with every optional field of the contract: booking code, management
+    # link, event page, contact, access details, accessibility and an English title.
+    full = sample_event_with_everything()
+    full["id"] = "evt-full-1"
+    full["registration"]["id"] = "reg-full-1"
+    full["registration"]["attendee"] = {"email": "jane.doe@example.org", "name": "Jane Doe", "locale": "en"}
+    full["event"]["id"] = "weltoffen-dialog"
+    (here / "registration-full.json").write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
     now = datetime.now(UTC)
     lines = []
     for i, (name, locale) in enumerate([("Maria Müller", "de"), ("Ali Yılmaz", "de"), ("Jane Doe", "en")]):
