@@ -356,6 +356,30 @@ def operator_view(
 NO_OPERATOR = operator_view()
 
 
+def _withheld(
+    view: SimpleNamespace, changes: list[SimpleNamespace]
+) -> tuple[SimpleNamespace, list[SimpleNamespace]]:
+    """The view and changes without the join link and access details."""
+    # Withheld means absent: not merely unprinted by the default templates, so that no
+    # template (an operator's own included) can leak the link through the context.
+    view = SimpleNamespace(**{**vars(view), "join_url": None, "access": None})
+    changes = [
+        SimpleNamespace(**{**vars(c), "old": None, "new": None}) if c.field == "join_url" else c
+        for c in changes
+    ]
+    return view, changes
+
+
+def _reminder_view(event: Event, offset: Offset, locale: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        offset=offset.iso,
+        offset_seconds=offset.total_seconds,
+        lead=reminder_lead(offset, locale),
+        when=reminder_when(event, offset, locale),
+        is_tomorrow=offset.days == 1 and offset.seconds == 0,
+    )
+
+
 def build_context(
     *,
     kind: str,
@@ -379,13 +403,7 @@ def build_context(
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
     if not show_join:
-        # Withheld means absent: not merely unprinted by the default templates, so that no
-        # template (an operator's own included) can leak the link through the context.
-        view = SimpleNamespace(**{**vars(view), "join_url": None, "access": None})
-        changes = [
-            SimpleNamespace(**{**vars(c), "old": None, "new": None}) if c.field == "join_url" else c
-            for c in changes
-        ]
+        view, changes = _withheld(view, changes)
     # Web links beside a calendar file that adds or moves the entry, from the same data.
     links = None
     if has_calendar and row.calendar == "PUBLISH":
@@ -402,15 +420,7 @@ def build_context(
         "calendar_links": links,
         "event": view,
         "show_join_url": bool(show_join and event.join_url),
-        "reminder": SimpleNamespace(
-            offset=offset.iso,
-            offset_seconds=offset.total_seconds,
-            lead=reminder_lead(offset, locale),
-            when=reminder_when(event, offset, locale),
-            is_tomorrow=offset.days == 1 and offset.seconds == 0,
-        )
-        if offset is not None
-        else None,
+        "reminder": _reminder_view(event, offset, locale) if offset is not None else None,
         "changes": changes,
         "has_calendar": has_calendar,
         "registration_open": registration_open(event, now),
