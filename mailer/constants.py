@@ -47,6 +47,14 @@ LOG_STREAM: Final = PREFIX + "log"
 # their entries, oldest first, as one field of a hash bucket (mailer.state.deliverylog says why).
 LOG_BY_REGISTRATION_KEY: Final = PREFIX + "log:registration:{bucket}"
 LOG_BY_RECIPIENT_KEY: Final = PREFIX + "log:recipient:{bucket}"
+# Lists of entry positions (stream id as ms * 1024 + seq) per event ("e"), status ("s"), kind
+# ("k") and event|status ("es"), oldest first: the other filters read a page of one of these.
+LOG_LIST_KEY: Final = PREFIX + "log:by:{dim}:{value}"
+# Counters kept on the append (scope "*" or "e:<event id>"): entries per "status|kind", sent
+# entries per latency bucket, and the messages whose newest entry is `failed` (dead letters).
+LOG_COUNTS_KEY: Final = PREFIX + "log:counts:{scope}"
+LOG_LATENCY_KEY: Final = PREFIX + "log:latency:{scope}"
+LOG_DEAD_KEY: Final = PREFIX + "log:dead:{scope}"
 
 # The relay circuit (mailer.state.circuit): a hash with its state (open/closed), the next probe
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.

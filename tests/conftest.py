@@ -447,7 +447,7 @@ def mail_worker(
 
 async def log_until(url: str, predicate: Callable[[list[Any]], bool], within: float = 10.0) -> list[Any]:
     """Poll the delivery log until `predicate(entries)` holds; return the entries (oldest first)."""
-    from mailer.state.deliverylog import read_log
+    from mailer.state.logquery import read_log
     from mailer.state.queue import connect
 
     redis = await connect(url)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mailer.errors import InvalidEvent
 from mailer.intake.client import MailerClient, SyncMailerClient
-from mailer.state.deliverylog import read_log
+from mailer.state.logquery import read_log
 from mailer.state.queue import connect
 from tests.conftest import BERLIN, event_day, log_until, make_event, wait_for
 

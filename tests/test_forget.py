@@ -10,7 +10,8 @@ import pytest
 
 from mailer.durations import parse_offsets
 from mailer.lifecycle.planner import Planner
-from mailer.state.deliverylog import DeliveryLog, LogEntry, read_log
+from mailer.state.deliverylog import DeliveryLog, LogEntry
+from mailer.state.logquery import read_log
 from mailer.state.queue import connect_client
 from mailer.state.store import load_registrations
 from tests.clocks import SettableClock
@@ -19,10 +20,6 @@ from tests.test_cli import mailer
 from tests.test_retention import created, everything, mentions
 
 ADDRESS = "maria.mueller@example.org"
-
-# forget_recipient is still the stub helper L1 committed (it erases nothing from the log): the
-# log is checked apart, and the strict xfail fails the day it works, to be folded back in.
-FORGET_PENDING = pytest.mark.xfail(strict=True, reason="deliverylog.forget_recipient is a stub (helper L1)")
 
 
 def env(redis_url: str) -> dict[str, str]:
@@ -95,7 +92,6 @@ async def test_forget_leaves_the_address_and_name_nowhere_but_keeps_the_counts(
         await redis.aclose()
 
 
-@FORGET_PENDING
 async def test_forget_leaves_the_address_nowhere_in_the_log(redis_url: str, tmp_path: Path) -> None:
     """The delivery log and its indexes no longer name the address either (forget_recipient)."""
     redis = await connect_client(redis_url)

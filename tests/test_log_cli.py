@@ -218,14 +218,19 @@ def test_stats_count_per_status_and_kind_for_one_event(redis_url: str, log_of_30
 def test_stats_latency_runs_from_planned_to_sent(
     redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Latency percentiles are planned → sent per message; a message whose planning is not in
-    the log counts in no percentile (rather than as 0 s); the oldest message waiting is named."""
+    """Latency percentiles come from the sent entries' latency (first planned → the relay's
+    reply, measured by the sender), kept in quarter-octave buckets by the append, so a
+    percentile is the top of its bucket; a sent entry without one counts in no percentile.
+    Over a time range the entries are read and the oldest message waiting is named."""
     monkeypatch.chdir(tmp_path)
     at = START.isoformat(timespec="milliseconds")
 
     def entry(status: str, message: str, seconds: int) -> LogEntry:
         ts = (START + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
-        return LogEntry(ts=ts, status=status, message_id=message, event_id="evt-1")  # type: ignore[arg-type]
+        latency = (
+            {"reg-1/reminder": 10_000, "reg-2/reminder": 40_000}.get(message) if status == "sent" else None
+        )
+        return LogEntry(ts=ts, status=status, message_id=message, event_id="evt-1", latency_ms=latency)  # type: ignore[arg-type]
 
     write_log(
         redis_url,
@@ -240,6 +245,11 @@ def test_stats_latency_runs_from_planned_to_sent(
         ],
     )
     body = orjson.loads(run(redis_url, "stats", "--event", "evt-1", "--json").stdout)
+    assert body["sent"] == 2
+    # 10 000 ms lies in the bucket up to 2^(54/4) - 1 = 11 584 ms, 40 000 in the one up to 46 340.
+    assert body["latency_ms"] == {"p50": 11_584, "p90": 46_340, "p99": 46_340, "max": 46_340}
+    since = (START - timedelta(hours=1)).isoformat()
+    body = orjson.loads(run(redis_url, "stats", "--event", "evt-1", "--since", since, "--json").stdout)
     assert body["sent"] == 2
     assert body["latency_ms"] == {"p50": 10_000, "p90": 40_000, "p99": 40_000, "max": 40_000}
     assert body["oldest_waiting"]["message_id"] == "reg-3/reminder"

@@ -13,14 +13,8 @@ from hypothesis import strategies as st
 
 from mailer.constants import LOG_STREAM
 from mailer.intake.client import MailerClient
-from mailer.state.deliverylog import (
-    DeliveryLog,
-    LogEntry,
-    indexed_entries,
-    read_log,
-    recipient_index,
-    registration_index,
-)
+from mailer.state.deliverylog import DeliveryLog, LogEntry, recipient_index, registration_index
+from mailer.state.logquery import indexed_entries, read_log
 from mailer.state.queue import connect_client
 from tests.conftest import log_until, make_event
 

@@ -609,29 +609,26 @@ async def test_a_late_outcome_does_not_overwrite_what_another_worker_recorded(re
     """A send that outlived its lease was re-claimed and sent by another worker (sent, attempt 2);
     the first worker's late 'retrying' must not overwrite it (that made it go out a third time).
     Its log entry is still written: it says what that worker saw."""
-    from mailer.state.deliverylog import NO_INDEX
+    from mailer.state.deliverylog import LogEntry, append_parts
     from mailer.state.message_states import MessageStore
     from mailer.state.messages import MessageRef, MessageState
     from mailer.state.store import registration_key
 
-    unindexed = (NO_INDEX, NO_INDEX)
+    entry = LogEntry(ts="2026-12-02T10:00:00+00:00", status="retrying", message_id="late-1/confirmation")
+    logged = append_parts(entry, max_entries=1000, indexed=False)
     redis = await connect(redis_url)
     try:
         ref = MessageRef("late-1", "confirmation")
         theirs = MessageState("sent", 2, 1, 2, 0).encode()
         await redis.hset(registration_key("late-1"), ref.field, theirs)
         late = MessageState("retrying", 1, 1, 3, 99_999)
-        await MessageStore(redis).step(
-            (ref, late, b'{"status":"retrying"}', 1, unindexed), None, log_max_entries=1000
-        )
+        await MessageStore(redis).step((ref, late, 1, logged), None)
         assert await redis.hget(registration_key("late-1"), ref.field) == theirs.encode()
         assert await redis.zscore("mailer:due", ref.id) is None
         assert await redis.xlen("mailer:log") == 1
         # While it is still ours (sending, attempt 1), the outcome is recorded.
         await redis.hset(registration_key("late-1"), ref.field, MessageState("sending", 1, 1, 2, 9).encode())
-        await MessageStore(redis).step(
-            (ref, late, b'{"status":"retrying"}', 1, unindexed), None, log_max_entries=1000
-        )
+        await MessageStore(redis).step((ref, late, 1, logged), None)
         assert await redis.hget(registration_key("late-1"), ref.field) == late.encode().encode()
     finally:
         await redis.aclose()

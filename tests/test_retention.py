@@ -72,11 +72,6 @@ def mentions(stored: dict[str, str], *needles: str, log: bool = True) -> dict[st
     }
 
 
-# trim_log is still the stub helper L1 committed for this (it removes nothing): the tests below
-# check the log part apart, and fail (strict xfail) the day it works, to be folded back in.
-LOG_TRIM_PENDING = pytest.mark.xfail(strict=True, reason="deliverylog.trim_log is a stub (helper L1)")
-
-
 def created(event_id: str, registration_id: str, email: str, name: str, starts: datetime) -> Any:
     return parse_event(
         make_event(
@@ -240,7 +235,6 @@ async def test_the_worker_removes_an_ended_event_on_its_tick(
         await redis.aclose()
 
 
-@LOG_TRIM_PENDING
 async def test_log_entries_older_than_the_retention_are_trimmed_with_their_indexes(redis_url: str) -> None:
     """Retention trims the delivery log too: 91 days on, no entry or index names an attendee
     of the ended event."""

@@ -27,7 +27,7 @@ from mailer.errors import (
 from mailer.lifecycle.kinds import KINDS
 from mailer.settings import Settings
 from mailer.state.circuit import Gate, RelayCircuit
-from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus, index_slots
+from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
 from mailer.state.store import (
@@ -399,13 +399,13 @@ class Sender:
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
-            recorded = (done[0].claim.ref, state, line, done[0].claim.attempt, index_slots(entry))
+            recorded = (done[0].claim.ref, state, done[0].claim.attempt, self.log.parts(entry))
         handed = None
         if following is not None:
             claim = following.claim
             sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
             handed = (claim.ref, claim.attempt, sending)
-        return await self.store.step(recorded, handed, log_max_entries=self.log.max_entries)
+        return await self.store.step(recorded, handed)
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime, hold_until_ms: int | None
@@ -461,6 +461,10 @@ class Sender:
         code: int | None = None,
         enhanced: str | None = None,
     ) -> LogEntry:
+        ref = claim.ref
+        kind = KINDS[ref.kind]
+        built = status in ("sent", "retrying", "failed", "uncertain")  # a mail was handed to the relay
+        sequence = stored.version + kind.sequence_bump if stored and kind.calendar and built else None
         return LogEntry(
             ts=iso(now),
             status=status,
@@ -474,6 +478,11 @@ class Sender:
             worker=self.log.worker,
             smtp_code=code,
             enhanced_code=enhanced,
+            locale=reg.attendee.locale if reg and reg.attendee else "",
+            reference=(reg.reference or "") if reg else "",
+            message_id_header=ref.header_id(self.builder.domain) if built else "",
+            sequence=sequence,
+            latency_ms=max(0, ms(now) - claim.since_ms) if status == "sent" and claim.since_ms else None,
         )
 
 

@@ -32,7 +32,9 @@ from mailer.ops import log_views
 from mailer.ops.embedded import resolve_redis_url
 from mailer.ops.log_reading import LogQuery, entries, stats, timeline
 from mailer.settings import Settings, load_settings
-from mailer.state.deliverylog import LOG_STATUSES, DeliveryLog, LogEntry, LogStatus, forget_recipient
+from mailer.state.deliverylog import LOG_STATUSES, DeliveryLog, LogEntry, LogStatus, position_of
+from mailer.state.logerase import forget_recipient
+from mailer.state.logquery import top_position
 from mailer.state.messages import MessageRef
 from mailer.state.queue import connect_client
 from mailer.state.redis_types import RedisClient
@@ -288,23 +290,22 @@ class _Printer:
 
 
 async def _follow(redis: RedisClient, query: LogQuery, shown: list[LogEntry], printer: _Printer) -> None:
-    """Print new matching entries, oldest first, as they are written (polling; Ctrl-C ends)."""
-    window = timedelta(seconds=5)  # entries this close to the newest one are compared, not assumed new
-    newest = max((datetime.fromisoformat(e.ts) for e in shown), default=utc_now())
-    seen = {e.to_json() for e in shown}
+    """Print new matching entries, oldest first, as they are written (polling; Ctrl-C ends).
+
+    Stream ids only grow, so what is new is what lies above the newest id seen."""
+    last = max((position_of(e.entry_id) for e in shown if e.entry_id), default=await top_position(redis))
     while True:
         await asyncio.sleep(FOLLOW_POLL_SECONDS)
-        fresh = [
-            e
-            async for e in entries(redis, _since(query, newest - window), skew=window)
-            if e.to_json() not in seen
-        ]
+        fresh: list[LogEntry] = []
+        async for entry in entries(redis, query):
+            if position_of(entry.entry_id) <= last:
+                break
+            fresh.append(entry)
         for entry in reversed(fresh):
             printer.add(entry)
-            seen.add(entry.to_json())
-            newest = max(newest, datetime.fromisoformat(entry.ts))
+        if fresh:
+            last = position_of(fresh[0].entry_id)
         printer.flush()
-        seen = {raw for raw in seen if datetime.fromisoformat(orjson.loads(raw)["ts"]) >= newest - window}
 
 
 def _since(query: LogQuery, moment: datetime) -> LogQuery:

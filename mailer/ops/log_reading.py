@@ -1,10 +1,8 @@
 """What the log commands ask of the delivery log: filters, matching entries, timelines and stats.
 
-Read through mailer.state.deliverylog's public readers: a registration's, a message's or an
-address's entries from their index, everything else by walking the stream newest first. The
-log's own query API (typed filters, cursor paging, counters kept on the send path) replaces
-the walking here when it lands; the commands only see `LogQuery`, `entries`, `timeline` and
-`stats`.
+The log's own readers (mailer.state.logquery) pick the index a filter needs and page through
+it newest first; stats of all time come from the counters the send path keeps, stats since a
+moment from the entries since then.
 """
 
 from __future__ import annotations
@@ -12,83 +10,26 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from mailer.state.deliverylog import (
-    LogEntry,
-    indexed_entries,
-    read_log,
-    recipient_index,
-    registration_index,
-)
+from mailer.state.deliverylog import LogEntry, kind_of
+from mailer.state.logquery import LogFilter, iter_log, log_counts
 from mailer.state.redis_types import RedisClient
 
-# Entries of one stream are in the order Redis received them; their `ts` is the writer's clock.
-# Walking newest first, a walk for `since` stops this far past it, so a worker whose clock ran
-# a little behind does not hide its entries.
-CLOCK_SKEW = timedelta(seconds=60)
 FINAL = frozenset({"sent", "failed", "skipped"})
 # The entries that move a message's state; "ignored" (a replay) and "rejected" notes do not.
 STATE_CHANGES = FINAL | {"planned", "retrying", "held", "uncertain", "redriven"}
-
-
-def kind_of(entry: LogEntry) -> str:
-    """The entry's kind, read from its message id where it has none of its own."""
-    if entry.kind:
-        return entry.kind
-    parts = entry.message_id.split("/")
-    return parts[1] if len(parts) > 1 else ""
+LogQuery = LogFilter
+__all__ = ["LogQuery", "kind_of"]
 
 
 def when(entry: LogEntry) -> datetime:
     return datetime.fromisoformat(entry.ts)
 
 
-@dataclass(frozen=True, slots=True)
-class LogQuery:
-    """Which entries a command wants: every given field must match; `since` inclusive, `until` not."""
-
-    recipient: str | None = None
-    registration: str | None = None
-    message: str | None = None
-    event: str | None = None
-    status: str | None = None
-    kind: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-
-    def matches(self, entry: LogEntry) -> bool:
-        moment = when(entry)
-        return not (
-            (self.recipient and entry.recipient.lower() != self.recipient.strip().lower())
-            or (self.registration and entry.registration_id != self.registration)
-            or (self.message and entry.message_id != self.message)
-            or (self.event and entry.event_id != self.event)
-            or (self.status and entry.status != self.status)
-            or (self.kind and kind_of(entry) != self.kind)
-            or (self.since and moment < self.since)
-            or (self.until and moment >= self.until)
-        )
-
-
-async def entries(
-    redis: RedisClient, query: LogQuery, *, skew: timedelta = CLOCK_SKEW
-) -> AsyncIterator[LogEntry]:
+def entries(redis: RedisClient, query: LogQuery) -> AsyncIterator[LogEntry]:
     """The entries that match, newest first, read a page at a time (constant memory)."""
-    registration = query.registration or (query.message.split("/", 1)[0] if query.message else None)
-    index = registration_index(registration) if registration else None
-    if index is None and query.recipient:
-        index = recipient_index(query.recipient)
-    if index is not None:
-        for entry in await indexed_entries(redis, index):
-            if query.matches(entry):
-                yield entry
-        return
-    async for entry in read_log(redis):
-        if query.since and when(entry) < query.since - skew:
-            return
-        if query.matches(entry):
-            yield entry
+    return iter_log(redis, query)
 
 
 @dataclass(slots=True)
@@ -152,26 +93,36 @@ class LogStats:
 
 
 async def stats(redis: RedisClient, query: LogQuery) -> LogStats:
-    """Stats of the matching entries (walks them all: one event, or a time range, keeps it short)."""
+    """Stats of one event or all: from the counters (no entry read) unless a time range is
+    asked for, then from the entries in it."""
+    if query.since is None and query.until is None:
+        counted = await log_counts(redis, query.event)
+        oldest = counted.oldest_due
+        return LogStats(
+            counts=counted.counts,
+            latency_ms=counted.latency_ms,
+            sent=counted.sent,
+            dead_letters=counted.dead_letters,
+            oldest_waiting=(oldest[0], "due", oldest[1]) if oldest else None,
+        )
+    return await _walked_stats(redis, query)
+
+
+async def _walked_stats(redis: RedisClient, query: LogQuery) -> LogStats:
     result = LogStats()
     first: dict[str, datetime] = {}  # message -> its oldest entry seen
-    planned: dict[str, datetime] = {}  # message -> its oldest planned entry
     latest: dict[str, LogEntry] = {}  # message -> its newest entry
     latencies: list[float] = []
     async for entry in entries(redis, query):  # newest first
         key = (entry.status, kind_of(entry))
         result.counts[key] = result.counts.get(key, 0) + 1
+        if entry.status == "sent" and entry.latency_ms is not None:
+            latencies.append(entry.latency_ms)
         if entry.message_id and entry.status in STATE_CHANGES:
             latest.setdefault(entry.message_id, entry)
             first[entry.message_id] = when(entry)
-            if entry.status == "planned":
-                planned[entry.message_id] = when(entry)
     for message_id, newest in latest.items():
-        if newest.status == "sent":
-            # Only where the log has the planning: a confirmation sent at once logs just `sent`.
-            if message_id in planned:
-                latencies.append((when(newest) - planned[message_id]).total_seconds() * 1000)
-        elif newest.status == "failed":
+        if newest.status == "failed":
             result.dead_letters += 1
         elif newest.status not in FINAL:
             since = first[message_id]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from mailer.clock import Clock, iso, ms, utc_now
-from mailer.state.deliverylog import DeliveryLog, LogEntry, read_log
+from mailer.state.deliverylog import DeliveryLog, LogEntry
+from mailer.state.logquery import read_log
 from mailer.state.message_states import MessageStore
 from mailer.state.messages import MessageRef, MessageState
 from mailer.state.queue import SEND, Enqueuer

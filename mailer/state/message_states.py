@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailer.constants import DUE_KEY, LOG_STREAM
-from mailer.state.deliverylog import LOG_APPEND_LUA, IndexSlot
+from mailer.constants import DUE_KEY
+from mailer.state.deliverylog import LOG_APPEND_LUA, LOG_KEYS, LogAppend
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import Pipeline, RedisClient
 from mailer.state.store import registration_key
@@ -65,34 +65,35 @@ return out
 # The send path's one round trip per mail, as a single command: record the previous
 # message's outcome (state, due index, delivery log) and hand the next one over (only if
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
-# never sends what another worker re-claimed). KEYS: due index, log stream, previous reg, next reg (either
-# reg may be the empty string), then the log entry's two index buckets (deliverylog.index_slots;
-# their fields are ARGV[14] and ARGV[15]).
+# never sends what another worker re-claimed). KEYS: due index, previous reg, next reg (either
+# reg may be the empty string), then the log append's keys (deliverylog.append_parts); ARGV:
+# the previous message's field, state, final, id, due score and handed-over attempt, the next
+# one's field, attempt, state, lease end and id, then the log append's arguments.
 # Returns 1 if the next message may be sent.
 STEP_SCRIPT = (
     STATE_LUA
     + LOG_APPEND_LUA
     + """
-if KEYS[3] ~= '' then
-  -- Only while it is still ours: sending, with the attempt we handed over (ARGV[13]). A send
+if KEYS[2] ~= '' then
+  -- Only while it is still ours: sending, with the attempt we handed over (ARGV[6]). A send
   -- that outlived its lease may have been re-claimed and even sent by another worker; its
   -- late outcome must not overwrite theirs (a stale 'retrying' over 'sent' sent it again).
-  local st, at = decode_state(redis.call('HGET', KEYS[3], ARGV[1]) or nil)
-  if st == 'sending' and at == tonumber(ARGV[13]) then
-    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+  local st, at = decode_state(redis.call('HGET', KEYS[2], ARGV[1]) or nil)
+  if st == 'sending' and at == tonumber(ARGV[6]) then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
     if ARGV[3] == '1' then
       redis.call('ZREM', KEYS[1], ARGV[4])
     else
       redis.call('ZADD', KEYS[1], ARGV[5], ARGV[4])
     end
   end
-  log_append(KEYS[2], ARGV[7], ARGV[6], KEYS[5], ARGV[14], KEYS[6], ARGV[15])
+  log_append(KEYS, 4, ARGV, 12)
 end
-if KEYS[4] == '' then return 1 end
-local status, attempts = decode_state(redis.call('HGET', KEYS[4], ARGV[8]) or nil)
-if status ~= 'claimed' or attempts ~= tonumber(ARGV[9]) then return 0 end
-redis.call('HSET', KEYS[4], ARGV[8], ARGV[10])
-redis.call('ZADD', KEYS[1], ARGV[11], ARGV[12])
+if KEYS[3] == '' then return 1 end
+local status, attempts = decode_state(redis.call('HGET', KEYS[3], ARGV[7]) or nil)
+if status ~= 'claimed' or attempts ~= tonumber(ARGV[8]) then return 0 end
+redis.call('HSET', KEYS[3], ARGV[7], ARGV[9])
+redis.call('ZADD', KEYS[1], ARGV[10], ARGV[11])
 return 1
 """
 )
@@ -189,35 +190,33 @@ class MessageStore:
 
     async def step(
         self,
-        done: tuple[MessageRef, MessageState, bytes, int, tuple[IndexSlot, IndexSlot]] | None,
+        done: tuple[MessageRef, MessageState, int, LogAppend] | None,
         following: tuple[MessageRef, int, MessageState] | None,
-        *,
-        log_max_entries: int,
     ) -> bool:
-        """Record `done` (ref, final-or-retry state, log JSON, the attempt it was handed over
-        with, the entry's index keys; the state only if it is still that handover) and hand
-        `following` (ref, claimed attempt, sending state) over, in one command. False: don't
-        send `following`."""
-        keys = [DUE_KEY, LOG_STREAM, "", "", "", ""]
-        args: list[Any] = ["", "", "", "", 0, "", log_max_entries, "", 0, "", 0, "", 0, "", ""]
+        """Record `done` (ref, final-or-retry state, the attempt it was handed over with, its
+        log append; the state only if it is still that handover) and hand `following` (ref,
+        claimed attempt, sending state) over, in one command. False: don't send `following`."""
+        keys = [DUE_KEY, "", ""]
+        args: list[Any] = ["", "", "", "", 0, 0, "", 0, "", 0, ""]
         if done is not None:
-            ref, state, entry, handed_attempt, (by_registration, by_recipient) = done
-            args[12] = handed_attempt
-            keys[4:6] = [by_registration[0], by_recipient[0]]
-            args[13:15] = [by_registration[1], by_recipient[1]]
-            keys[2] = registration_key(ref.registration_id)
+            ref, state, handed_attempt, (log_keys, log_args) = done
+            keys[1] = registration_key(ref.registration_id)
             args[0:6] = [
                 ref.field,
                 state.encode(),
                 "1" if state.final else "0",
                 ref.id,
                 state.aux_ms or state.at_ms,
-                entry,
+                handed_attempt,
             ]
+            keys += log_keys
+            args += log_args
+        else:
+            keys += [""] * LOG_KEYS
         if following is not None:
             ref, attempt, state = following
-            keys[3] = registration_key(ref.registration_id)
-            args[7:12] = [ref.field, attempt, state.encode(), state.aux_ms, ref.id]
+            keys[2] = registration_key(ref.registration_id)
+            args[6:11] = [ref.field, attempt, state.encode(), state.aux_ms, ref.id]
         return bool(await self._step(keys=keys, args=args))
 
     async def due(self, *, now_ms: int, limit: int) -> list[str]:

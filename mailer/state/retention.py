@@ -33,12 +33,16 @@ from mailer.constants import (
     DUE_KEY,
     EVENT_KEY,
     EVENT_REGISTRATIONS_KEY,
+    LOG_BY_RECIPIENT_KEY,
+    LOG_BY_REGISTRATION_KEY,
+    LOG_DEAD_KEY,
+    LOG_LIST_KEY,
     PREFIX,
     REGISTRATION_KEY,
     SCHEDULE_KEY,
     SEEN_KEY,
 )
-from mailer.state.deliverylog import trim_log
+from mailer.state.logerase import drop_event_log, trim_indexes, trim_log
 from mailer.state.redis_types import RedisClient
 from mailer.state.store import event_key, registration_key, registrations_key
 
@@ -62,6 +66,13 @@ _EVENT_PREFIX = EVENT_KEY.format(event_id="")
 _REGS_SUFFIX = EVENT_REGISTRATIONS_KEY.format(event_id="").removeprefix(_EVENT_PREFIX)
 _REGISTRATION_PREFIX = REGISTRATION_KEY.format(registration_id="")
 _SEEN_PREFIX = SEEN_KEY.format(event_id="")
+# The log's index keys a page may hold, by the form trim_indexes needs to know.
+_LOG_INDEX_FORMS = (
+    (LOG_LIST_KEY.split("{", 1)[0], "list"),
+    (LOG_BY_REGISTRATION_KEY.format(bucket=""), "bucket"),
+    (LOG_BY_RECIPIENT_KEY.format(bucket=""), "bucket"),
+    (LOG_DEAD_KEY.format(scope=""), "dead"),
+)
 
 # KEYS[1]: the due index, then registration hashes; ARGV: per registration its id and the event id
 # it was judged by ('' for none). A registration that names another event by now is kept.
@@ -124,6 +135,7 @@ class RetentionReport:
     """What one run did; `walk_done` when its page ended a walk through the keyspace."""
 
     log_entries: int = 0
+    log_indexes: int = 0  # ids trimmed from the log's indexes
     scanned: int = 0
     events: int = 0
     registrations: int = 0
@@ -148,6 +160,7 @@ class _Page:
     events: set[str] = field(default_factory=set)  # ids of events met as a hash or a registration set
     registrations: list[str] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)
+    log_indexes: list[tuple[str, str]] = field(default_factory=list)  # (key, form)
 
 
 class Retention:
@@ -205,6 +218,7 @@ class Retention:
     async def _page(self, page: _Page, *, cutoff_ms: int, report: RetentionReport) -> None:
         if page.seen:
             report.seen_bounded = int(await self._bound(keys=page.seen, args=[self.days * DAY_MS]))
+        report.log_indexes = await trim_indexes(self.redis, page.log_indexes, before_ms=cutoff_ms)
         owners = await self._owners(page.registrations)
         ended, missing = await self._ended(page.events | {e for e, _ in owners.values() if e}, cutoff_ms)
         await self._purge_events(ended)
@@ -265,6 +279,7 @@ class Retention:
             for event_id in sorted(event_ids):
                 pipe.delete(event_key(event_id), registrations_key(event_id))
             await pipe.execute()
+        await drop_event_log(self.redis, event_ids)
         for event_id in sorted(event_ids):
             await self._unschedule(event_id)
 
@@ -299,6 +314,8 @@ def _sort(raw_keys: list[bytes]) -> _Page:
             page.seen.append(key)
         elif key.startswith(_EVENT_PREFIX):
             page.events.add(key.removeprefix(_EVENT_PREFIX).removesuffix(_REGS_SUFFIX))
+        else:
+            page.log_indexes += [(key, form) for prefix, form in _LOG_INDEX_FORMS if key.startswith(prefix)]
     return page
 
 
