@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, lifecycle, mailer_phases
+from bench import ceilings, lifecycle, log_phase, mailer_phases
 from bench.data import SampleMessage
 from bench.infra import PhaseTimeout, RedisServer, run_isolated
 from bench.machine import wait_for_quiet
@@ -29,6 +29,7 @@ PHASES = (
     "reschedule",
     "enqueue",
     "aof",
+    "log",
 )
 
 
@@ -220,6 +221,16 @@ def phase_aof(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def phase_log(ctx: Context) -> dict[str, Any]:
+    result = log_phase.log_phase(ctx.redis, sizes=ctx.args.log_sizes)
+    for size, figures in result["sizes"].items():
+        slowest = max(q["ms"] for q in figures["queries"].values())
+        progress(
+            f"  {int(size):,} entries: {figures['bytes_per_entry']:,.0f} B/entry, slowest query {slowest} ms"
+        )
+    return result
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "protocol": phase_protocol,
     "transport": phase_transport,
@@ -232,6 +243,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "reschedule": phase_reschedule,
     "enqueue": phase_enqueue,
     "aof": phase_aof,
+    "log": phase_log,
 }
 
 

@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--enqueue-lines", type=int, default=100_000)
     parser.add_argument(
+        "--log-sizes",
+        default="100000,1000000",
+        help="delivery-log sizes the log phase fills and queries (default 100000,1000000)",
+    )
+    parser.add_argument(
         "--quiet-threshold",
         type=float,
         default=0.25,
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(PHASES)}")
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.log_sizes = [int(n) for n in args.log_sizes.split(",") if n.strip()]
     return args
 
 
