@@ -116,7 +116,13 @@ class WorkerProcess:
     """`python -m mailer worker` as a separate process, configured through MAILER_ variables."""
 
     def __init__(
-        self, data_dir: Path, *, redis_url: str, smtp_port: int, extra: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        *,
+        redis_url: str,
+        smtp_port: int,
+        extra: dict[str, str] | None = None,
+        module: str = "mailer",
     ):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
@@ -132,11 +138,15 @@ class WorkerProcess:
             MAILER_FROM=SENDER,
         )
         env.update(extra or {})
+        if module.startswith("bench."):
+            # cwd is the data dir: the checkout must be on the path for a bench module.
+            root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         self.log_path = data_dir / "worker.log"
         with self.log_path.open("wb") as log:
             # cwd is the fresh data dir: no stray .env from the checkout is read.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mailer", "worker"],
+                [sys.executable, "-m", module, "worker"],
                 cwd=data_dir,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -29,6 +29,7 @@ class Workers:
     sink: Sink
     base_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    module: str = "mailer"  # bench.unindexed_worker: the same worker with the log's indexes off
     processes: list[WorkerProcess] = field(default_factory=list)
 
     def start(self, count: int) -> None:
@@ -40,6 +41,7 @@ class Workers:
                 redis_url=self.redis.url,
                 smtp_port=self.sink.port,
                 extra=self.extra_env,
+                module=self.module,
             )
             self.processes.append(worker)
             wait_ready(r, worker, HEALTH_KEY)
@@ -61,9 +63,9 @@ class Workers:
 
 @contextlib.contextmanager
 def running_workers(
-    redis: RedisServer, sink: Sink, base_dir: Path, count: int, **env: str
+    redis: RedisServer, sink: Sink, base_dir: Path, count: int, module: str = "mailer", **env: str
 ) -> Iterator[Workers]:
-    workers = Workers(redis, sink, base_dir, extra_env=env)
+    workers = Workers(redis, sink, base_dir, extra_env=env, module=module)
     try:
         workers.start(count)
         yield workers
@@ -105,6 +107,7 @@ def throughput(
     run: str,
     timeout: float,
     days_ahead: int = 14,
+    module: str = "mailer",
     **env: str,
 ) -> dict[str, Any]:
     """Publish `n` registrations to idle workers; mails/s from the end of publishing to the n-th 250."""
@@ -114,7 +117,7 @@ def throughput(
     memory_before = redis.used_memory()
     events = registrations(n, run=run, days_ahead=days_ahead)
     began = time.monotonic()
-    with running_workers(redis, sink, base_dir, workers, **env) as procs:
+    with running_workers(redis, sink, base_dir, workers, module, **env) as procs:
         startup = time.monotonic() - began
         r.config_resetstat()
         foreign = ForeignLoad()

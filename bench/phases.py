@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ PHASES = (
     "enqueue",
     "aof",
     "log",
+    "log-cost",
 )
 
 
@@ -231,6 +233,28 @@ def phase_log(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def phase_log_cost(ctx: Context) -> dict[str, Any]:
+    """The send path with the log's indexes off and on, alternating in one run: what indexing costs."""
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for round_ in range(4):
+        indexed = "on" if round_ % 2 else "off"
+        ctx.quiet()
+        one = mailer_phases.throughput(
+            ctx.redis,
+            ctx.sink,
+            ctx.tmp / f"log-cost-{round_}",
+            n=ctx.args.n,
+            workers=1,
+            run=f"lc{round_}",
+            timeout=ctx.timeout(ctx.args.n, 20),
+            module="mailer" if indexed == "on" else "bench.unindexed_worker",
+        )
+        rates[indexed].append(one["rate"])
+        progress(f"  indexes {indexed}: {one['rate']:,.0f} mails/s")
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    return {"rates": rates, "median_off": off, "median_on": on, "on_over_off": on / off}
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "protocol": phase_protocol,
     "transport": phase_transport,
@@ -244,6 +268,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "enqueue": phase_enqueue,
     "aof": phase_aof,
     "log": phase_log,
+    "log-cost": phase_log_cost,
 }
 
 

@@ -86,7 +86,95 @@ def summary_rows(phases: dict[str, Any]) -> list[Row]:
         rows.append(Row("mailer", _status(phases, "mailer")))
     rows += _ratio_rows(phases, one, two)
     rows += _lifecycle_rows(phases, one)
+    rows += _log_rows(phases)
     rows.append(_disturbance_row(phases))
+    return rows
+
+
+def _log_rows(phases: dict[str, Any]) -> list[Row]:
+    """The delivery log's targets (issue 11): first pages, timeline, stats, memory, indexing cost."""
+    rows: list[Row] = []
+    log = _ok(phases, "log")
+    if log is None:
+        rows.append(Row("delivery log queries", _status(phases, "log")))
+    else:
+        sizes = sorted(log["sizes"].items(), key=lambda kv: int(kv[0]))
+        small = sizes[0][1]["queries"]
+        for size, figures in sizes:
+            entries = f"{int(size):,} entries"
+            queries = figures["queries"]
+            paged = {k: v["ms"] for k, v in queries.items() if k not in ("timeline",) and "stats" not in k}
+            worst = max(paged, key=lambda k: paged[k])
+            rows.append(
+                Row(
+                    f"log: slowest first page, {entries}",
+                    f"{paged[worst]} ms",
+                    "≤ 20 ms",
+                    _verdict(paged[worst] <= 20),
+                    worst,
+                )
+            )
+            if size != sizes[0][0]:
+                growth = max(queries[k]["ms"] / max(small[k]["ms"], 0.5) for k in paged)
+                rows.append(
+                    Row(
+                        f"log: growth from {int(sizes[0][0]):,}, {entries}",
+                        f"{growth:.2f}×",
+                        "≤ 1.5×",
+                        _verdict(growth <= 1.5),
+                        "slowest ratio per query (times under 0.5 ms count as 0.5)",
+                    )
+                )
+            rows.append(
+                Row(
+                    f"log: timeline, {entries}",
+                    f"{queries['timeline']['ms']} ms",
+                    "≤ 5 ms",
+                    _verdict(queries["timeline"]["ms"] <= 5),
+                )
+            )
+            rows.append(
+                Row(
+                    f"log: stats of one event, {entries}",
+                    f"{queries['stats one event']['ms']} ms",
+                    "≤ 200 ms",
+                    _verdict(queries["stats one event"]["ms"] <= 200),
+                    f"{figures['registrations'] // 5:,} registrations in the event",
+                )
+            )
+            rows.append(
+                Row(
+                    f"log: Redis memory, {entries}",
+                    f"{figures['bytes_per_entry']:.0f} B/entry",
+                    "≤ 300 B",
+                    _verdict(figures["bytes_per_entry"] <= 300),
+                    "every index and counter included",
+                )
+            )
+        step = log["step_script"]
+        ratio = step["calls_per_s_indexing_on"] / step["calls_per_s_indexing_off"]
+        rows.append(
+            Row(
+                "log: step script alone, indexes on / off",
+                f"{ratio:.2f}×",
+                "",
+                "",
+                f"{step['calls_per_s_indexing_on']:,}/s vs {step['calls_per_s_indexing_off']:,}/s, no SMTP",
+            )
+        )
+    cost = _ok(phases, "log-cost")
+    if cost is None:
+        rows.append(Row("log: send path, indexes on / off", _status(phases, "log-cost")))
+    else:
+        rows.append(
+            Row(
+                "log: send path, indexes on / off",
+                f"{cost['on_over_off']:.2f}×",
+                "≥ 0.90×",
+                _verdict(cost["on_over_off"] >= 0.9),
+                f"1 worker, median of 2 each: {cost['median_on']:,.0f} vs {cost['median_off']:,.0f} mails/s",
+            )
+        )
     return rows
 
 
