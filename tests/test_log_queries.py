@@ -16,6 +16,7 @@ from mailer.clock import utc_now
 from mailer.state.deliverylog import DeliveryLog, LogEntry, kind_of
 from mailer.state.logquery import LogFilter, iter_log, log_counts, log_page, read_log
 from mailer.state.queue import connect_client
+from mailer.state.store import registration_key
 
 NOW = utc_now().replace(microsecond=0)
 EVENTS = ["evt-1", "evt-2", ""]
@@ -164,6 +165,7 @@ from datetime import timedelta
 from mailer.clock import utc_now
 from mailer.state.deliverylog import DeliveryLog, LogEntry
 from mailer.state.queue import connect_client
+from mailer.state.store import registration_key
 
 async def main(url, name, parity, behind):
     redis = await connect_client(url)
@@ -202,3 +204,99 @@ async def test_two_worker_processes_keep_one_messages_entries_in_order(redis_url
     assert {e.worker for e in found if e.attempt % 2} == {"w-odd"}
     lagging = [datetime.fromisoformat(e.ts) for e in found if e.worker == "w-odd"]
     assert all(t < utc_now() - timedelta(seconds=15) for t in lagging)  # their own clock's time
+
+
+EVENT_OF = {"reg-1": "evt-1", "reg-2": "evt-2", "reg-3": "evt-1"}
+
+
+@st.composite
+def message_entry(draw: Any) -> LogEntry:
+    """A state change of one message, as the send path writes it: the event is the registration's."""
+    registration = draw(st.sampled_from(REGISTRATIONS))
+    kind = draw(st.sampled_from(KINDS))
+    return LogEntry(
+        ts=(NOW + timedelta(milliseconds=draw(st.integers(-30_000, 30_000)))).isoformat(),
+        status=draw(st.sampled_from(["planned", "sent", "retrying", "failed", "skipped", "redriven"])),
+        message_id=f"{registration}/{kind}",
+        registration_id=registration,
+        event_id=EVENT_OF[registration],
+        recipient="maria@example.org",
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    entries=st.lists(message_entry(), max_size=40),
+    status=st.sampled_from(["failed", "skipped"]),
+    kind=st.none() | st.sampled_from(KINDS),
+    event=st.none() | st.sampled_from(["evt-1", "evt-2"]),
+    since=st.none() | st.integers(-40_000, 40_000),
+)
+async def test_retry_by_status_picks_the_messages_whose_newest_entry_has_it(
+    redis_url: str,
+    entries: list[LogEntry],
+    status: str,
+    kind: str | None,
+    event: str | None,
+    since: int | None,
+) -> None:
+    """`mailer retry --status` (failed: the dead-letter hash; skipped: the event's index) chooses
+    what a scan of the whole log chooses, newest first; its `redriven` entries name the event, so
+    the event's dead letters drop to none."""
+    from mailer.ops.redrive import latest_with_status, redrive
+    from mailer.state.messages import MessageRef
+
+    redis = await connect_client(redis_url)
+    try:
+        await redis.flushdb()
+        for registration, event_id in EVENT_OF.items():
+            await redis.hset(registration_key(registration), mapping={"e": event_id, "ae": "x@example.org"})
+        await DeliveryLog(redis, max_entries=10_000, echo=None).write(entries)
+        cutoff = None if since is None else NOW + timedelta(milliseconds=since)
+        seen: set[str] = set()
+        expected = []
+        for e in reversed(await everything_oldest_first(redis)):
+            if e.message_id in seen:
+                continue
+            seen.add(e.message_id)
+            recent = cutoff is None or datetime.fromisoformat(e.ts) >= cutoff
+            if e.status == status and recent and kind in (None, kind_of(e)) and event in (None, e.event_id):
+                expected.append(e.message_id)
+        chosen = await latest_with_status(redis, status, kind=kind, event_id=event, since=cutoff)
+        assert chosen == expected
+        if status == "failed" and event:
+            await redrive(redis, [MessageRef.parse(m) for m in chosen], who="test", log_max_entries=10_000)
+            assert await latest_with_status(redis, "failed", event_id=event, since=cutoff) == []
+            assert (await log_counts(redis, event)).dead_letters == len(
+                await latest_with_status(redis, "failed", event_id=event)
+            )
+    finally:
+        await redis.aclose()
+
+
+async def test_a_redriven_dead_letter_leaves_its_events_dead_letters(redis_url: str) -> None:
+    """`mailer retry` logs `redriven` under the message's event (read from its registration), so
+    the event's dead-letter count and `retry --status failed --event` no longer list it."""
+    from mailer.ops.redrive import latest_with_status, redrive
+    from mailer.state.messages import MessageRef
+
+    redis = await connect_client(redis_url)
+    try:
+        await redis.flushdb()
+        await redis.hset(registration_key("reg-1"), mapping={"e": "evt-1", "ae": "maria@example.org"})
+        failed = LogEntry(
+            ts=NOW.isoformat(),
+            status="failed",
+            message_id="reg-1/confirmation",
+            event_id="evt-1",
+            recipient="maria@example.org",
+        )
+        await DeliveryLog(redis, max_entries=100, echo=None).write([failed])
+        assert await latest_with_status(redis, "failed", event_id="evt-1") == ["reg-1/confirmation"]
+        await redrive(redis, [MessageRef.parse("reg-1/confirmation")], who="test", log_max_entries=100)
+        assert await latest_with_status(redis, "failed", event_id="evt-1") == []
+        assert (await log_counts(redis, "evt-1")).dead_letters == 0
+        (redriven, _) = [e async for e in iter_log(redis, LogFilter(event="evt-1"))]
+        assert (redriven.status, redriven.detail) == ("redriven", "test")
+    finally:
+        await redis.aclose()

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 
 from mailer.clock import Clock, iso, ms, utc_now
-from mailer.state.deliverylog import DeliveryLog, LogEntry
-from mailer.state.logquery import read_log
+from mailer.constants import LOG_DEAD_KEY
+from mailer.state.deliverylog import SEQ_RANGE, DeliveryLog, LogEntry, id_of, position_of, scope_of
+from mailer.state.logquery import LogFilter, entries_at, iter_log
 from mailer.state.message_states import MessageStore
 from mailer.state.messages import MessageRef, MessageState
 from mailer.state.queue import SEND, Enqueuer
 from mailer.state.redis_types import RedisClient
+from mailer.state.store import load_registrations
 
 # Message ids per send job, as the scheduler's re-drives batch them.
 REDRIVE_BATCH = 50
@@ -24,22 +26,47 @@ async def latest_with_status(
     event_id: str | None = None,
     since: datetime | None = None,
 ) -> list[str]:
-    """The messages whose newest log entry has `status` (and the kind and event asked for)."""
+    """The messages whose newest log entry has `status` and was written at `since` or later (and
+    the kind and event asked for), newest first.
+
+    Failed ones are the dead letters the log keeps as a hash; others walk the event's or kind's
+    index, not the whole log. An entry's position is never below its own time (ids are the
+    writer's clock, clamped increasing), so below `since` nothing newer can follow.
+    """
+    floor = 0 if since is None else ms(since) * SEQ_RANGE
+    if status == "failed":
+        return await _dead_letters(redis, kind=kind, event_id=event_id, since=since, floor=floor)
     latest: set[str] = set()
     chosen: list[str] = []
-    async for entry in read_log(redis):
-        if since and datetime.fromisoformat(entry.ts) < since:
+    async for entry in iter_log(redis, LogFilter(event=event_id, kind=kind)):
+        if position_of(entry.entry_id) < floor:
             break
         if not entry.message_id or entry.message_id in latest:
             continue
         latest.add(entry.message_id)
-        if (
-            entry.status == status
-            and (not kind or entry.kind == kind)
-            and (not event_id or entry.event_id == event_id)
-        ):
+        if entry.status == status and _at_or_after(entry, since):
             chosen.append(entry.message_id)
     return chosen
+
+
+async def _dead_letters(
+    redis: RedisClient, *, kind: str | None, event_id: str | None, since: datetime | None, floor: int
+) -> list[str]:
+    dead = await redis.hgetall(LOG_DEAD_KEY.format(scope=scope_of(event_id)))
+    found = sorted(
+        ((int(position), message.decode()) for message, position in dead.items() if int(position) >= floor),
+        reverse=True,
+    )
+    chosen = [(position, m) for position, m in found if not kind or MessageRef.parse(m).kind == kind]
+    if since is None:
+        return [m for _, m in chosen]
+    # A writer whose clock ran behind the log's newest entry got a position above its own time.
+    entries = await entries_at(redis, [id_of(position) for position, _ in chosen])
+    return [e.message_id for e in entries if _at_or_after(e, since)]
+
+
+def _at_or_after(entry: LogEntry, since: datetime | None) -> bool:
+    return since is None or datetime.fromisoformat(entry.ts) >= since
 
 
 async def redrive(
@@ -50,6 +77,9 @@ async def redrive(
     now_ms = ms(now)
     store = MessageStore(redis)
     log = DeliveryLog(redis, max_entries=log_max_entries, echo=None, worker="cli", clock=clock)
+    # The entry names the event, so the event's dead letters and queries see the re-drive.
+    stored = (await load_registrations(redis, {r.registration_id for r in refs})).found
+    event_of = {rid: registration.event_id or "" for rid, registration in stored.items()}
     async with redis.pipeline(transaction=False) as pipe:
         for ref in refs:
             store.write_state(pipe, ref, MessageState("planned", 0, now_ms, now_ms, now_ms))
@@ -59,6 +89,7 @@ async def redrive(
                 message_id=ref.id,
                 kind=ref.kind,
                 registration_id=ref.registration_id,
+                event_id=event_of.get(ref.registration_id, ""),
                 detail=who,
                 worker="cli",
             )

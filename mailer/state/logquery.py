@@ -270,7 +270,7 @@ async def indexed_entries(
 ) -> list[LogEntry]:
     """The entries an index field lists, newest first (the newest `limit` of them if given)."""
     ids = entry_ids(await redis.hget(*index))
-    return await _fetch(redis, list(reversed(ids[-limit:] if limit else ids)))
+    return await entries_at(redis, list(reversed(ids[-limit:] if limit else ids)))
 
 
 async def top_position(redis: RedisClient) -> int:
@@ -314,7 +314,7 @@ async def _slot_page(
     ]
     found: list[LogEntry] = []
     for start in range(0, len(ids), limit):
-        for entry in await _fetch(redis, ids[start : start + limit]):
+        for entry in await entries_at(redis, ids[start : start + limit]):
             if flt.matches(entry):
                 found.append(entry)
                 if len(found) == limit:
@@ -322,7 +322,7 @@ async def _slot_page(
     return LogPage(found, None)
 
 
-async def _fetch(redis: RedisClient, ids: list[str]) -> list[LogEntry]:
+async def entries_at(redis: RedisClient, ids: list[str]) -> list[LogEntry]:
     """The entries of these ids, in this order; ids whose entry was trimmed are skipped."""
     if not ids:
         return []
