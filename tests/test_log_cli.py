@@ -196,6 +196,41 @@ def test_show_tells_a_registrations_story_message_by_message(
     assert "no log entries for reg-404" in missing.stderr
 
 
+def test_show_reads_confirm_change_cancel_as_one_story_with_each_files_sequence(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each message's line carries the calendar UID (one per registration) and the SEQUENCE its
+    file was sent with, as the send path logged it."""
+    monkeypatch.chdir(tmp_path)
+    story = [
+        ("reg-9/confirmation", "sent", 0),
+        ("reg-9/event_changed/v1", "retrying", None),
+        ("reg-9/event_changed/v1", "sent", 1),
+        ("reg-9/registration_cancelled", "sent", 2),
+    ]
+    write_log(
+        redis_url,
+        [
+            LogEntry(
+                ts=(START + timedelta(hours=i)).isoformat(),
+                status=status,  # type: ignore[arg-type]
+                message_id=message,
+                registration_id="reg-9",
+                event_id="evt-9",
+                recipient="maria@example.org",
+                attempt=1,
+                sequence=sequence,
+            )
+            for i, (message, status, sequence) in enumerate(story)
+        ],
+    )
+    out = run(redis_url, "show", "reg-9").stdout
+    lines = [line for line in out.splitlines() if "calendar UID" in line]
+    assert [line.split()[1] for line in lines] == ["confirmation", "event_changed", "registration_cancelled"]
+    assert [line.rsplit("SEQUENCE ", 1)[1].strip() for line in lines] == ["0", "1", "2"]
+    assert len({line.split("calendar UID ")[1].split()[0] for line in lines}) == 1
+
+
 def test_stats_count_per_status_and_kind_for_one_event(redis_url: str, log_of_300: list[LogEntry]) -> None:
     """`mailer stats --event E --json` counts its entries per status and kind as a pass over the
     log does, and counts the messages whose last state is failed as dead letters."""

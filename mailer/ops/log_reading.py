@@ -27,9 +27,9 @@ def when(entry: LogEntry) -> datetime:
     return datetime.fromisoformat(entry.ts)
 
 
-def entries(redis: RedisClient, query: LogQuery) -> AsyncIterator[LogEntry]:
-    """The entries that match, newest first, read a page at a time (constant memory)."""
-    return iter_log(redis, query)
+def entries(redis: RedisClient, query: LogQuery, *, page: int = 500) -> AsyncIterator[LogEntry]:
+    """The entries that match, newest first, read `page` at a time (constant memory)."""
+    return iter_log(redis, query, page=page)
 
 
 @dataclass(slots=True)
@@ -47,6 +47,11 @@ class MessageStory:
     @property
     def attempts(self) -> int:
         return max(e.attempt for e in self.entries)
+
+    @property
+    def sequence(self) -> int | None:
+        """The calendar SEQUENCE of the newest build of this message (None before one was built)."""
+        return next((e.sequence for e in reversed(self.entries) if e.sequence is not None), None)
 
 
 @dataclass(slots=True)

@@ -129,8 +129,10 @@ def timeline_view(story: Timeline, *, uid: Callable[[str, str], str | None]) -> 
         )
         calendar = uid(story.event_id, message.message_id) if story.event_id else None
         if calendar:
+            # The SEQUENCE the file was sent with; an older log has only the id's version.
             version = _VERSION.search(message.message_id)
-            label.append(f"  calendar UID {calendar}" + (f" SEQUENCE {version.group(1)}" if version else ""))
+            sequence = message.sequence if message.sequence is not None else version and version.group(1)
+            label.append(f"  calendar UID {calendar}" + ("" if sequence is None else f" SEQUENCE {sequence}"))
         branch = tree.add(label)
         branch.add(entry_table(message.entries, header=False))
     if story.other:
