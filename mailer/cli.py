@@ -375,7 +375,7 @@ def retry(
     since: Offset | None,
 ) -> None:
     """Re-drive failed messages: the same Message-ID, a fresh attempt budget."""
-    from mailer.ops.redrive import latest_with_status, redrive
+    from mailer.ops.redrive import Redriven, latest_with_status, redrive
     from mailer.state.messages import MessageRef
     from mailer.state.queue import connect_client
 
@@ -386,7 +386,7 @@ def retry(
     if since:
         cutoff = datetime.now(UTC) - timedelta(days=since.days, seconds=since.seconds)
 
-    async def go() -> int:
+    async def go() -> Redriven:
         redis = await connect_client(_redis_url(settings))
         try:
             chosen = list(message_ids)
@@ -398,8 +398,15 @@ def retry(
         finally:
             await redis.aclose()
 
-    count = _run(go())
-    click.echo(f"re-driven {count} message(s)")
+    done = _run(go())
+    for message_id, was in done.refused.items():
+        why = f"it is {was}" if was else "mailer has no such message"
+        click.echo(
+            f"mailer retry: {message_id} not re-driven: {why} (only failed or skipped ones are)", err=True
+        )
+    click.echo(f"re-driven {len(done.planned)} message(s)")
+    if done.refused and message_ids:
+        raise SystemExit(1)
 
 
 def _user() -> str:

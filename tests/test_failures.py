@@ -81,6 +81,36 @@ async def test_unknown_user_fails_permanently_and_can_be_redriven(
     assert (await statuses(redis_url, "reg-1001/confirmation"))[-2:] == ["redriven", "sent"]
 
 
+async def test_retry_of_a_sent_message_is_refused_and_sends_nothing(
+    redis_url: str, smtp_server: Any, mail_worker: Any
+) -> None:
+    """`mailer retry MESSAGE_ID` plans a message again only from failed or skipped: a sent one
+    is named with its status, exit 1, and the attendee gets no second copy."""
+    await mail_worker()
+    await publish_one_and_wait_for_delivery(redis_url, smtp_server)
+    await settled(redis_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mailer",
+        "retry",
+        "reg-1001/confirmation",
+        "reg-1001/reminder/P1D",
+        env={**__import__("os").environ, "MAILER_REDIS_URL": redis_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"re-driven 0 message(s)" in out
+    assert b"reg-1001/confirmation not re-driven: it is sent" in err
+    assert b"reg-1001/reminder/P1D not re-driven: mailer has no such message" in err
+    assert b"Traceback" not in err
+    await settled(redis_url)
+    assert len(smtp_server.handler.received) == 1
+    assert await statuses(redis_url, "reg-1001/confirmation") == ["sent"]
+
+
 async def test_server_down_then_back_loses_nothing(
     redis_url: str, smtp_server: Any, mail_worker: Any
 ) -> None:

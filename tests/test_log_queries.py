@@ -265,7 +265,13 @@ async def test_retry_by_status_picks_the_messages_whose_newest_entry_has_it(
         chosen = await latest_with_status(redis, status, kind=kind, event_id=event, since=cutoff)
         assert chosen == expected
         if status == "failed" and event:
-            await redrive(redis, [MessageRef.parse(m) for m in chosen], who="test", log_max_entries=10_000)
+            for m in chosen:  # the message states agree with the log, as the send path writes both
+                ref = MessageRef.parse(m)
+                await redis.hset(registration_key(ref.registration_id), ref.field, "failed|1|0|0|0")
+            done = await redrive(
+                redis, [MessageRef.parse(m) for m in chosen], who="test", log_max_entries=10_000
+            )
+            assert [r.id for r in done.planned] == chosen
             assert await latest_with_status(redis, "failed", event_id=event, since=cutoff) == []
             assert (await log_counts(redis, event)).dead_letters == len(
                 await latest_with_status(redis, "failed", event_id=event)
@@ -283,7 +289,10 @@ async def test_a_redriven_dead_letter_leaves_its_events_dead_letters(redis_url: 
     redis = await connect_client(redis_url)
     try:
         await redis.flushdb()
-        await redis.hset(registration_key("reg-1"), mapping={"e": "evt-1", "ae": "maria@example.org"})
+        await redis.hset(
+            registration_key("reg-1"),
+            mapping={"e": "evt-1", "ae": "maria@example.org", "m:confirmation": "failed|1|0|0|0"},
+        )
         failed = LogEntry(
             ts=NOW.isoformat(),
             status="failed",

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import LOG_DEAD_KEY
 from mailer.state.deliverylog import SEQ_RANGE, DeliveryLog, LogEntry, id_of, position_of, scope_of
 from mailer.state.logquery import LogFilter, entries_at, iter_log
-from mailer.state.message_states import MessageStore
-from mailer.state.messages import MessageRef, MessageState
+from mailer.state.message_states import REDRIVABLE, MessageStore
+from mailer.state.messages import MessageRef
 from mailer.state.queue import SEND, Enqueuer
 from mailer.state.redis_types import RedisClient
 from mailer.state.store import load_registrations
@@ -69,21 +70,31 @@ def _at_or_after(entry: LogEntry, since: datetime | None) -> bool:
     return since is None or datetime.fromisoformat(entry.ts) >= since
 
 
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    """What `mailer retry` did: the messages planned again, and those it left with their status."""
+
+    planned: list[MessageRef]
+    refused: dict[str, str]  # message id -> its status ("" when mailer has no such message)
+
+
 async def redrive(
     redis: RedisClient, refs: list[MessageRef], *, who: str, log_max_entries: int, clock: Clock = utc_now
-) -> int:
-    """Plan each message again (attempts from zero), log `redriven` by `who`, and queue its send."""
+) -> Redriven:
+    """Plan each failed or skipped message again (attempts from zero), log `redriven` by `who`,
+    and queue its send. Any other message is left alone: a sent one is never sent again."""
     now = clock()
     now_ms = ms(now)
-    store = MessageStore(redis)
+    was = await MessageStore(redis).replan(refs, now_ms=now_ms)
+    planned = [ref for ref, status in zip(refs, was, strict=True) if status in REDRIVABLE]
+    refused = {ref.id: status for ref, status in zip(refs, was, strict=True) if status not in REDRIVABLE}
     log = DeliveryLog(redis, max_entries=log_max_entries, echo=None, worker="cli", clock=clock)
     # The entry names the event, so the event's dead letters and queries see the re-drive.
-    stored = (await load_registrations(redis, {r.registration_id for r in refs})).found
+    stored = (await load_registrations(redis, {r.registration_id for r in planned})).found
     event_of = {rid: registration.event_id or "" for rid, registration in stored.items()}
-    async with redis.pipeline(transaction=False) as pipe:
-        for ref in refs:
-            store.write_state(pipe, ref, MessageState("planned", 0, now_ms, now_ms, now_ms))
-            entry = LogEntry(
+    await log.write(
+        [
+            LogEntry(
                 ts=iso(now),
                 status="redriven",
                 message_id=ref.id,
@@ -93,12 +104,13 @@ async def redrive(
                 detail=who,
                 worker="cli",
             )
-            await log.add(pipe, entry)
-        await pipe.execute()
-    ids = [r.id for r in refs]
+            for ref in planned
+        ]
+    )
+    ids = [r.id for r in planned]
     jobs: list[tuple[str, str, dict[str, object]]] = [
         (f"retry:{now_ms}:{i}", SEND, {"messages": ids[i : i + REDRIVE_BATCH]})
         for i in range(0, len(ids), REDRIVE_BATCH)
     ]
     await Enqueuer(redis, clock=clock).enqueue(jobs)
-    return len(refs)
+    return Redriven(planned, refused)

@@ -12,7 +12,7 @@ from typing import Any
 from mailer.constants import DUE_KEY
 from mailer.state.deliverylog import LOG_APPEND_LUA, LOG_KEYS, LogAppend
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
-from mailer.state.redis_types import Pipeline, RedisClient
+from mailer.state.redis_types import RedisClient
 from mailer.state.store import registration_key
 
 # Claim messages for sending, atomically per message, so two workers (or a re-run of a
@@ -137,6 +137,31 @@ class Claim:
     previous: str = ""  # the status it had before this claim (claimed / reclaimed only)
 
 
+# Re-drive (`mailer retry`): a message goes back to planned only from failed or skipped, checked
+# in the same script, so a sent message is never planned (and sent) again, nor one in flight.
+# KEYS: registration hashes, then the due index; ARGV[1] now, then (field, message id) per
+# message. Returns the status each had ("" for none).
+REDRIVABLE = ("failed", "skipped")
+REPLAN_SCRIPT = (
+    STATE_LUA
+    + """
+local now = ARGV[1]
+local due = KEYS[#KEYS]
+local out = {}
+for i = 1, #KEYS - 1 do
+  local field, message = ARGV[2 * i], ARGV[2 * i + 1]
+  local status = decode_state(redis.call('HGET', KEYS[i], field))
+  if status == 'failed' or status == 'skipped' then
+    redis.call('HSET', KEYS[i], field, encode_state('planned', 0, now, now, now))
+    redis.call('ZADD', due, now, message)
+  end
+  out[i] = status or ''
+end
+return out
+"""
+)
+
+
 class MessageStore:
     """Reads and writes message states; the one place that knows their Redis layout."""
 
@@ -145,6 +170,7 @@ class MessageStore:
         self._claim = redis.register_script(CLAIM_SCRIPT)
         self._step = redis.register_script(STEP_SCRIPT)
         self._settle = redis.register_script(SETTLE_SCRIPT)
+        self._replan = redis.register_script(REPLAN_SCRIPT)
 
     async def claim(self, refs: list[MessageRef], *, now_ms: int, lease_ms: int) -> list[Claim]:
         if not refs:
@@ -180,13 +206,16 @@ class MessageStore:
             ]
         return [bool(flag) for flag in await self._settle(keys=keys, args=args)]
 
-    def write_state(self, pipe: Pipeline, ref: MessageRef, state: MessageState) -> None:
-        """Queue a state write (and the due-index update) on a pipeline."""
-        pipe.hset(registration_key(ref.registration_id), ref.field, state.encode())
-        if state.final:
-            pipe.zrem(DUE_KEY, ref.id)
-        else:
-            pipe.zadd(DUE_KEY, {ref.id: state.aux_ms or state.at_ms})
+    async def replan(self, refs: list[MessageRef], *, now_ms: int) -> list[str]:
+        """Plan each failed or skipped message again, attempts from zero; per message the status
+        it had ("" for none): only those that were failed or skipped were planned."""
+        if not refs:
+            return []
+        keys = [registration_key(r.registration_id) for r in refs] + [DUE_KEY]
+        args: list[Any] = [now_ms]
+        for ref in refs:
+            args += [ref.field, ref.id]
+        return [raw.decode() for raw in await self._replan(keys=keys, args=args)]
 
     async def step(
         self,
