@@ -55,6 +55,9 @@ LOG_LIST_KEY: Final = PREFIX + "log:by:{dim}:{value}"
 LOG_COUNTS_KEY: Final = PREFIX + "log:counts:{scope}"
 LOG_LATENCY_KEY: Final = PREFIX + "log:latency:{scope}"
 LOG_DEAD_KEY: Final = PREFIX + "log:dead:{scope}"
+# The position from which every entry is in those lists and counters: the stream's top when
+# this mailer first met it. Below it lie entries an older mailer wrote; filters walk them.
+LOG_INDEXED_FROM_KEY: Final = PREFIX + "log:indexed-from"
 
 # The relay circuit (mailer.state.circuit): a hash with its state (open/closed), the next probe
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.

@@ -368,6 +368,7 @@ def stats_command(event_id: str | None, since: datetime | None, as_json: bool) -
             "sent": result.sent,
             "latency_ms": result.latency_ms,
             "dead_letters": result.dead_letters,
+            "uncounted_before": result.uncounted_before.isoformat() if result.uncounted_before else None,
             "oldest_waiting": {"message_id": oldest[0], "status": oldest[1], "since": oldest[2].isoformat()}
             if oldest
             else None,

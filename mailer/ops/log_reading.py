@@ -95,6 +95,7 @@ class LogStats:
     sent: int = 0  # sent messages whose planning is in the log too: the latency's sample
     dead_letters: int = 0
     oldest_waiting: tuple[str, str, datetime] | None = None  # (message id, status, first entry)
+    uncounted_before: datetime | None = None  # an older mailer's entries, not in the counters
 
 
 async def stats(redis: RedisClient, query: LogQuery) -> LogStats:
@@ -109,6 +110,7 @@ async def stats(redis: RedisClient, query: LogQuery) -> LogStats:
             sent=counted.sent,
             dead_letters=counted.dead_letters,
             oldest_waiting=(oldest[0], "due", oldest[1]) if oldest else None,
+            uncounted_before=counted.uncounted_before,
         )
     return await _walked_stats(redis, query)
 

@@ -166,4 +166,12 @@ def stats_view(result: LogStats, *, title: str) -> RenderableType:
         lines.append(
             Text(f"oldest message not yet final: {message_id} ({waiting}, since {since:%Y-%m-%d %H:%M} UTC)")
         )
+    if result.uncounted_before:
+        lines.append(
+            Text(
+                f"entries before {result.uncounted_before:%Y-%m-%d %H:%M} UTC were written by an older "
+                "mailer and are not in these counts (`mailer stats --since` counts entry by entry)",
+                style="yellow",
+            )
+        )
     return Group(*lines)

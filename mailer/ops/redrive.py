@@ -8,7 +8,7 @@ from datetime import datetime
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import LOG_DEAD_KEY
 from mailer.state.deliverylog import SEQ_RANGE, DeliveryLog, LogEntry, id_of, position_of, scope_of
-from mailer.state.logquery import LogFilter, entries_at, iter_log
+from mailer.state.logquery import LogFilter, entries_at, indexed_from, iter_log, log_page, top_position
 from mailer.state.message_states import REDRIVABLE, MessageStore
 from mailer.state.messages import MessageRef
 from mailer.state.queue import SEND, Enqueuer
@@ -60,10 +60,36 @@ async def _dead_letters(
     )
     chosen = [(position, m) for position, m in found if not kind or MessageRef.parse(m).kind == kind]
     if since is None:
-        return [m for _, m in chosen]
-    # A writer whose clock ran behind the log's newest entry got a position above its own time.
-    entries = await entries_at(redis, [id_of(position) for position, _ in chosen])
-    return [e.message_id for e in entries if _at_or_after(e, since)]
+        picked = [m for _, m in chosen]
+    else:
+        # A writer whose clock ran behind the log's newest entry got a position above its own time.
+        entries = await entries_at(redis, [id_of(position) for position, _ in chosen])
+        picked = [e.message_id for e in entries if _at_or_after(e, since)]
+    return picked + [m for m in await _older_failures(redis, kind, event_id, since) if m not in picked]
+
+
+async def _older_failures(
+    redis: RedisClient, kind: str | None, event_id: str | None, since: datetime | None
+) -> list[str]:
+    """Failures an older mailer logged, below the first indexed entry (no dead-letter hash for
+    them): walked. One re-driven since is not failed any more; the re-plan checks its state."""
+    floor = await indexed_from(redis)
+    if floor is None:
+        floor = await top_position(redis) + 1
+    cursor = id_of(floor)
+    latest: set[str] = set()
+    chosen: list[str] = []
+    older = LogFilter(event=event_id, kind=kind, since=since)
+    while True:
+        page = await log_page(redis, LogFilter(since=since), cursor=cursor, limit=500)
+        for entry in page.entries:
+            if entry.message_id and entry.message_id not in latest:
+                latest.add(entry.message_id)
+                if entry.status == "failed" and older.matches(entry):
+                    chosen.append(entry.message_id)
+        if page.cursor is None:
+            return chosen
+        cursor = page.cursor
 
 
 def _at_or_after(entry: LogEntry, since: datetime | None) -> bool:

@@ -36,6 +36,7 @@ from mailer.constants import (
     LOG_BY_REGISTRATION_KEY,
     LOG_COUNTS_KEY,
     LOG_DEAD_KEY,
+    LOG_INDEXED_FROM_KEY,
     LOG_LATENCY_KEY,
     LOG_LIST_KEY,
     LOG_STREAM,
@@ -129,12 +130,13 @@ SEQ_RANGE = 1024
 # Quarter-octave buckets of latency: percentiles within 19 % from a few dozen counters.
 LATENCY_BUCKETS_PER_OCTAVE = 4
 
-# KEYS k..k+12: stream, registration bucket, recipient bucket, lists by event, status, kind,
+# KEYS k..k+13: stream, registration bucket, recipient bucket, lists by event, status, kind,
 # event|status, counts overall and of the event, latency overall and of the event, dead letters
-# overall and of the event; '' skips one. ARGV a..a+7: maxlen, entry ms, registration field,
-# recipient field, counts field, latency bucket (''), dead-letter action (add|del|''), message
-# id; then the values of FIELDS but the last; then the recipient bucket's number.
-LOG_KEYS = 13
+# overall and of the event, the indexed-from mark; '' skips one. ARGV a..a+7: maxlen, entry
+# ms, registration field, recipient field, counts field, latency bucket (''), dead-letter action
+# (add|del|''), message id; then the values of FIELDS but the last; then the recipient bucket's
+# number.
+LOG_KEYS = 14
 LOG_ARGS = 8 + len(FIELDS)
 LOG_APPEND_LUA = """
 local function log_num(v) return string.format('%.0f', v) end
@@ -160,9 +162,11 @@ end
 -- forgetting an address deletes two fields and leaves no copy in the stream.
 local function log_token(bucket, field, number, address)
   local value = redis.call('HGET', bucket, field)
-  if value then return string.match(value, '^(%S+)') end
+  local first = value and string.match(value, '^(%S+)')
+  if first and string.sub(first, 1, 1) == '~' then return first end
   local token = '~' .. log_num(redis.call('HINCRBY', bucket, '#', 1) * 16384 + tonumber(number))
-  redis.call('HSET', bucket, field, token, token, address)
+  -- A field an older mailer wrote holds entry ids only: the token goes in front of them.
+  redis.call('HSET', bucket, field, value and (token .. ' ' .. value) or token, token, address)
   return token
 end
 local function log_xadd(stream, maxlen, ms, t, seq, values)
@@ -209,6 +213,8 @@ local function log_append(K, k, A, a)
     if K[i] ~= '' and A[a + 6] == 'add' then redis.call('HSET', K[i], A[a + 7], position) end
     if K[i] ~= '' and A[a + 6] == 'del' then redis.call('HDEL', K[i], A[a + 7]) end
   end
+  -- The first indexed entry marks where the lists begin: below it, an older mailer's entries.
+  if K[k + 13] ~= '' then redis.call('SET', K[k + 13], position, 'NX') end
   return id
 end
 """
@@ -310,6 +316,7 @@ def append_parts(entry: LogEntry, *, max_entries: int, indexed: bool = True) -> 
         keys[6] = list_key("es", f"{entry.event_id}|{status}") if entry.event_id else ""
         for offset, template in ((7, LOG_COUNTS_KEY), (9, LOG_LATENCY_KEY), (11, LOG_DEAD_KEY)):
             keys[offset : offset + 2] = [template.format(scope=s) if s else "" for s in scopes]
+        keys[13] = LOG_INDEXED_FROM_KEY
     code = entry.smtp_code
     args: list[str | int] = [
         max_entries,

@@ -10,7 +10,7 @@ first page costs the same at a thousand entries as at a million.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from mailer.constants import (
     LOG_BY_RECIPIENT_KEY,
     LOG_COUNTS_KEY,
     LOG_DEAD_KEY,
+    LOG_INDEXED_FROM_KEY,
     LOG_LATENCY_KEY,
     LOG_STREAM,
 )
@@ -214,22 +215,50 @@ async def log_page(
     slot = _slot_for(flt)
     if slot is not None:
         return await _slot_page(redis, slot, flt, cursor, limit)
-    source = _list_for(flt)
     upper = position_of(cursor) if cursor else flt.upper
     found: list[LogEntry] = []
+    source = _list_for(flt)
+    if source is not None:
+        floor = await indexed_from(redis)
+        if floor is not None and (upper is None or upper > floor):
+            lower = max(flt.lower or 0, floor)
+
+            def rows(up: int | None, count: int) -> Awaitable[tuple[list[LogEntry], int | None]]:
+                return _list_rows(redis, source, up, lower, count)
+
+            if await _fill(rows, flt, found, limit, upper):
+                return LogPage(found, found[-1].entry_id)
+        if floor is not None:
+            upper = floor if upper is None or upper > floor else upper
+        # Below the lists lie only entries an older mailer wrote: walked, as it did.
+    full = await _fill(lambda up, count: _stream_rows(redis, up, flt.lower, count), flt, found, limit, upper)
+    return LogPage(found, found[-1].entry_id if full else None)
+
+
+async def _fill(
+    rows: Callable[[int | None, int], Awaitable[tuple[list[LogEntry], int | None]]],
+    flt: LogFilter,
+    found: list[LogEntry],
+    limit: int,
+    upper: int | None,
+) -> bool:
+    """Add matching rows below `upper` to `found` until it holds `limit`; whether it does."""
     while True:
-        want = max(limit - len(found), 50)
-        if source is None:
-            rows, upper = await _stream_rows(redis, upper, flt.lower, want)
-        else:
-            rows, upper = await _list_rows(redis, source, upper, flt.lower, want)
-        for entry in rows:
+        batch, upper = await rows(upper, max(limit - len(found), 50))
+        for entry in batch:
             if flt.matches(entry):
                 found.append(entry)
                 if len(found) == limit:
-                    return LogPage(found, entry.entry_id)
+                    return True
         if upper is None:
-            return LogPage(found, None)
+            return False
+
+
+async def indexed_from(redis: RedisClient) -> int | None:
+    """The position of the first entry this mailer indexed (None: none yet). The lists and
+    counters hold every entry from there on; below it lie entries an older mailer wrote."""
+    raw = await redis.get(LOG_INDEXED_FROM_KEY)
+    return int(raw) if raw is not None else None
 
 
 async def iter_log(
@@ -385,6 +414,8 @@ class LogCounts:
     sent: int = 0  # sent entries with a latency: the percentiles' sample
     dead_letters: int = 0
     oldest_due: tuple[str, datetime] | None = None  # over all events: (message id, due)
+    # Entries older than this were written by an older mailer, before the counters (None: none).
+    uncounted_before: datetime | None = None
 
 
 async def log_counts(redis: RedisClient, event_id: str | None = None) -> LogCounts:
@@ -395,8 +426,14 @@ async def log_counts(redis: RedisClient, event_id: str | None = None) -> LogCoun
         pipe.hgetall(LOG_LATENCY_KEY.format(scope=scope))
         pipe.hlen(LOG_DEAD_KEY.format(scope=scope))
         pipe.zrange(DUE_KEY, 0, 0, withscores=True)
-        counts, latency, dead, due = await pipe.execute()
+        pipe.get(LOG_INDEXED_FROM_KEY)
+        pipe.xrange(LOG_STREAM, count=1)
+        counts, latency, dead, due, floor, bottom = await pipe.execute()
     result = LogCounts(dead_letters=int(dead))
+    if bottom and (floor is None or position_of(bottom[0][0].decode()) < int(floor)):
+        result.uncounted_before = from_ms(
+            (int(floor) if floor else position_of(bottom[0][0].decode()) + 1) // SEQ_RANGE
+        )
     for name, value in counts.items():
         status, _, kind = name.decode().partition("|")
         result.counts[(status, kind)] = int(value)
