@@ -218,20 +218,22 @@ async def log_page(
     upper = position_of(cursor) if cursor else flt.upper
     found: list[LogEntry] = []
     source = _list_for(flt)
-    if source is not None:
-        floor = await indexed_from(redis)
-        if floor is not None and (upper is None or upper > floor):
-            lower = max(flt.lower or 0, floor)
+    floor = await indexed_from(redis)
+    if floor is not None and (upper is None or upper > floor):
+        lower = max(flt.lower or 0, floor)
 
-            def rows(up: int | None, count: int) -> Awaitable[tuple[list[LogEntry], int | None]]:
-                return _list_rows(redis, source, up, lower, count)
+        def rows(up: int | None, count: int) -> Awaitable[tuple[list[LogEntry], int | None]]:
+            if source is None:
+                return _stream_rows(redis, up, lower, count)
+            return _list_rows(redis, source, up, lower, count)
 
-            if await _fill(rows, flt, found, limit, upper):
-                return LogPage(found, found[-1].entry_id)
-        if floor is not None:
-            upper = floor if upper is None or upper > floor else upper
-        # Below the lists lie only entries an older mailer wrote: walked, as it did.
-    full = await _fill(lambda up, count: _stream_rows(redis, up, flt.lower, count), flt, found, limit, upper)
+        if await _fill(rows, flt, found, limit, upper):
+            return LogPage(found, found[-1].entry_id)
+        upper = floor
+    # Below the first indexed entry lie only entries an older mailer wrote: walked, as it did.
+    # Their ids are Redis's clock, not the writer's, so `since` allows for the skew between.
+    older = None if flt.since is None else ms(flt.since - CLOCK_SKEW) * SEQ_RANGE
+    full = await _fill(lambda up, count: _stream_rows(redis, up, older, count), flt, found, limit, upper)
     return LogPage(found, found[-1].entry_id if full else None)
 
 
