@@ -53,25 +53,32 @@ CLOCK_SKEW = timedelta(seconds=60)
 # id1, fields1, id2, fields2, ...} newest first; fields are false for an entry trimmed away.
 _LIST_PAGE = """
 local n = redis.call('LLEN', KEYS[1])
+-- Redis before 7 walks a list from its head for any index >= 0 (LRANGE converts negative
+-- ones first), which costs a quarter of a millisecond at 500 000 positions; LINDEX with a
+-- negative index walks from the tail, where the newest positions are.
+local function at(i)
+  if i >= n / 2 then return redis.call('LINDEX', KEYS[1], i - n) end
+  return redis.call('LINDEX', KEYS[1], i)
+end
 local hi = n
 if ARGV[1] ~= '' then
   local upper, lo = tonumber(ARGV[1]), 0
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
-    if tonumber(redis.call('LINDEX', KEYS[1], mid)) < upper then lo = mid + 1 else hi = mid end
+    if tonumber(at(mid)) < upper then lo = mid + 1 else hi = mid end
   end
 end
 local out = {0, ''}
 if hi == 0 then return out end
 local start = math.max(0, hi - tonumber(ARGV[3]))
-local members = redis.call('LRANGE', KEYS[1], start, hi - 1)
 local lower = nil
 if ARGV[2] ~= '' then lower = tonumber(ARGV[2]) end
 if start > 0 then out[1] = 1 end
-for i = #members, 1, -1 do
-  local p = tonumber(members[i])
+for i = hi - 1, start, -1 do
+  local member = at(i)
+  local p = tonumber(member)
   if lower and p < lower then out[1] = 0; break end
-  out[2] = members[i]
+  out[2] = member
   local seq = p % 1024
   local id = string.format('%.0f', (p - seq) / 1024) .. '-' .. string.format('%.0f', seq)
   local found = redis.call('XRANGE', KEYS[2], id, id)
