@@ -17,9 +17,11 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 from click.testing import CliRunner
 
 from mailer.cli import main
+from mailer.clock import ms
 from mailer.durations import parse_offsets
 from mailer.lifecycle.planner import Planner
 from mailer.state.deliverylog import DeliveryLog, LogEntry
@@ -229,6 +231,47 @@ def test_show_reads_confirm_change_cancel_as_one_story_with_each_files_sequence(
     assert [line.split()[1] for line in lines] == ["confirmation", "event_changed", "registration_cancelled"]
     assert [line.rsplit("SEQUENCE ", 1)[1].strip() for line in lines] == ["0", "1", "2"]
     assert len({line.split("calendar UID ")[1].split()[0] for line in lines}) == 1
+
+
+def test_show_tells_what_is_planned_and_not_yet_logged(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reminder planned for next week has no log entry yet: `mailer show` lists it from the
+    registration's record with its state and when the scheduler looks at it next; a sent
+    message shows no `now`."""
+    monkeypatch.chdir(tmp_path)
+    write_log(
+        redis_url,
+        [
+            LogEntry(
+                ts=START.isoformat(),
+                status="sent",
+                message_id="reg-7/confirmation",
+                event_id="evt-7",
+                recipient="maria@example.org",
+                attempt=1,
+            )
+        ],
+    )
+    due = START + timedelta(days=7)
+    client = redis.Redis.from_url(redis_url)
+    client.hset(
+        "mailer:reg:reg-7",
+        mapping={
+            "e": "evt-7",
+            "m:confirmation": f"sent|1|{ms(START)}|{ms(START)}|0",
+            "m:reminder/P1D": f"planned|0|{ms(START)}|{ms(START)}|0",
+        },
+    )
+    client.zadd("mailer:due", {"reg-7/reminder/P1D": ms(due)})
+    client.close()
+    out = run(redis_url, "show", "reg-7").stdout
+    (reminder,) = [line for line in out.splitlines() if "reg-7/reminder/P1D" in line]
+    assert f"now: planned, next look {due:%Y-%m-%d %H:%M} UTC" in reminder
+    (confirmation,) = [
+        line for line in out.splitlines() if "reg-7/confirmation" in line and "attempts" in line
+    ]
+    assert "now:" not in confirmation
 
 
 def test_stats_count_per_status_and_kind_for_one_event(redis_url: str, log_of_300: list[LogEntry]) -> None:

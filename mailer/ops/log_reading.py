@@ -7,14 +7,19 @@ moment from the entries since then.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from mailer.clock import from_ms
+from mailer.constants import DUE_KEY
 from mailer.state.deliverylog import LogEntry, kind_of
 from mailer.state.logquery import LogFilter, iter_log, log_counts
+from mailer.state.messages import MessageState
 from mailer.state.redis_types import RedisClient
+from mailer.state.store import registration_key
 
 FINAL = frozenset({"sent", "failed", "skipped"})
 # The entries that move a message's state; "ignored" (a replay) and "rejected" notes do not.
@@ -39,14 +44,18 @@ class MessageStory:
     message_id: str
     kind: str
     entries: list[LogEntry] = field(default_factory=list)
+    # Its state now, from the registration's record: planned, claimed and sending are not
+    # logged (an entry per state change of a million messages would double the log).
+    current: MessageState | None = None
+    due: datetime | None = None  # when the scheduler looks at it next, while it is not final
 
     @property
     def status(self) -> str:
-        return self.entries[-1].status
+        return self.entries[-1].status if self.entries else self.current.status if self.current else ""
 
     @property
     def attempts(self) -> int:
-        return max(e.attempt for e in self.entries)
+        return max((e.attempt for e in self.entries), default=self.current.attempts if self.current else 0)
 
     @property
     def sequence(self) -> int | None:
@@ -83,7 +92,39 @@ async def timeline(redis: RedisClient, ident: str) -> Timeline:
             message = by_message[entry.message_id] = MessageStory(entry.message_id, kind_of(entry))
             story.messages.append(message)
         message.entries.append(entry)
+    await _add_states(redis, story, ident, by_message)
     return story
+
+
+async def _add_states(
+    redis: RedisClient, story: Timeline, ident: str, by_message: dict[str, MessageStory]
+) -> None:
+    """Each message's state now, and the messages planned but not yet logged (a reminder due
+    next week), from the registration's record."""
+    record = await redis.hgetall(registration_key(story.registration_id))
+    states: dict[str, MessageState] = {}
+    for name, value in record.items():
+        field_name = name.decode()
+        if field_name.startswith("m:"):
+            message_id = f"{story.registration_id}/{field_name[2:]}"
+            if "/" not in ident or message_id == ident:
+                with contextlib.suppress(ValueError):
+                    states[message_id] = MessageState.decode(value)
+    if not story.event_id and b"e" in record:
+        story.event_id = record[b"e"].decode()
+    waiting = [m for m, state in states.items() if not state.final]
+    async with redis.pipeline(transaction=False) as pipe:
+        for message_id in waiting:
+            pipe.zscore(DUE_KEY, message_id)
+        scores = dict(zip(waiting, await pipe.execute(), strict=True)) if waiting else {}
+    for message_id, state in states.items():
+        message = by_message.get(message_id)
+        if message is None:
+            message = by_message[message_id] = MessageStory(message_id, message_id.split("/")[1])
+            story.messages.append(message)
+        message.current = state
+        score = scores.get(message_id)
+        message.due = from_ms(int(score)) if score is not None else None
 
 
 @dataclass(slots=True)

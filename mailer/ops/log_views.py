@@ -127,6 +127,10 @@ def timeline_view(story: Timeline, *, uid: Callable[[str, str], str | None]) -> 
             (message.status, STYLES.get(message.status, "")),
             f"  {message.message_id}  attempts: {message.attempts}",
         )
+        now = message.current
+        if now is not None and not now.final:
+            due = f", next look {message.due:%Y-%m-%d %H:%M} UTC" if message.due else ""
+            label.append(f"  now: {now.status}{due}", style=STYLES.get(now.status, ""))
         calendar = uid(story.event_id, message.message_id) if story.event_id else None
         if calendar:
             # The SEQUENCE the file was sent with; an older log has only the id's version.
@@ -134,7 +138,8 @@ def timeline_view(story: Timeline, *, uid: Callable[[str, str], str | None]) -> 
             sequence = message.sequence if message.sequence is not None else version and version.group(1)
             label.append(f"  calendar UID {calendar}" + ("" if sequence is None else f" SEQUENCE {sequence}"))
         branch = tree.add(label)
-        branch.add(entry_table(message.entries, header=False))
+        if message.entries:
+            branch.add(entry_table(message.entries, header=False))
     if story.other:
         tree.add(Text("not about one message", style="bold")).add(entry_table(story.other, header=False))
     if not story.messages and not story.other:
