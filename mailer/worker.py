@@ -113,7 +113,9 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
     """Run until SIGTERM/SIGINT; survive Redis going away. Returns the exit status."""
     transport = build_transport(settings)
     renderer = Renderer(settings.template_dir)
-    stop = _Stop(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_redis_down_in_one_line)
+    stop = _Stop(loop)
     delay = 0.5
     try:
         while not stop.requested.is_set():
@@ -137,6 +139,17 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
         await transport.close()
     logger.info("worker stopped")
     return 0
+
+
+def _redis_down_in_one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A task arq started in the moment Redis went away fails where no one awaits it (its
+    first pipeline); asyncio would print that with a traceback. One line: the work is
+    re-driven from mailer's own state. Anything else goes to asyncio's default handler."""
+    failure = context.get("exception")
+    if isinstance(failure, REDIS_DOWN):
+        logger.warning("a job could not start, Redis went away (%r); re-driven from mailer's state", failure)
+        return
+    loop.default_exception_handler(context)
 
 
 class _Stop:

@@ -345,3 +345,35 @@ def test_the_worker_restarts_its_embedded_redis_when_it_dies(tmp_path: Path) -> 
     with contextlib.suppress(ProcessLookupError):
         os.kill(second, 0)
         raise AssertionError(f"redis-server {second} outlived the worker")
+
+
+def test_a_job_that_lost_redis_as_it_started_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """arq starts each job as a task whose first pipeline nobody awaits; when Redis goes away
+    in that moment asyncio would print "Task exception was never retrieved" and a traceback
+    (seen once in the restart test above). The worker's loop says it in one line."""
+    import asyncio
+    import gc
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from mailer.worker import _redis_down_in_one_line
+
+    async def lost() -> None:
+        raise RedisConnectionError("Connection closed by server.")
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(_redis_down_in_one_line)
+        task = asyncio.ensure_future(lost())
+        await asyncio.sleep(0.01)
+        del task
+        gc.collect()
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records] == [
+        "a job could not start, Redis went away (ConnectionError('Connection closed by server.')); "
+        "re-driven from mailer's state"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
