@@ -59,6 +59,9 @@ LOG_DEAD_KEY: Final = PREFIX + "log:dead:{scope}"
 # this mailer first met it. Below it lie entries an older mailer wrote; filters walk them.
 LOG_INDEXED_FROM_KEY: Final = PREFIX + "log:indexed-from"
 
+# Worker heartbeats (mailer.state.heartbeat): member = worker name, score = its last beat (ms).
+WORKERS_KEY: Final = PREFIX + "workers"
+
 # The relay circuit (mailer.state.circuit): a hash with its state (open/closed), the next probe
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.
 RELAY_CIRCUIT_KEY: Final = PREFIX + "relay:{relay}:circuit"

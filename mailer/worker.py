@@ -13,7 +13,7 @@ from arq.cron import cron
 from arq.worker import Worker, func
 
 from mailer import jobs
-from mailer.clock import Clock, utc_now
+from mailer.clock import Clock, ms, utc_now
 from mailer.content.render import Renderer
 from mailer.delivery.maildir import MaildirTransport
 from mailer.delivery.sender import Sender
@@ -25,6 +25,7 @@ from mailer.lifecycle.planner import Planner
 from mailer.lifecycle.scheduler import Scheduler
 from mailer.settings import Settings
 from mailer.state.deliverylog import DeliveryLog
+from mailer.state.heartbeat import BEAT_MS, beat
 from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
@@ -131,7 +132,7 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
             delay = 0.5
             try:
                 worker = build_worker(settings, redis, transport=transport, renderer=renderer, echo=echo)
-                await _serve(worker, stop, grace=settings.smtp_timeout + 5)
+                await _serve(worker, stop, grace=settings.smtp_timeout + 5, worker_name=settings.worker_name)
             finally:
                 with contextlib.suppress(Exception):
                     await redis.aclose()
@@ -175,9 +176,28 @@ class _Stop:
             self.worker.allow_pick_jobs = False
 
 
-async def _serve(worker: Worker, stop: _Stop, *, grace: float) -> None:
+async def _serve(worker: Worker, stop: _Stop, *, grace: float, worker_name: str) -> None:
     """Run one arq worker until Redis goes away (return, to reconnect) or a stop is asked for."""
     stop.worker = worker
+    beating = asyncio.create_task(_beat(worker.pool, worker_name))
+    try:
+        await _run_until_stopped(worker, stop, grace=grace)
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+
+
+async def _beat(redis: Any, name: str) -> None:
+    """This worker's heartbeat, every few seconds while it serves (a missed beat is no error:
+    Redis is gone, and the serve loop deals with that)."""
+    while True:
+        with contextlib.suppress(*REDIS_DOWN):
+            await beat(redis, name, now_ms=ms(utc_now()))
+        await asyncio.sleep(BEAT_MS / 1000)
+
+
+async def _run_until_stopped(worker: Worker, stop: _Stop, *, grace: float) -> None:
     main = asyncio.create_task(worker.main())
     stop_wait = asyncio.create_task(stop.requested.wait())
     done, _ = await asyncio.wait({main, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,46 @@
+"""`/healthz` (the process answers) and `/readyz` (it can do its work): no token needed, so
+container probes and load balancers can ask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from mailer.clock import ms, utc_now
+from mailer.state.circuit import relay_states
+from mailer.state.heartbeat import fresh_workers
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the HTTP service runs."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: Redis answers, at least one worker's heartbeat is fresh, no relay circuit is
+    open. 200 or 503; the body says which part is not ready and why."""
+    redis = request.app.state.redis
+    now_ms = ms(utc_now())
+    checks: dict[str, Any] = {}
+    try:
+        await redis.ping()
+        checks["redis"] = {"ok": True}
+        workers = await fresh_workers(redis, now_ms=now_ms)
+        checks["workers"] = {"ok": bool(workers), "alive": workers}
+        if not workers:
+            checks["workers"]["reason"] = "no worker heartbeat in the last 30 s: is `mailer worker` running?"
+        relays = [s for s in await relay_states(redis) if s.open]
+        checks["relay"] = {"ok": not relays}
+        if relays:
+            checks["relay"]["reason"] = "; ".join(f"{s.relay}: {s.reason}" for s in relays)
+    except (RedisError, OSError) as exc:
+        checks["redis"] = {"ok": False, "reason": f"Redis unreachable: {exc}"}
+    ready = all(c.get("ok") for c in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
