@@ -193,6 +193,29 @@ def worker() -> None:
     sys.exit(status)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="The TCP port.")
+@_errors_to_exit
+def serve(host: str, port: int) -> None:
+    """Run the HTTP service: POST /v1/events for registration systems in any language (with a
+    token from MAILER_API_TOKEN), /healthz and /readyz for probes, /docs for the API.
+
+    It uses the worker's Redis (MAILER_REDIS_URL, or the embedded one under MAILER_DATA_DIR);
+    start `mailer worker` too, which sends what comes in."""
+    import uvicorn
+
+    from mailer.web.app import create_app
+
+    settings = _settings()
+    app = create_app(settings, _redis_url(settings))
+    intake = "on" if settings.api_tokens else "off (set MAILER_API_TOKEN)"
+    click.echo(f"mailer serve: http://{host}:{port}/ (API docs at /docs; intake {intake})", err=True)
+    # uvicorn's access log would print each request line; the app logs its own, with the
+    # request id and without query strings.
+    uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)
+
+
 def _read(source: str) -> bytes:
     """The bytes of a file (or stdin), without the byte-order mark Windows editors put first."""
     data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()

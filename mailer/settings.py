@@ -97,6 +97,18 @@ class Settings(BaseSettings):
     imprint_url: str | None = Field(default=None, max_length=2000)
     # Print one JSON line per outcome on stdout (the log stream keeps them either way).
     print_outcomes: bool = True
+    # `mailer serve`: the bearer tokens its API accepts, comma-separated so a new one can be
+    # added before the old one is removed (rotation without downtime). Unset: intake is off.
+    api_token: SecretStr | None = None
+    # The largest request body `POST /v1/events` reads (a batch of 1 000 full events is ~2 MB).
+    api_max_body_bytes: int = Field(default=5_000_000, ge=10_000, le=100_000_000)
+
+    @property
+    def api_tokens(self) -> list[bytes]:
+        """The accepted tokens (empty: none configured)."""
+        if self.api_token is None:
+            return []
+        return [t.strip().encode() for t in self.api_token.get_secret_value().split(",") if t.strip()]
 
     @field_validator("reminder_offsets", mode="before")
     @classmethod

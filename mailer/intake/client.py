@@ -117,6 +117,10 @@ class MailerClient:
         except InvalidEvent as exc:
             await self.log_refusals([("publish", exc)])
             raise
+        await self.push_valid(raw)
+
+    async def push_valid(self, raw: dict[str, Any]) -> None:
+        """Put one event that passed parse_event in the inbox (publish, and the HTTP intake)."""
         await self.connect()
         assert self._inbox is not None
         try:
@@ -131,8 +135,7 @@ class MailerClient:
         import must not hold back the good ones.
         """
         report = PublishReport()
-        batch: list[dict[str, Any]] = []
-        jobs: list[tuple[str, str, dict[str, object]]] = []
+        valid: list[dict[str, Any]] = []
         for index, event in enumerate(events):
             try:
                 raw = _as_raw(event)
@@ -140,17 +143,20 @@ class MailerClient:
             except InvalidEvent as exc:
                 report.invalid.append((index, exc))
                 continue
-            batch.append(raw)
-            report.accepted += 1
-            if len(batch) >= self.events_per_job:
-                jobs.append(self._job(batch))
-                batch = []
-        if batch:
-            jobs.append(self._job(batch))
-        report.jobs = len(jobs)
-        await self._enqueue(jobs)
+            valid.append(raw)
+        report.accepted = len(valid)
+        report.jobs = await self.enqueue_valid(valid)
         await self.log_refusals((f"record {index + 1}", exc) for index, exc in report.invalid)
         return report
+
+    async def enqueue_valid(self, raws: list[dict[str, Any]]) -> int:
+        """Queue events that passed parse_event, several per job, in few round trips (publish_many,
+        and the HTTP intake's batches); how many jobs that made."""
+        jobs = [
+            self._job(raws[i : i + self.events_per_job]) for i in range(0, len(raws), self.events_per_job)
+        ]
+        await self._enqueue(jobs)
+        return len(jobs)
 
     async def log_refusals(self, refusals: Iterable[tuple[str, InvalidEvent]]) -> None:
         """Write each refused record to the delivery log as `rejected`, so ops see it next to

@@ -1,0 +1,106 @@
+"""`POST /v1/events`: one event (a JSON object) or a batch (a JSON array, or NDJSON), validated
+as the Python client validates them, the valid ones queued, each refusal named and logged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from mailer.errors import FieldProblem, InvalidEvent
+from mailer.events import parse_event
+from mailer.intake.client import MailerClient
+from mailer.web.auth import require_token
+from mailer.web.problems import Problem
+
+# A batch's records at most: a larger import goes in several requests.
+MAX_RECORDS = 1000
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
+
+router = APIRouter()
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (not read whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "Body too large", f"at most {limit} bytes per request")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "Body too large", f"at most {limit} bytes per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _records(body: bytes, content_type: str) -> tuple[list[Any], bool]:
+    """The records of a body, and whether it was a batch; a JSON line that does not parse
+    stays bytes, so it is refused with the line's number like any other invalid record."""
+    if content_type in NDJSON_TYPES:
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        return [_decoded(line) for line in lines], True
+    if content_type not in ("application/json", ""):
+        raise Problem(415, "Unsupported media type", "send application/json or application/x-ndjson")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", f"the body is not JSON: {exc}") from None
+    if isinstance(data, list):
+        return data, True
+    return [data], False
+
+
+def _decoded(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+
+
+@router.post("/v1/events", status_code=202, dependencies=[Depends(require_token)])
+async def post_events(request: Request) -> JSONResponse:
+    """Queue events. 202 with the accepted ids; 422 with each invalid record's line, field and
+    reason (the valid ones of a batch are still queued and listed); 413 over the size limits."""
+    client: MailerClient = request.app.state.client
+    body = await _body(request, request.app.state.settings.api_max_body_bytes)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    records, batch = _records(body, content_type)
+    if len(records) > MAX_RECORDS:
+        raise Problem(
+            413, "Too many records", f"at most {MAX_RECORDS} records per request, got {len(records)}"
+        )
+    valid: list[dict[str, Any]] = []
+    refused: list[tuple[int, InvalidEvent]] = []
+    for line, record in enumerate(records, start=1):
+        try:
+            if not isinstance(record, dict):
+                kind = "a line that is not JSON" if isinstance(record, bytes) else type(record).__name__
+                raise InvalidEvent([FieldProblem("(record)", f"must be a JSON object, not {kind}")])
+            parse_event(record)
+            valid.append(record)
+        except InvalidEvent as exc:
+            refused.append((line, exc))
+    if batch:
+        await client.enqueue_valid(valid)
+    elif valid:
+        await client.push_valid(valid[0])
+    await client.log_refusals((f"POST /v1/events line {line}", exc) for line, exc in refused)
+    accepted = [str(r.get("id")) for r in valid]
+    if not refused:
+        return JSONResponse({"accepted": accepted}, status_code=202)
+    errors = [
+        {"line": line, "event_id": exc.event_id, "field": p.field, "reason": p.reason}
+        for line, exc in refused
+        for p in exc.problems
+    ]
+    raise Problem(
+        422,
+        "Invalid events",
+        f"{len(refused)} of {len(records)} record(s) refused; the others were accepted",
+        accepted=accepted,
+        errors=errors,
+    )

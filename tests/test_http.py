@@ -1,0 +1,273 @@
+"""`mailer serve` against a real uvicorn on a free port and the tests' real Redis: intake for any
+language, its tokens and limits, probes, and arbitrary bodies that must never make it fail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailer.state.logquery import LogFilter, iter_log
+from mailer.state.queue import connect_client
+from tests.conftest import RedisServer, SmtpServer, make_event, wait_for
+
+TOKENS = "old-token-4f1c9,new-token-8a2d7"
+AUTH = {"Authorization": "Bearer new-token-8a2d7"}
+
+
+@dataclass
+class Service:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(redis_url: str, directory: Path, **env: str) -> Service:
+    port = free_port()
+    log = directory / f"serve-{port}.log"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailer", "serve", "--port", str(port)],
+        env=clean | {"MAILER_REDIS_URL": redis_url, "MAILER_DATA_DIR": str(directory / "var")} | env,
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return Service(url, log, process)
+        except httpx.TransportError:
+            time.sleep(0.05)  # not listening yet: nothing to wait on but the port
+
+
+def stop_service(service: Service) -> None:
+    service.process.terminate()
+    service.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    running = start_service(redis_server.url, tmp_path_factory.mktemp("serve"), MAILER_API_TOKEN=TOKENS)
+    yield running
+    stop_service(running)
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The RFC 9457 body of an error answer, checked for the members every problem has."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
+async def rejected(redis_url: str) -> list[str]:
+    redis = await connect_client(redis_url)
+    try:
+        return [e.detail async for e in iter_log(redis, LogFilter(status="rejected"))]
+    finally:
+        await redis.aclose()
+
+
+async def test_an_event_posted_over_http_is_sent(
+    redis_url: str, service: Service, smtp_server: SmtpServer, worker_process: Any
+) -> None:
+    """POST one event with a token: 202 with its id; the worker sends the confirmation."""
+    worker_process(redis_url, smtp_server)
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        answer = await http.post("/v1/events", json=make_event(), headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"accepted": ["evt-1"]}
+    await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+
+
+async def test_both_tokens_work_others_are_refused_and_none_is_logged(
+    redis_url: str, service: Service
+) -> None:
+    """Either configured token is accepted (rotation); a missing, wrong or non-bearer one is 401
+    with WWW-Authenticate; the service's log never shows a token."""
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic old-token-4f1c9"}):
+            refused = await http.post("/v1/events", json=make_event(), headers=header)
+            problem(refused, 401)
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        old = await http.post(
+            "/v1/events",
+            json=make_event(event_id="e-old"),
+            headers={"Authorization": "Bearer old-token-4f1c9"},
+        )
+        assert old.status_code == 202, old.text
+    text = service.log.read_text()
+    assert "POST /v1/events 401" in text
+    assert "POST /v1/events 202" in text
+    assert "token-4f1c9" not in text
+    assert "token-8a2d7" not in text
+
+
+async def test_without_a_token_configured_intake_is_off(redis_url: str, tmp_path: Path) -> None:
+    """No MAILER_API_TOKEN: the API answers 503 saying how to turn it on, and queues nothing."""
+    off = start_service(redis_url, tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=off.url) as http:
+            body = problem(await http.post("/v1/events", json=make_event(), headers=AUTH), 503)
+    finally:
+        stop_service(off)
+    assert "MAILER_API_TOKEN" in body["detail"]
+    redis = await connect_client(redis_url)
+    try:
+        assert await redis.llen("mailer:inbox") == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_queues_the_valid_records_and_names_each_invalid_line(
+    redis_url: str, service: Service
+) -> None:
+    """NDJSON with a bad address on line 2 and a line that is not JSON on line 4: 422 naming
+    those lines, field and reason; the valid records are queued and listed; each refusal is a
+    `rejected` log entry naming its line."""
+    lines = [
+        make_event(event_id="b-1", registration_id="r-1"),
+        make_event(event_id="b-2", registration_id="r-2", email="not an address"),
+        make_event(event_id="b-3", registration_id="r-3"),
+    ]
+    body = b"\n".join(orjson.dumps(line) for line in lines) + b"\n{not json\n"
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        answer = await http.post(
+            "/v1/events", content=body, headers=AUTH | {"Content-Type": "application/x-ndjson"}
+        )
+        found = problem(answer, 422)
+        array = await http.post("/v1/events", json=[make_event(event_id="a-1")], headers=AUTH)
+    assert found["accepted"] == ["b-1", "b-3"]
+    assert [(e["line"], e["field"]) for e in found["errors"]] == [
+        (2, "registration.attendee.email"),
+        (4, "(record)"),
+    ]
+    assert found["errors"][0]["event_id"] == "b-2"
+    assert array.status_code == 202
+    assert array.json() == {"accepted": ["a-1"]}
+    details = await rejected(redis_url)
+    assert any(d.startswith("POST /v1/events line 2: registration.attendee.email") for d in details), details
+    assert any(d.startswith("POST /v1/events line 4: (record)") for d in details), details
+    redis = await connect_client(redis_url)
+    try:
+        assert await redis.zcard("mailer:queue") >= 1  # the batch's job, for the worker to apply
+    finally:
+        await redis.aclose()
+
+
+async def test_the_limits_are_refused_before_anything_is_queued(redis_url: str, tmp_path: Path) -> None:
+    """413 over the body size (MAILER_API_MAX_BODY_BYTES) or past 1 000 records, 415 for another
+    media type, 400 for a body that is not JSON; nothing of them is queued."""
+    small = start_service(redis_url, tmp_path, MAILER_API_TOKEN=TOKENS, MAILER_API_MAX_BODY_BYTES="20000")
+    try:
+        async with httpx.AsyncClient(base_url=small.url) as http:
+            big = orjson.dumps([make_event(event_id=f"x-{i}") for i in range(40)])
+            assert (
+                "20000 bytes"
+                in problem(await http.post("/v1/events", content=big, headers=AUTH), 413)["detail"]
+            )
+            many = b"\n".join(b"{}" for _ in range(1001))
+            ndjson = AUTH | {"Content-Type": "application/x-ndjson"}
+            assert (
+                "1000 records"
+                in problem(await http.post("/v1/events", content=many, headers=ndjson), 413)["detail"]
+            )
+            text = AUTH | {"Content-Type": "text/plain"}
+            problem(await http.post("/v1/events", content=b"{}", headers=text), 415)
+            problem(
+                await http.post(
+                    "/v1/events", content=b"{oops", headers=AUTH | {"Content-Type": "application/json"}
+                ),
+                400,
+            )
+    finally:
+        stop_service(small)
+    redis = await connect_client(redis_url)
+    try:
+        assert await redis.llen("mailer:inbox") == 0
+        assert await redis.zcard("mailer:queue") == 0
+    finally:
+        await redis.aclose()
+
+
+async def test_ready_only_with_a_fresh_worker_heartbeat(
+    redis_url: str, service: Service, smtp_server: SmtpServer, worker_process: Any
+) -> None:
+    """/healthz and /readyz need no token. Without a worker /readyz is 503 and says so; once a
+    worker process beats, 200 with its name."""
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        waiting = await http.get("/readyz")
+        assert waiting.status_code == 503
+        assert "mailer worker" in waiting.json()["checks"]["workers"]["reason"]
+        worker_process(redis_url, smtp_server, MAILER_WORKER_NAME="w-http-1")
+        deadline = time.monotonic() + 20
+        while (ready := await http.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            await asyncio.sleep(0.1)  # the heartbeat is a key in Redis; polled through the API
+    assert ready.json()["checks"]["workers"]["alive"] == ["w-http-1"]
+
+
+bodies = st.one_of(
+    st.binary(max_size=300),
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=20,
+    ).map(orjson.dumps),
+    st.lists(st.just(make_event()), max_size=3).map(orjson.dumps),
+    st.sampled_from(
+        [b'{"id": 123456789012345678901234567890}', b"[" * 5000, rb'"\ud800"', b"\xef\xbb\xbf{}"]
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=bodies,
+    content_type=st.sampled_from(
+        ["application/json", "application/x-ndjson", "", "text/plain", "application/json; charset=utf-8"]
+    ),
+)
+def test_no_body_makes_the_intake_fail(service: Service, body: bytes, content_type: str) -> None:
+    """Arbitrary bytes, JSON of any shape and valid batches, under any media type: every answer
+    is 202, or a problem (400, 413, 415, 422) with its fields; never a 5xx."""
+    headers = AUTH | ({"Content-Type": content_type} if content_type else {})
+    answer = httpx.post(service.url + "/v1/events", content=body, headers=headers, timeout=10)
+    if answer.status_code == 202:
+        assert isinstance(answer.json()["accepted"], list)
+        return
+    problem(answer, answer.status_code)
+    assert answer.status_code in (400, 413, 415, 422), answer.text
