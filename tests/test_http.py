@@ -271,3 +271,18 @@ def test_no_body_makes_the_intake_fail(service: Service, body: bytes, content_ty
         return
     problem(answer, answer.status_code)
     assert answer.status_code in (400, 413, 415, 422), answer.text
+
+
+def test_the_readmes_curl_example_works_as_written(redis_url: str, service: Service) -> None:
+    """The curl command of README's HTTP intake section, run as written (against this test's
+    service and token), gets the answer the README shows."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("curl -sS -X POST http://127.0.0.1:8080/v1/events")
+    block = readme[start : readme.index("\n# ", start)]
+    shown = readme[readme.index("\n# ", start) + 3 :].split("\n", 1)[0]
+    command = block.replace("http://127.0.0.1:8080", service.url).replace("change-me", "new-token-8a2d7")
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=Path(__file__).parent.parent, capture_output=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == orjson.loads(shown)

@@ -36,6 +36,7 @@ NUMERIC: dict[str, tuple[float, float]] = {
     "poll_delay": (0, 5),
     "job_timeout": (5, 600),
     "log_max_entries": (1000, 100_000_000),
+    "api_max_body_bytes": (10_000, 100_000_000),
     "retention_days": (1, 3650),
 }
 HOSTILE = ["-1", "0", "-0.5", "inf", "-inf", "nan", "1e30", "1e400", "abc", "1" * 23, "-PT1H", "P9999999999D"]
