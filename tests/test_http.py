@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -74,6 +75,8 @@ def service(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
     running = start_service(redis_server.url, tmp_path_factory.mktemp("serve"), MAILER_API_TOKEN=TOKENS)
     yield running
     stop_service(running)
+    # Whatever the tests sent, the service answered without a stack trace in its log.
+    assert "Traceback" not in running.log.read_text()
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -106,6 +109,72 @@ async def test_an_event_posted_over_http_is_sent(
     assert answer.status_code == 202, answer.text
     assert answer.json() == {"accepted": ["evt-1"]}
     await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+
+
+async def test_the_delivery_api_answers_what_the_cli_answers(
+    redis_url: str, service: Service, smtp_server: SmtpServer, worker_process: Any
+) -> None:
+    """After a posted registration is sent: GET /v1/deliveries finds its entry by recipient (any
+    case); /v1/registrations/ID tells its story message by message; /v1/messages/ID one
+    message; /v1/stats counts it. Unknown ids are 404,
+    bad filters 422, and all of it needs the token."""
+    worker_process(redis_url, smtp_server)
+    async with httpx.AsyncClient(base_url=service.url, headers=AUTH) as http:
+        assert (await http.post("/v1/events", json=make_event())).status_code == 202
+        await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+        deadline = time.monotonic() + 10
+        while not (
+            found := (
+                await http.get("/v1/deliveries", params={"recipient": "MARIA.Mueller@example.org"})
+            ).json()
+        )["entries"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)  # the `sent` entry follows the relay's 250
+        (sent,) = found["entries"]
+        assert (sent["status"], sent["message_id"], sent["recipient"]) == (
+            "sent",
+            "reg-1001/confirmation",
+            "maria.mueller@example.org",
+        )
+        assert found["next_cursor"] is None
+        story = (await http.get("/v1/registrations/reg-1001")).json()
+        by_kind = {m["kind"]: m for m in story["messages"]}
+        assert by_kind["confirmation"]["status"] == "sent"
+        assert [e["id"] for e in by_kind["confirmation"]["entries"]] == [sent["id"]]
+        assert by_kind["confirmation"]["now"] == {"status": "sent", "next_look": None}  # final
+        assert story["event_id"] == "weltoffen"
+        one = (await http.get("/v1/messages/reg-1001/confirmation")).json()
+        assert [m["message_id"] for m in one["messages"]] == ["reg-1001/confirmation"]
+        counted = (await http.get("/v1/stats", params={"event": "weltoffen"})).json()
+        assert counted["counts"]["sent"] == {"confirmation": 1}
+        problem(await http.get("/v1/registrations/reg-404"), 404)
+        problem(await http.get("/v1/messages/reg-1001/nonsense"), 422)
+        problem(await http.get("/v1/deliveries", params={"status": "lost"}), 422)
+        problem(await http.get("/v1/deliveries", params={"since": "2026-12-01T10:00"}), 422)
+        problem(await http.get("/v1/deliveries", params={"cursor": "x"}), 422)
+        problem(await http.get("/v1/deliveries", headers={"Authorization": ""}), 401)
+
+
+async def test_deliveries_page_by_cursor_through_every_entry(redis_url: str, service: Service) -> None:
+    """Seven refusals read three at a time: every entry once, newest first, then no cursor."""
+    redis = await connect_client(redis_url)
+    try:
+        from mailer.state.deliverylog import DeliveryLog, LogEntry
+
+        log = DeliveryLog(redis, max_entries=1000, echo=None)
+        await log.write([LogEntry(ts=log.now(), status="rejected", detail=f"r{i}") for i in range(7)])
+    finally:
+        await redis.aclose()
+    seen: list[str] = []
+    cursor = None
+    async with httpx.AsyncClient(base_url=service.url, headers=AUTH) as http:
+        for _ in range(4):
+            params = {"status": "rejected", "limit": "3"} | ({"cursor": cursor} if cursor else {})
+            page = (await http.get("/v1/deliveries", params=params)).json()
+            seen += [e["detail"] for e in page["entries"]]
+            if (cursor := page["next_cursor"]) is None:
+                break
+    assert seen == [f"r{i}" for i in reversed(range(7))]
 
 
 async def test_both_tokens_work_others_are_refused_and_none_is_logged(
@@ -286,3 +355,38 @@ def test_the_readmes_curl_example_works_as_written(redis_url: str, service: Serv
     )
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout) == orjson.loads(shown)
+
+
+FILTER_NAMES = [
+    "recipient",
+    "registration",
+    "message",
+    "event",
+    "status",
+    "kind",
+    "since",
+    "until",
+    "limit",
+    "cursor",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    params=st.dictionaries(st.sampled_from(FILTER_NAMES), st.text(max_size=40), max_size=5),
+    path=st.text(max_size=40),
+)
+def test_no_query_or_id_makes_the_delivery_api_fail(
+    service: Service, params: dict[str, str], path: str
+) -> None:
+    """Arbitrary filter values and ids: 200, or a problem (404, 422); never a 5xx."""
+    for url, query in (
+        ("/v1/deliveries", params),
+        ("/v1/stats", {k: v for k, v in params.items() if k in ("event", "since")}),
+        ("/v1/registrations/" + quote(path, safe=""), {}),
+        ("/v1/messages/" + quote(path, safe="/"), {}),
+    ):
+        answer = httpx.get(service.url + url, params=query, headers=AUTH, timeout=10)
+        if answer.status_code != 200:
+            problem(answer, answer.status_code)
+            assert answer.status_code in (404, 405, 422), (url, query, answer.text)

@@ -357,22 +357,7 @@ def stats_command(event_id: str | None, since: datetime | None, as_json: bool) -
     settings = load_settings()
     result = _with_redis(settings, lambda redis: stats(redis, LogQuery(event=event_id, since=since)))
     if as_json:
-        counts: dict[str, dict[str, int]] = {}
-        for (status, kind), n in result.counts.items():
-            counts.setdefault(status, {})[kind] = n
-        oldest = result.oldest_waiting
-        body = {
-            "event_id": event_id,
-            "since": since.isoformat() if since else None,
-            "counts": counts,
-            "sent": result.sent,
-            "latency_ms": result.latency_ms,
-            "dead_letters": result.dead_letters,
-            "uncounted_before": result.uncounted_before.isoformat() if result.uncounted_before else None,
-            "oldest_waiting": {"message_id": oldest[0], "status": oldest[1], "since": oldest[2].isoformat()}
-            if oldest
-            else None,
-        }
+        body = {"event_id": event_id, "since": since.isoformat() if since else None} | result.as_dict()
         click.echo(orjson.dumps(body).decode())
         return
     title = f"delivery log{f' of event {event_id}' if event_id else ''}"

@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from mailer.clock import from_ms
 from mailer.constants import DUE_KEY
@@ -137,6 +138,23 @@ class LogStats:
     dead_letters: int = 0
     oldest_waiting: tuple[str, str, datetime] | None = None  # (message id, status, first entry)
     uncounted_before: datetime | None = None  # an older mailer's entries, not in the counters
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of `mailer stats --json` and `GET /v1/stats`."""
+        counts: dict[str, dict[str, int]] = {}
+        for (status, kind), n in self.counts.items():
+            counts.setdefault(status, {})[kind] = n
+        oldest = self.oldest_waiting
+        return {
+            "counts": counts,
+            "sent": self.sent,
+            "latency_ms": self.latency_ms,
+            "dead_letters": self.dead_letters,
+            "uncounted_before": self.uncounted_before.isoformat() if self.uncounted_before else None,
+            "oldest_waiting": {"message_id": oldest[0], "status": oldest[1], "since": oldest[2].isoformat()}
+            if oldest
+            else None,
+        }
 
 
 async def stats(redis: RedisClient, query: LogQuery) -> LogStats:

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 from mailer.intake.client import MailerClient
 from mailer.settings import Settings
 from mailer.state.queue import connect_client
-from mailer.web import health, intake, problems
+from mailer.web import deliveries, health, intake, problems
 
 logger = logging.getLogger("mailer.web")
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     problems.install(app)
     app.include_router(health.router)
     app.include_router(intake.router)
+    app.include_router(deliveries.router)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
