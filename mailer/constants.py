@@ -59,6 +59,9 @@ LOG_DEAD_KEY: Final = PREFIX + "log:dead:{scope}"
 # this mailer first met it. Below it lie entries an older mailer wrote; filters walk them.
 LOG_INDEXED_FROM_KEY: Final = PREFIX + "log:indexed-from"
 
+# The HTTP intake's Idempotency-Key answers (mailer.state.idempotency), by the key's SHA-256.
+IDEMPOTENCY_KEY: Final = PREFIX + "idem:{digest}"
+
 # Worker heartbeats (mailer.state.heartbeat): member = worker name, score = its last beat (ms).
 WORKERS_KEY: Final = PREFIX + "workers"
 

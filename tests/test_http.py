@@ -252,6 +252,44 @@ async def test_a_batch_queues_the_valid_records_and_names_each_invalid_line(
         await redis.aclose()
 
 
+async def test_an_idempotency_key_replays_the_first_answer_and_queues_once(
+    redis_url: str, service: Service
+) -> None:
+    """The same key and body again: the first answer (202 or the 422 of a mixed batch), marked
+    Idempotent-Replayed, and nothing queued twice; the same key with another body is 422; a
+    malformed key 400."""
+    once = {"Idempotency-Key": "order-2026-0001"} | AUTH
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        event = make_event(event_id="i-1")
+        first = await http.post("/v1/events", json=event, headers=once)
+        again = await http.post("/v1/events", json=event, headers=once)
+        other = await http.post("/v1/events", json=make_event(event_id="i-2"), headers=once)
+        mixed = [make_event(event_id="m-1"), {"type": "nonsense"}]
+        batch = {"Idempotency-Key": "import-7"} | AUTH
+        batch_first = await http.post("/v1/events", json=mixed, headers=batch)
+        batch_again = await http.post("/v1/events", json=mixed, headers=batch)
+        bad = await http.post(
+            "/v1/events", json=make_event(), headers={"Idempotency-Key": "has space"} | AUTH
+        )
+    assert first.status_code == again.status_code == 202
+    assert again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert "different body" in problem(other, 422)["detail"]
+    assert batch_first.status_code == batch_again.status_code == 422
+    assert batch_again.json()["accepted"] == ["m-1"]
+    assert batch_again.json()["errors"] == batch_first.json()["errors"]
+    problem(bad, 400)
+    redis = await connect_client(redis_url)
+    try:
+        assert await redis.llen("mailer:inbox") == 1  # i-1, once
+        jobs = [j.decode() for j in await redis.zrange("mailer:queue", 0, -1)]
+        assert len([j for j in jobs if j.startswith("events:")]) == 1, jobs  # the batch's job, once
+        assert len(await rejected(redis_url)) == 1  # the nonsense record, logged once
+    finally:
+        await redis.aclose()
+
+
 async def test_the_limits_are_refused_before_anything_is_queued(redis_url: str, tmp_path: Path) -> None:
     """413 over the body size (MAILER_API_MAX_BODY_BYTES) or past 1 000 records, 415 for another
     media type, 400 for a body that is not JSON; nothing of them is queued."""

@@ -3,21 +3,26 @@ as the Python client validates them, the valid ones queued, each refusal named a
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from mailer.errors import FieldProblem, InvalidEvent
 from mailer.events import parse_event
 from mailer.intake.client import MailerClient
+from mailer.state import idempotency
 from mailer.web.auth import require_token
-from mailer.web.problems import Problem
+from mailer.web.problems import PROBLEM_JSON, Problem, problem_response
 
 # A batch's records at most: a larger import goes in several requests.
 MAX_RECORDS = 1000
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 router = APIRouter()
 
@@ -62,12 +67,52 @@ def _decoded(line: bytes) -> Any:
 
 
 @router.post("/v1/events", status_code=202, dependencies=[Depends(require_token)])
-async def post_events(request: Request) -> JSONResponse:
+async def post_events(request: Request) -> Response:
     """Queue events. 202 with the accepted ids; 422 with each invalid record's line, field and
-    reason (the valid ones of a batch are still queued and listed); 413 over the size limits."""
-    client: MailerClient = request.app.state.client
+    reason (the valid ones of a batch are still queued and listed); 413 over the size limits.
+    With an `Idempotency-Key` header, the first answer to that key is replayed for 24 hours."""
     body = await _body(request, request.app.state.settings.api_max_body_bytes)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return await _answer(request, body, content_type)
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise Problem(400, "Bad Idempotency-Key", "1 to 255 printable ASCII characters")
+    redis = request.app.state.redis
+    digest = hashlib.sha256(content_type.encode() + b"\n" + body).hexdigest()
+    earlier = await idempotency.claim(redis, key, digest)
+    if earlier is not None:
+        if earlier.digest != digest:
+            raise Problem(422, "Idempotency-Key reused", "this key came with a different body before")
+        if earlier.status is None:
+            raise Problem(409, "Request in progress", "a request with this Idempotency-Key is still running")
+        media = PROBLEM_JSON if earlier.status >= 400 else "application/json"
+        replay = Response(earlier.body, status_code=earlier.status, media_type=media)
+        replay.headers["Idempotent-Replayed"] = "true"
+        return replay
+    try:
+        answer = await _answer(request, body, content_type)
+    except BaseException:
+        await idempotency.release(redis, key)
+        raise
+    if answer.status_code >= 500:
+        await idempotency.release(redis, key)
+    else:
+        await idempotency.finish(redis, key, digest, answer.status_code, bytes(answer.body))
+    return answer
+
+
+async def _answer(request: Request, body: bytes, content_type: str) -> Response:
+    """The answer to a body: 202, or the problem that says why not (as a response, so an
+    Idempotency-Key can keep it)."""
+    try:
+        return await _accept(request, body, content_type)
+    except Problem as refused:
+        return problem_response(request, refused)
+
+
+async def _accept(request: Request, body: bytes, content_type: str) -> JSONResponse:
+    client: MailerClient = request.app.state.client
     records, batch = _records(body, content_type)
     if len(records) > MAX_RECORDS:
         raise Problem(
