@@ -428,3 +428,22 @@ def test_no_query_or_id_makes_the_delivery_api_fail(
         if answer.status_code != 200:
             problem(answer, answer.status_code)
             assert answer.status_code in (404, 405, 422), (url, query, answer.text)
+
+
+async def test_the_openapi_description_and_docs_are_served(service: Service) -> None:
+    """/openapi.json describes the endpoints the README lists; /docs is the interactive page.
+    Both hold no data and need no token, so a developer can read them before having one."""
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        spec = (await http.get("/openapi.json")).json()
+        docs = await http.get("/docs")
+    assert {
+        "/v1/events",
+        "/v1/deliveries",
+        "/v1/registrations/{registration_id}",
+        "/v1/messages/{message_id}",
+        "/v1/stats",
+        "/healthz",
+        "/readyz",
+    } <= set(spec["paths"])
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
