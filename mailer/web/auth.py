@@ -9,8 +9,9 @@ from fastapi import Request
 from mailer.web.problems import Problem
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """A dependency: the request carries one of the configured tokens, or it is refused.
+    (async: FastAPI runs a plain function dependency in a thread, a hop per request.)
 
     Without a configured token the API is off (503 saying how to turn it on), never open."""
     tokens: list[bytes] = request.app.state.settings.api_tokens
