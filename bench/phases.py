@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, lifecycle, log_phase, mailer_phases
+from bench import ceilings, intake_phase, lifecycle, log_phase, mailer_phases
 from bench.data import SampleMessage
 from bench.infra import PhaseTimeout, RedisServer, run_isolated
 from bench.machine import wait_for_quiet
@@ -32,6 +32,7 @@ PHASES = (
     "aof",
     "log",
     "log-cost",
+    "intake",
 )
 
 
@@ -255,6 +256,16 @@ def phase_log_cost(ctx: Context) -> dict[str, Any]:
     return {"rates": rates, "median_off": off, "median_on": on, "on_over_off": on / off}
 
 
+def phase_intake(ctx: Context) -> dict[str, Any]:
+    ctx.quiet()
+    result = intake_phase.intake_phase(ctx.redis, ctx.tmp / "intake")
+    progress(
+        f"  batches: {result['batch_events_per_s']:,} events/s; singles: {result['singles_per_s']:,}/s, "
+        f"p99 {result['single_p99_ms']} ms"
+    )
+    return result
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "protocol": phase_protocol,
     "transport": phase_transport,
@@ -269,6 +280,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "aof": phase_aof,
     "log": phase_log,
     "log-cost": phase_log_cost,
+    "intake": phase_intake,
 }
 
 

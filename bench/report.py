@@ -162,6 +162,30 @@ def _log_rows(phases: dict[str, Any]) -> list[Row]:
                 f"{step['calls_per_s_indexing_on']:,}/s vs {step['calls_per_s_indexing_off']:,}/s, no SMTP",
             )
         )
+    intake = _ok(phases, "intake")
+    if intake is None:
+        rows.append(Row("HTTP intake", _status(phases, "intake")))
+    else:
+        rate = intake["batch_events_per_s"]
+        rows.append(
+            Row(
+                "HTTP intake, NDJSON batches of 1 000",
+                f"{rate:,} events/s",
+                "≥ 20 000",
+                _verdict(rate >= 20_000),
+                f"{intake['batch_clients']} concurrent clients",
+            )
+        )
+        singles, p99 = intake["singles_per_s"], intake["single_p99_ms"]
+        rows.append(
+            Row(
+                "HTTP intake, single events",
+                f"{singles:,} requests/s, p99 {p99} ms",
+                "≥ 2 000/s, p99 ≤ 20 ms",
+                _verdict(singles >= 2000 and p99 <= 20),
+                f"{intake['single_clients']} concurrent clients",
+            )
+        )
     cost = _ok(phases, "log-cost")
     if cost is None:
         rows.append(Row("log: send path, indexes on / off", _status(phases, "log-cost")))
