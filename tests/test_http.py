@@ -155,6 +155,47 @@ async def test_the_delivery_api_answers_what_the_cli_answers(
         problem(await http.get("/v1/deliveries", headers={"Authorization": ""}), 401)
 
 
+async def test_repairs_over_http_redrive_what_failed_and_erase_an_attendee(
+    redis_url: str, service: Service, smtp_server: SmtpServer, worker_process: Any
+) -> None:
+    """A confirmation the relay refused (550): POST /v1/retry with dry_run lists it and changes
+    nothing; POST /v1/messages/ID/retry sends it again once the relay takes it, and a second
+    retry is 409 naming its status; DELETE /v1/attendees/EMAIL erases the address."""
+    refusing = {"on": True}
+    smtp_server.handler.fault = lambda rcpt, n: "550 5.1.1 User unknown" if refusing["on"] else None
+    worker_process(redis_url, smtp_server)
+    message = "reg-1001/confirmation"
+    async with httpx.AsyncClient(base_url=service.url, headers=AUTH) as http:
+        assert (await http.post("/v1/events", json=make_event())).status_code == 202
+        deadline = time.monotonic() + 20
+        while not (await http.get("/v1/deliveries", params={"status": "failed"})).json()["entries"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)  # the worker's attempt, through the API
+        dry = (await http.post("/v1/retry", json={"status": "failed", "dry_run": True})).json()
+        assert dry == {"dry_run": True, "chosen": [message], "redriven": [], "refused": {}}
+        assert (await http.get(f"/v1/messages/{message}")).json()["messages"][0]["status"] == "failed"
+        refusing["on"] = False
+        again = await http.post(f"/v1/messages/{message}/retry")
+        assert again.status_code == 202, again.text
+        assert again.json() == {"redriven": [message]}
+        await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+        assert "is " in problem(await http.post(f"/v1/messages/{message}/retry"), 409)["detail"]
+        problem(await http.post("/v1/retry", json={"status": "sent"}), 422)
+        problem(await http.post("/v1/retry", json={"status": "failed", "everything": True}), 422)
+        problem(await http.post("/v1/messages/reg-1001/nonsense/retry"), 422)
+        erased = (await http.delete("/v1/attendees/Maria.Mueller@example.org")).json()
+        assert erased["registrations"] == [{"registration_id": "reg-1001", "event_id": "weltoffen"}]
+        left = await http.get("/v1/deliveries", params={"recipient": "maria.mueller@example.org"})
+        assert left.json()["entries"] == []
+        problem(await http.delete("/v1/attendees/not-an-address"), 422)
+    redis = await connect_client(redis_url)
+    try:
+        redriven = [e async for e in iter_log(redis, LogFilter(status="redriven"))]
+    finally:
+        await redis.aclose()
+    assert [e.detail.startswith("HTTP API, request ") for e in redriven] == [True]
+
+
 async def test_deliveries_page_by_cursor_through_every_entry(redis_url: str, service: Service) -> None:
     """Seven refusals read three at a time: every entry once, newest first, then no cursor."""
     redis = await connect_client(redis_url)

@@ -16,7 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 from mailer.intake.client import MailerClient
 from mailer.settings import Settings
 from mailer.state.queue import connect_client
-from mailer.web import deliveries, health, intake, problems
+from mailer.web import deliveries, health, intake, problems, repair
 
 logger = logging.getLogger("mailer.web")
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings, redis_url: str) -> RequestIds:
     app.include_router(health.router)
     app.include_router(intake.router)
     app.include_router(deliveries.router)
+    app.include_router(repair.router)
 
     # Outermost, as plain ASGI: Starlette's BaseHTTPMiddleware (what @app.middleware builds)
     # wraps every response in a stream and task group, and cost half of a single event's time
