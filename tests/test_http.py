@@ -488,3 +488,40 @@ async def test_the_openapi_description_and_docs_are_served(service: Service) -> 
     } <= set(spec["paths"])
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+async def test_metrics_need_no_token_and_count_what_happened(
+    redis_url: str, service: Service, smtp_server: SmtpServer, worker_process: Any
+) -> None:
+    """After one mail sent and one refused token: /metrics (Prometheus text, no token) counts
+    the sent confirmation, its latency, a live worker, and the intake answers; every name is
+    prefixed mailer_ and no attendee is named."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    worker_process(redis_url, smtp_server, MAILER_WORKER_NAME="w-metrics")
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        assert (await http.post("/v1/events", json=make_event(), headers=AUTH)).status_code == 202
+        assert (await http.post("/v1/events", json=make_event())).status_code == 401
+        await wait_for(lambda: len(smtp_server.handler.received) == 1, 20)
+        deadline = time.monotonic() + 10
+        while True:
+            text = (await http.get("/metrics")).text
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            confirmation_sent = (("kind", "confirmation"), ("status", "sent"))
+            sent = samples.get(("mailer_log_entries_total", confirmation_sent), 0)
+            alive = samples.get(("mailer_workers_alive", ()), 0)
+            if sent == 1 and alive >= 1:
+                break
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.05)  # the sent entry and the first heartbeat, as scraped
+    assert samples[("mailer_delivery_latency_seconds_count", ())] == 1
+    assert samples[("mailer_intake_requests_total", (("status", "202"),))] >= 1
+    assert samples[("mailer_intake_requests_total", (("status", "401"),))] >= 1
+    assert samples[("mailer_dead_letters", ())] == 0
+    assert ("mailer_worker_last_beat_timestamp_seconds", (("worker", "w-metrics"),)) in samples
+    assert all(name.startswith("mailer_") for name, _ in samples)
+    assert "maria" not in text.lower()

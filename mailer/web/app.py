@@ -16,7 +16,8 @@ from starlette.types import Message, Receive, Scope, Send
 from mailer.intake.client import MailerClient
 from mailer.settings import Settings
 from mailer.state.queue import connect_client
-from mailer.web import deliveries, health, intake, problems, repair
+from mailer.web import deliveries, health, intake, metrics, problems, repair
+from mailer.web.metrics import INTAKE_REQUESTS
 
 logger = logging.getLogger("mailer.web")
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings, redis_url: str) -> RequestIds:
     app.include_router(intake.router)
     app.include_router(deliveries.router)
     app.include_router(repair.router)
+    app.include_router(metrics.router)
 
     # Outermost, as plain ASGI: Starlette's BaseHTTPMiddleware (what @app.middleware builds)
     # wraps every response in a stream and task group, and cost half of a single event's time
@@ -81,6 +83,8 @@ class RequestIds:
         try:
             await self.app(scope, receive, tagged)
         finally:
+            if scope["path"] == "/v1/events" and scope["method"] == "POST":
+                INTAKE_REQUESTS.labels(str(status)).inc()
             logger.info(
                 "%s %s %s %d %.1f ms",
                 request_id,
