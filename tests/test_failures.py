@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 from typing import Any
@@ -23,6 +24,22 @@ async def entries_for(url: str, message_id: str = "reg-1001/confirmation") -> li
 
 async def statuses(url: str, message_id: str) -> list[str]:
     return [e.status for e in await entries_for(url, message_id)]
+
+
+async def mailer_retry(redis_url: str, *args: str) -> tuple[int | None, bytes, bytes]:
+    """`mailer retry ARGS` as its own process against this Redis: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mailer",
+        "retry",
+        *args,
+        env={**os.environ, "MAILER_REDIS_URL": redis_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode, out, err
 
 
 async def publish_one_and_wait_for_delivery(url: str, smtp_server: Any) -> list[Any]:
@@ -63,19 +80,8 @@ async def test_unknown_user_fails_permanently_and_can_be_redriven(
     assert smtp_server.handler.attempts["maria.mueller@example.org"] == 1
 
     rejecting["on"] = False
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mailer",
-        "retry",
-        "--status",
-        "failed",
-        env={**__import__("os").environ, "MAILER_REDIS_URL": redis_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err
+    returncode, out, err = await mailer_retry(redis_url, "--status", "failed")
+    assert returncode == 0, err
     assert b"re-driven 1" in out
     await wait_for(lambda: len(smtp_server.handler.received) == 1)
     assert (await statuses(redis_url, "reg-1001/confirmation"))[-2:] == ["redriven", "sent"]
@@ -89,19 +95,8 @@ async def test_retry_of_a_sent_message_is_refused_and_sends_nothing(
     await mail_worker()
     await publish_one_and_wait_for_delivery(redis_url, smtp_server)
     await settled(redis_url)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mailer",
-        "retry",
-        "reg-1001/confirmation",
-        "reg-1001/reminder/P1D",
-        env={**__import__("os").environ, "MAILER_REDIS_URL": redis_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 1
+    returncode, out, err = await mailer_retry(redis_url, "reg-1001/confirmation", "reg-1001/reminder/P1D")
+    assert returncode == 1
     assert b"re-driven 0 message(s)" in out
     assert b"reg-1001/confirmation not re-driven: it is sent" in err
     assert b"reg-1001/reminder/P1D not re-driven: mailer has no such message" in err

@@ -91,22 +91,29 @@ async def test_every_query_returns_what_a_scan_finds_newest_first_and_pages_the_
             await log.write(entries[start : start + 7])
         every = await everything_oldest_first(redis)
         assert len(every) == len(entries)
-        # Each filter as drawn, and without the fields an index field answers (registration,
-        # recipient, message), so the lists by event, status and kind are read as often.
-        for flt in filters + [replace(f, recipient=None, registration=None, message=None) for f in filters]:
-            expected = [e.entry_id for e in reversed(every) if flt.matches(e)]
-            assert [e.entry_id async for e in iter_log(redis, flt)] == expected, flt
-            paged: list[str] = []
-            cursor = None
-            for _ in range(len(entries) + 2):
-                result = await log_page(redis, flt, cursor=cursor, limit=page)
-                paged += [e.entry_id for e in result.entries]
-                if result.cursor is None:
-                    break
-                cursor = result.cursor
-            assert paged == expected, flt
+        await queries_agree_with_a_scan(redis, every, filters, page)
     finally:
         await redis.aclose()
+
+
+async def queries_agree_with_a_scan(
+    redis: Any, every: list[LogEntry], filters: list[LogFilter], page: int
+) -> None:
+    """Each filter as drawn, and without the fields an index field answers (registration,
+    recipient, message), so the lists by event, status and kind are read as often: iter_log
+    and cursor pages of `page` return exactly the entries a scan of `every` matches, newest first."""
+    for flt in filters + [replace(f, recipient=None, registration=None, message=None) for f in filters]:
+        expected = [e.entry_id for e in reversed(every) if flt.matches(e)]
+        assert [e.entry_id async for e in iter_log(redis, flt)] == expected, flt
+        paged: list[str] = []
+        cursor = None
+        for _ in range(len(every) + 2):
+            result = await log_page(redis, flt, cursor=cursor, limit=page)
+            paged += [e.entry_id for e in result.entries]
+            if result.cursor is None:
+                break
+            cursor = result.cursor
+        assert paged == expected, flt
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
