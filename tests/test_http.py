@@ -4,12 +4,13 @@ language, its tokens and limits, probes, and arbitrary bodies that must never ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,16 @@ class Service:
     url: str
     log: Path
     process: subprocess.Popen[bytes]
+
+
+@contextlib.asynccontextmanager
+async def redis_at(url: str) -> AsyncIterator[Any]:
+    """A client of the tests' Redis for one block, closed after it."""
+    redis = await connect_client(url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
 
 
 def free_port() -> int:
@@ -92,11 +103,8 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 async def rejected(redis_url: str) -> list[str]:
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         return [e.detail async for e in iter_log(redis, LogFilter(status="rejected"))]
-    finally:
-        await redis.aclose()
 
 
 async def test_an_event_posted_over_http_is_sent(
@@ -188,24 +196,18 @@ async def test_repairs_over_http_redrive_what_failed_and_erase_an_attendee(
         left = await http.get("/v1/deliveries", params={"recipient": "maria.mueller@example.org"})
         assert left.json()["entries"] == []
         problem(await http.delete("/v1/attendees/not-an-address"), 422)
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         redriven = [e async for e in iter_log(redis, LogFilter(status="redriven"))]
-    finally:
-        await redis.aclose()
     assert [e.detail.startswith("HTTP API, request ") for e in redriven] == [True]
 
 
 async def test_deliveries_page_by_cursor_through_every_entry(redis_url: str, service: Service) -> None:
     """Seven refusals read three at a time: every entry once, newest first, then no cursor."""
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         from mailer.state.deliverylog import DeliveryLog, LogEntry
 
         log = DeliveryLog(redis, max_entries=1000, echo=None)
         await log.write([LogEntry(ts=log.now(), status="rejected", detail=f"r{i}") for i in range(7)])
-    finally:
-        await redis.aclose()
     seen: list[str] = []
     cursor = None
     async with httpx.AsyncClient(base_url=service.url, headers=AUTH) as http:
@@ -250,11 +252,8 @@ async def test_without_a_token_configured_intake_is_off(redis_url: str, tmp_path
     finally:
         stop_service(off)
     assert "MAILER_API_TOKEN" in body["detail"]
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         assert await redis.llen("mailer:inbox") == 0
-    finally:
-        await redis.aclose()
 
 
 async def test_a_batch_queues_the_valid_records_and_names_each_invalid_line(
@@ -286,11 +285,8 @@ async def test_a_batch_queues_the_valid_records_and_names_each_invalid_line(
     details = await rejected(redis_url)
     assert any(d.startswith("POST /v1/events line 2: registration.attendee.email") for d in details), details
     assert any(d.startswith("POST /v1/events line 4: (record)") for d in details), details
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         assert await redis.zcard("mailer:queue") >= 1  # the batch's job, for the worker to apply
-    finally:
-        await redis.aclose()
 
 
 async def test_an_idempotency_key_replays_the_first_answer_and_queues_once(
@@ -321,14 +317,11 @@ async def test_an_idempotency_key_replays_the_first_answer_and_queues_once(
     assert batch_again.json()["accepted"] == ["m-1"]
     assert batch_again.json()["errors"] == batch_first.json()["errors"]
     problem(bad, 400)
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         assert await redis.llen("mailer:inbox") == 1  # i-1, once
         jobs = [j.decode() for j in await redis.zrange("mailer:queue", 0, -1)]
         assert len([j for j in jobs if j.startswith("events:")]) == 1, jobs  # the batch's job, once
         assert len(await rejected(redis_url)) == 1  # the nonsense record, logged once
-    finally:
-        await redis.aclose()
 
 
 async def test_the_limits_are_refused_before_anything_is_queued(redis_url: str, tmp_path: Path) -> None:
@@ -358,12 +351,9 @@ async def test_the_limits_are_refused_before_anything_is_queued(redis_url: str, 
             )
     finally:
         stop_service(small)
-    redis = await connect_client(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         assert await redis.llen("mailer:inbox") == 0
         assert await redis.zcard("mailer:queue") == 0
-    finally:
-        await redis.aclose()
 
 
 async def test_ready_only_with_a_fresh_worker_heartbeat(
