@@ -69,6 +69,7 @@ WORKERS_KEY: Final = PREFIX + "workers"
 # time, the count of failed probes, and the last fault; and the lock of the one probe running.
 RELAY_CIRCUIT_KEY: Final = PREFIX + "relay:{relay}:circuit"
 RELAY_PROBE_KEY: Final = PREFIX + "relay:{relay}:probe"
+RELAYS_KEY: Final = PREFIX + "relays"  # every relay whose circuit ever tripped
 # The rate limit's window (MAILER_RATE_LIMIT).
 RATE_KEY: Final = PREFIX + "rate:{window}"
 

@@ -57,3 +57,30 @@ def test_health_is_down_without_redis(tmp_path: Path) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def test_circuits_are_read_without_a_scan_of_the_keyspace(tmp_path: Path, redis_url: str) -> None:
+    """A million registrations are a million keys: the readers of the circuit (health, /readyz,
+    /metrics, the dashboard) look the relays up in their set, never SCAN for them."""
+
+    async def trip_and_reset() -> None:
+        redis = await connect(redis_url)
+        try:
+            circuit = RelayCircuit(redis, relay="smtp:scan.example.org:25", base_ms=60_000, cap_ms=60_000)
+            await circuit.trip(RelayFault("421 busy", code=421), now_ms=_now_ms())
+            await redis.config_resetstat()
+        finally:
+            await redis.aclose()
+
+    async def scans() -> int:
+        redis = await connect(redis_url)
+        try:
+            info = await redis.info("commandstats")
+            return int(info.get("cmdstat_scan", {}).get("calls", 0))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(trip_and_reset())
+    result = mailer("health", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url})
+    assert "relay smtp:scan.example.org:25" in result.stdout.decode()
+    assert asyncio.run(scans()) == 0

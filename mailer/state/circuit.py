@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
-from mailer.constants import RELAY_CIRCUIT_KEY, RELAY_PROBE_KEY
+from mailer.constants import RELAY_CIRCUIT_KEY, RELAY_PROBE_KEY, RELAYS_KEY
 from mailer.errors import RelayFault
 from mailer.state.store import RedisClient
 
@@ -26,8 +26,11 @@ FAILURES_REMEMBERED_MS = 600_000
 
 # Open (or re-open) the circuit. A fault reported while the circuit is already open and
 # its hold still runs comes from a send that started before it opened: it only updates
-# the reason. ARGV: now, base ms, cap ms, jitter in [0, 1), reason, code, setting, healable.
+# the reason. ARGV: now, base ms, cap ms, jitter in [0, 1), reason, code, setting, healable,
+# relay name. KEYS[3] names every relay that ever tripped, so readers need no SCAN of the
+# keyspace (a million registrations are a million keys).
 _TRIP = """
+redis.call('SADD', KEYS[3], ARGV[9])
 local now = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[1], 'state', 'until', 'failures', 'since')
 local failures = tonumber(st[3] or '0')
@@ -140,8 +143,9 @@ class RelayCircuit:
             fault.code if fault.code is not None else "",
             fault.setting or "",
             "1" if fault.healable else "0",
+            self.relay,
         ]
-        fresh, until, failures = await self._trip(keys=self._keys, args=args)
+        fresh, until, failures = await self._trip(keys=[*self._keys, RELAYS_KEY], args=args)
         return Trip(until_ms=int(until), failures=int(failures), fresh=bool(int(fresh)))
 
     async def close(self, *, now_ms: int) -> bool:
@@ -176,11 +180,11 @@ def circuit_state(relay: str, raw: dict[bytes, bytes]) -> CircuitState:
 
 
 async def relay_states(redis: RedisClient) -> list[CircuitState]:
-    """Every relay circuit Redis knows of (ops surfaces: `mailer health`)."""
-    prefix, suffix = RELAY_CIRCUIT_KEY.split("{relay}")
-    states = []
-    async for key in redis.scan_iter(match=RELAY_CIRCUIT_KEY.format(relay="*"), count=100):
-        name = key.decode()
-        relay = name[len(prefix) : len(name) - len(suffix)]
-        states.append(circuit_state(relay, await redis.hgetall(name)))
-    return states
+    """Every relay circuit Redis holds (ops surfaces: `mailer health`, /readyz, /metrics, the
+    dashboard): the relays that ever tripped, less those whose circuit has expired since."""
+    relays = sorted(r.decode() for r in await redis.smembers(RELAYS_KEY))
+    async with redis.pipeline(transaction=False) as pipe:
+        for relay in relays:
+            pipe.hgetall(RELAY_CIRCUIT_KEY.format(relay=relay))
+        found = await pipe.execute() if relays else []
+    return [circuit_state(relay, raw) for relay, raw in zip(relays, found, strict=True) if raw]

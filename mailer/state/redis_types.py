@@ -8,6 +8,7 @@ Keys and values are `str | bytes` on the way in; replies come back as bytes (no 
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, cast
@@ -118,6 +119,7 @@ class RedisClient(Protocol):
         withscores: bool = False,
     ) -> list[Any]: ...
     async def scard(self, name: Key) -> int: ...
+    async def smembers(self, name: Key) -> builtins.set[bytes]: ...  # `set` is the SET command here
     async def srandmember(self, name: Key, number: int | None = None) -> list[bytes]: ...
     async def sscan(
         self, name: Key, cursor: int = 0, match: Key | None = None, count: int | None = None
