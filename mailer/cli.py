@@ -199,7 +199,8 @@ def worker() -> None:
 @_errors_to_exit
 def serve(host: str, port: int) -> None:
     """Run the HTTP service: POST /v1/events for registration systems in any language (with a
-    token from MAILER_API_TOKEN), /healthz and /readyz for probes, /docs for the API.
+    token from MAILER_API_TOKEN), the dashboard at / (login with such a token; no login when
+    bound to 127.0.0.1 without one), /healthz and /readyz for probes, /docs for the API.
 
     It uses the worker's Redis (MAILER_REDIS_URL, or the embedded one under MAILER_DATA_DIR);
     start `mailer worker` too, which sends what comes in."""
@@ -208,9 +209,18 @@ def serve(host: str, port: int) -> None:
     from mailer.web.app import create_app
 
     settings = _settings()
-    app = create_app(settings, _redis_url(settings))
+    # Without a token the dashboard needs no login only where nobody else can reach it.
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    app = create_app(settings, _redis_url(settings), open_dashboard=loopback)
     intake = "on" if settings.api_tokens else "off (set MAILER_API_TOKEN)"
-    click.echo(f"mailer serve: http://{host}:{port}/ (API docs at /docs; intake {intake})", err=True)
+    login = "no login (loopback only)" if loopback else "login off: set MAILER_API_TOKEN"
+    if settings.api_tokens:
+        login = "token login"
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"mailer serve: dashboard at http://{shown}:{port}/ ({login}); API docs at /docs; intake {intake}",
+        err=True,
+    )
     # uvicorn's access log would print each request line; the app logs its own, with the
     # request id and without query strings.
     uvicorn.run(app, host=host, port=port, access_log=False, log_config=None, server_header=False)

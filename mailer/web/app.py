@@ -16,7 +16,18 @@ from starlette.types import Message, Receive, Scope, Send
 from mailer.intake.client import MailerClient
 from mailer.settings import Settings
 from mailer.state.queue import connect_client
-from mailer.web import deliveries, health, intake, metrics, problems, repair
+from mailer.web import (
+    dashboard,
+    deliveries,
+    health,
+    intake,
+    login,
+    mailview,
+    metrics,
+    pages,
+    problems,
+    repair,
+)
 from mailer.web.metrics import INTAKE_REQUESTS
 
 logger = logging.getLogger("mailer.web")
@@ -26,10 +37,16 @@ logger = logging.getLogger("mailer.web")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def create_app(settings: Settings, redis_url: str) -> RequestIds:
+def create_app(settings: Settings, redis_url: str, *, open_dashboard: bool = False) -> RequestIds:
+    """The service. `open_dashboard`: no login (only for a service bound to loopback without
+    a token; `mailer serve` decides)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        app.state.open_dashboard = open_dashboard and not settings.api_tokens
+        # Signs the open dashboard's CSRF tokens: per process, as the open mode is one process.
+        app.state.open_key = secrets.token_bytes(32)
         app.state.redis = await connect_client(redis_url)
         app.state.client = MailerClient(redis_url, log_max_entries=settings.log_max_entries, name="http")
         try:
@@ -49,6 +66,11 @@ def create_app(settings: Settings, redis_url: str) -> RequestIds:
     app.include_router(deliveries.router)
     app.include_router(repair.router)
     app.include_router(metrics.router)
+    login.install(app)
+    app.include_router(pages.router)
+    app.include_router(login.router)
+    app.include_router(dashboard.router)
+    app.include_router(mailview.router)
 
     # Outermost, as plain ASGI: Starlette's BaseHTTPMiddleware (what @app.middleware builds)
     # wraps every response in a stream and task group, and cost half of a single event's time

@@ -9,6 +9,16 @@ from fastapi import Request
 from mailer.web.problems import Problem
 
 
+def matching_token(tokens: list[bytes], offered: bytes) -> bytes | None:
+    """The configured token `offered` is, or None. Every token is compared, in constant time,
+    so the time taken tells neither whether nor which one nearly matched."""
+    matched = None
+    for token in tokens:
+        if hmac.compare_digest(offered, token) and offered:
+            matched = token
+    return matched
+
+
 async def require_token(request: Request) -> None:
     """A dependency: the request carries one of the configured tokens, or it is refused.
     (async: FastAPI runs a plain function dependency in a thread, a hop per request.)
@@ -18,12 +28,7 @@ async def require_token(request: Request) -> None:
     if not tokens:
         raise Problem(503, "API disabled", "no token is configured: set MAILER_API_TOKEN to use the API")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    offered = given.strip().encode()
-    # Compare against every token, so the time taken does not tell which one nearly matched.
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(offered, token)
-    if scheme.lower() != "bearer" or not offered or not matched:
+    if scheme.lower() != "bearer" or matching_token(tokens, given.strip().encode()) is None:
         refusal = Problem(401, "Unauthorized", "send 'Authorization: Bearer <token>' with a valid token")
         refusal.headers["WWW-Authenticate"] = 'Bearer realm="mailer"'
         raise refusal

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mailer.errors import QueueUnavailable
@@ -27,7 +27,12 @@ class Problem(Exception):
         self.headers: dict[str, str] = {}
 
 
-def problem_response(request: Request, problem: Problem) -> JSONResponse:
+def problem_response(request: Request, problem: Problem) -> Response:
+    # A dashboard page sets an HTML renderer: its errors are pages for people, not JSON.
+    as_page = getattr(request.state, "problem_page", None)
+    if as_page is not None:
+        page: Response = as_page(request, problem)
+        return page
     body = {
         "type": "about:blank",
         "title": problem.title,
@@ -44,15 +49,15 @@ def install(app: FastAPI) -> None:
     """Map every error to a problem: ours, Starlette's (404, 405), FastAPI's validation, Redis
     gone, and anything unforeseen (500, logged with the request id, no stack to the client)."""
 
-    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+    async def on_problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Problem)
         return problem_response(request, exc)
 
-    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         return problem_response(request, Problem(exc.status_code, _title(exc.status_code), str(exc.detail)))
 
-    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         errors = [
             {"field": ".".join(str(p) for p in e.get("loc", ())), "reason": e.get("msg", "")}
@@ -62,11 +67,11 @@ def install(app: FastAPI) -> None:
             request, Problem(422, "Invalid request", "the request's parameters", errors=errors)
         )
 
-    async def on_redis(request: Request, exc: Exception) -> JSONResponse:
+    async def on_redis(request: Request, exc: Exception) -> Response:
         logger.warning("request %s: %s", getattr(request.state, "request_id", "?"), exc)
         return problem_response(request, Problem(503, "Queue unavailable", str(exc)))
 
-    async def on_anything(request: Request, exc: Exception) -> JSONResponse:
+    async def on_anything(request: Request, exc: Exception) -> Response:
         logger.exception("request %s failed", getattr(request.state, "request_id", "?"))
         return problem_response(
             request, Problem(500, "Internal error", "the service failed; the log names this request id")
