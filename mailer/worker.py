@@ -39,6 +39,24 @@ from mailer.state.retention import Retention
 
 logger = logging.getLogger("mailer.worker")
 
+# After the drain, cancelled jobs get this long to unwind; then each kept-open SMTP connection
+# gets up to QUIT_WAIT_SECONDS for its QUIT (mailer.delivery.smtp_session caps it at 2 s).
+CANCEL_WAIT_SECONDS = 2.0
+QUIT_WAIT_SECONDS = 2.0
+
+
+def drain_seconds(settings: Settings) -> float:
+    """How long SIGTERM lets running jobs finish their sends in flight: one SMTP timeout and a margin."""
+    return settings.smtp_timeout + 5
+
+
+def stop_seconds(settings: Settings) -> float:
+    """The longest a worker takes from SIGTERM to exit: the drain, cancelled jobs unwinding, and a
+    QUIT on each connection. A supervisor's stop timeout (systemd TimeoutStopSec, Kubernetes
+    terminationGracePeriodSeconds, compose stop_grace_period) must be longer, or its SIGKILL
+    cuts sends in flight (resent later as `uncertain`)."""
+    return drain_seconds(settings) + CANCEL_WAIT_SECONDS + QUIT_WAIT_SECONDS * settings.smtp_max_connections
+
 
 def _app(
     settings: Settings,
@@ -132,7 +150,7 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
             delay = 0.5
             try:
                 worker = build_worker(settings, redis, transport=transport, renderer=renderer, echo=echo)
-                await _serve(worker, stop, grace=settings.smtp_timeout + 5, worker_name=settings.worker_name)
+                await _serve(worker, stop, grace=drain_seconds(settings), worker_name=settings.worker_name)
             finally:
                 with contextlib.suppress(Exception):
                     await redis.aclose()
@@ -228,7 +246,7 @@ async def _drain(worker: Worker, grace: float) -> None:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=2)
+            await asyncio.wait(pending, timeout=CANCEL_WAIT_SECONDS)
     unfinished = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     if unfinished:
         logger.warning(
