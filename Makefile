@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 # it is stopped (a Postfix that was here before is left alone).
 # spamassassin scores every kind x locale (tests/test_deliverability.py, make
 # check-deliverability); chromium measures them at phone width (tests/test_phone_width.py).
-APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium
+# docker-compose (`config` needs no engine) and systemd (systemd-analyze verify and security,
+# systemd-sysusers) check the files in deploy/ (tests/test_deploy.py).
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium docker-compose systemd
 
 system-deps:
 	@missing=""; \
