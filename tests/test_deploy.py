@@ -543,3 +543,63 @@ def test_every_stop_timeout_outlasts_the_workers_drain(
         settings = settings_from(values, monkeypatch, tmp_path)
         assert timeout > stop_seconds(settings), (name, timeout, stop_seconds(settings))
         assert timeout > stop_seconds(defaults), name
+
+
+# --- deploy/README.md ------------------------------------------------------------------------
+
+
+def spaced(number: float) -> str:
+    """1897.4 -> "1 897", as the READMEs write numbers."""
+    return f"{round(number):,}".replace(",", " ")
+
+
+def bench(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+    return data["phases"]
+
+
+def test_deploy_readme_sizing_figures_are_the_bench_results() -> None:
+    """Each sizing figure is in the bench/results file the table names, and the workers one Redis
+    carries follow from Redis CPU per mail as the text says."""
+    text = " ".join((DEPLOY / "README.md").read_text().split())
+    before, now = (
+        bench("20261125T203235Z")["mailer"]["runs"],
+        bench("20261203T135429Z")["mailer"]["runs"]["1"],
+    )
+    memory = bench("20261125T195021Z")["memory"]
+    log = bench("20261203T113625Z")["log"]["sizes"]
+    one = before["1"]
+    redis_us_before = one["cpu_s"]["redis"] / one["n"] * 1e6
+    redis_us_now = now["cpu_s"]["redis"] / now["n"] * 1e6
+    cpu_before, cpu_now = one["worker_cpu_us_per_mail"], now["worker_cpu_us_per_mail"]
+    at_n = memory["at_n"]
+    figures = [
+        f"| {spaced(one['rate'])} (2026-11-25); {spaced(now['rate'])} on the current send path",
+        f"| {spaced(before['2']['rate'])} (both cores full",
+        f"| {spaced(cpu_before)} µs, {spaced(1e6 / cpu_before)} (2026-11-25);"
+        f" {spaced(cpu_now)} µs, {spaced(1e6 / cpu_now)} (2026-12-03)",
+        f"| {spaced(redis_us_before)} µs (2026-11-25); {spaced(redis_us_now)} µs (2026-12-03",
+        f"| {spaced(at_n['bytes_per_registration'])} B at {spaced(at_n['n'])} registrations"
+        f" ({spaced(memory['at_10k']['bytes_per_registration'])} at 10 000)",
+        f"| {spaced(now['redis_bytes_per_registration'])} B |",
+        f"| {spaced(log['1000000']['bytes_per_entry'])} B at 1 000 000 entries"
+        f" ({spaced(log['100000']['bytes_per_entry'])} at 100 000)",
+        f"at {spaced(redis_us_now)} µs of Redis CPU a mail it saturates near"
+        f" {spaced(round(1e6 / redis_us_now, -2))} mails/s, about four workers",
+        f"at the older {spaced(redis_us_before)} µs, about six",
+    ]
+    for figure in figures:
+        assert figure in text, figure
+    assert round(1e6 / redis_us_now / now["rate"]) == 4
+    assert round(1e6 / redis_us_before / one["rate"]) == 6
+
+
+def test_deploy_readme_states_the_workers_stop_bound() -> None:
+    """The drain and stop bound it quotes are the code's, on the defaults, and the 90 s it names is
+    what the files set."""
+    text = " ".join((DEPLOY / "README.md").read_text().split())
+    defaults = Settings()
+    assert f"`MAILER_SMTP_TIMEOUT` + 5 s, {drain_seconds(defaults):g} s on the defaults" in text
+    assert f"at most {stop_seconds(defaults):g} s on the defaults" in text
+    assert "(`TimeoutStopSec=90`, `stop_grace_period: 90s`, `terminationGracePeriodSeconds: 90`)" in text
+    assert unit("mailer-worker@.service")["TimeoutStopSec"] == ["90"]
