@@ -42,6 +42,17 @@ def main() -> None:
         lines.append(json.dumps(record, ensure_ascii=False))
     lines.append('{"type": "registration.created", "id": "evt-broken"}')
     (here / "registrations.ndjson").write_text("\n".join(lines) + "\n")
+    # A survey tool's export as German Excel saves it (Windows-1252, ";", CRLF), for
+    # `mailer import-csv examples/registrations.csv --event examples/event.json`.
+    (here / "event.json").write_text(json.dumps(event["event"], indent=2, ensure_ascii=False) + "\n")
+    rows = [
+        "Vorname;Nachname;E-Mail;Sprache",
+        "Jürgen;Groß;juergen.gross@example.org;Deutsch",
+        "Zoë;Weiß;zoe.weiss@example.org;de",
+        "Jane;Doe;jane.doe@example.org;English",
+        "Erika;Mustermann;;de",
+    ]
+    (here / "registrations.csv").write_bytes("".join(r + "\r\n" for r in rows).encode("cp1252"))
     moved = dict(event["event"])
     start = datetime.fromisoformat(moved["starts_at"]) + timedelta(hours=1)
     moved["starts_at"] = start.isoformat()

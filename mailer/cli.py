@@ -7,7 +7,7 @@ import asyncio
 import codecs
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from pathlib import Path
@@ -309,10 +309,24 @@ def enqueue(source: str, dry_run: bool) -> None:
     entries in the delivery log; the valid ones are still enqueued. A UTF-8 byte-order mark is
     ignored. Exit status 1 if any record was invalid.
     """
-    from mailer.intake.client import MailerClient
-
     settings = _settings()
     raws, refused = _validate(_records(_read(source)))
+    sys.exit(_report_and_publish(settings, raws, refused, dry_run=dry_run, name="mailer enqueue"))
+
+
+def _report_and_publish(
+    settings: Settings,
+    raws: list[Any],
+    refused: list[tuple[str, InvalidEvent]],
+    *,
+    dry_run: bool,
+    name: str,
+) -> int:
+    """What every file intake does after validating (enqueue, import-csv): each refusal on
+    stderr as "WHERE: FIELD: REASON", then the valid events published and the refusals logged
+    as `rejected` under `name`, or the dry run's plan; the exit status (1 if any was refused)."""
+    from mailer.intake.client import MailerClient
+
     for where, error in refused:
         for problem in error.problems or [FieldProblem("(record)", str(error))]:
             click.echo(f"{where}: {problem.field}: {_one_line(problem.reason)}", err=True)
@@ -322,7 +336,7 @@ def enqueue(source: str, dry_run: bool) -> None:
             await _dry_run(settings, raws)
             return
         async with MailerClient(
-            _redis_url(settings), log_max_entries=settings.log_max_entries, name="mailer enqueue"
+            _redis_url(settings), log_max_entries=settings.log_max_entries, name=name
         ) as client:
             report = await client.publish_many(raws)
             await client.log_refusals(refused)
@@ -331,7 +345,7 @@ def enqueue(source: str, dry_run: bool) -> None:
         )
 
     _run(go())
-    sys.exit(1 if refused else 0)
+    return 1 if refused else 0
 
 
 async def _dry_run(settings: Settings, raws: list[Any]) -> None:
@@ -355,6 +369,112 @@ async def _dry_run(settings: Settings, raws: list[Any]) -> None:
         click.echo(f"  first recipients of {kind}: {', '.join(sample)}")
     for note in plan.notes:
         click.echo(f"  {note.status}: {note.source_event} {note.message_id} {note.detail}".rstrip())
+
+
+def _csv_map(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, tuple[str, ...]]:
+    from mailer.errors import UnreadableImport
+    from mailer.intake.csv_import import parse_map
+
+    try:
+        return parse_map(values)
+    except UnreadableImport as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("import-csv")
+@click.argument("source", metavar="FILE", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.option(
+    "--event",
+    "event_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    help="The event every row registers for (JSON: id, title, starts_at, ...; or a whole "
+    "registration.created event, whose event part is taken).",
+)
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    callback=_csv_map,
+    metavar="FIELD=COLUMN,...",
+    help="Which column fills which field: id, email, name (Vorname+Nachname joins two), locale, "
+    "reference, manage_url. Without it, headers such as E-Mail, Name, Sprache are recognised.",
+)
+@click.option(
+    "--encoding", help="The file's encoding. Default: UTF-8 (with or without BOM), else Windows-1252."
+)
+@click.option(
+    "--separator",
+    type=click.Choice([";", ",", "tab"]),
+    help="The column separator. Default: sniffed from the first rows.",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and show what would be sent; change nothing.")
+@_errors_to_exit
+def import_csv(
+    source: str,
+    event_file: str,
+    mapping: dict[str, tuple[str, ...]],
+    encoding: str | None,
+    separator: str | None,
+    dry_run: bool,
+) -> None:
+    """Register each row of a CSV export (a survey tool's, Excel's) for one event: a
+    registration.created event per row, validated and reported as `mailer enqueue` does.
+
+    A row without a mapped id column gets one derived from the event and the address, so
+    importing the same file again registers nobody twice. Exit status 1 if any row was
+    refused, 2 if the file or the event cannot be used at all.
+    """
+    from mailer.clock import iso, utc_now
+    from mailer.errors import UnreadableImport
+    from mailer.intake.csv_import import RowEvents, load_event, read_table, resolve_columns
+
+    settings = _settings()
+    try:
+        event = load_event(Path(event_file).read_bytes())
+    except UnreadableImport as exc:
+        raise click.BadParameter(f"{event_file}: {exc}", param_hint="'--event'") from None
+    try:
+        table = read_table(
+            Path(source).read_bytes(), encoding=encoding, separator="\t" if separator == "tab" else separator
+        )
+        columns = resolve_columns(table.header, mapping)
+    except UnreadableImport as exc:
+        raise click.UsageError(f"{source}: {exc}") from None
+    shown = "tab" if table.separator == "\t" else repr(table.separator)
+    click.echo(
+        f"{source}: {table.encoding}, separator {shown}, {len(table.rows)} row(s); {columns.describe()}",
+        err=True,
+    )
+    rows = RowEvents(columns, event, iso(utc_now()))
+    raws: list[Any] = []
+    refused: list[tuple[str, InvalidEvent]] = []
+    for row in _progress(table.rows, "checking rows"):
+        where, converted = rows.convert(row)
+        if isinstance(converted, InvalidEvent):
+            refused.append((where, converted))
+        else:
+            raws.append(converted)
+    sys.exit(_report_and_publish(settings, raws, refused, dry_run=dry_run, name="mailer import-csv"))
+
+
+def _progress(items: list[T], what: str) -> Iterator[T]:
+    """The items, with a progress bar on stderr while it is a terminal (never in a pipe or a log)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mailer.ops.log_views import console
+
+    if not sys.stderr.isatty():
+        yield from items
+        return
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as progress:
+        task = progress.add_task(what, total=len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
 
 
 @main.command()

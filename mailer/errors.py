@@ -3,6 +3,7 @@
 MailerError
 ├── ConfigError                 a setting is missing or malformed (exit status 2)
 ├── InvalidEvent                an event failed the contract (field + reason)
+├── UnreadableImport            a file to import is unusable as a whole: encoding, header, columns
 ├── QueueUnavailable            Redis could not be reached or did not take the write
 ├── TemplateError               a template is missing or failed to render
 ├── ComposeError                a value cannot be put into a mail header or body
@@ -49,6 +50,11 @@ class InvalidEvent(MailerError, ValueError):
         self.problems = problems
         self.event_id = event_id
         super().__init__("; ".join(str(p) for p in problems) or "invalid event")
+
+
+class UnreadableImport(MailerError, ValueError):
+    """A file to import cannot be read as a whole (not text, no header, a mapped column missing):
+    nothing in it is imported; the command says so in one line (exit status 2)."""
 
 
 class QueueUnavailable(MailerError, ConnectionError):
