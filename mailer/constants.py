@@ -58,6 +58,8 @@ LOG_DEAD_KEY: Final = PREFIX + "log:dead:{scope}"
 # The position from which every entry is in those lists and counters: the stream's top when
 # this mailer first met it. Below it lie entries an older mailer wrote; filters walk them.
 LOG_INDEXED_FROM_KEY: Final = PREFIX + "log:indexed-from"
+# Send attempts counted by reply class and by duration, overall and anonymous (mailer.state.sendstats).
+SEND_STATS_KEY: Final = PREFIX + "send:stats"
 
 # The HTTP intake's Idempotency-Key answers (mailer.state.idempotency), by the key's SHA-256.
 IDEMPOTENCY_KEY: Final = PREFIX + "idem:{digest}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,7 @@ from mailer.clock import Clock, from_ms, iso, ms, utc_now
 from mailer.content.render import Renderer
 from mailer.delivery.builder import MessageBuilder
 from mailer.delivery.retry import RetryPolicy
-from mailer.delivery.transport import Transport
+from mailer.delivery.transport import Accepted, Lane, Transport
 from mailer.errors import (
     DeliveryError,
     MailerError,
@@ -30,6 +31,7 @@ from mailer.state.circuit import Gate, RelayCircuit
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
+from mailer.state.sendstats import attempt_fields, reply_class
 from mailer.state.store import (
     RedisClient,
     StoredEvent,
@@ -51,6 +53,7 @@ class _Job:
     event: StoredEvent
     recipient: str = ""
     data: bytes = b""
+    took_us: int = 0  # how long its send took (sendstats counts it)
 
 
 @dataclass(slots=True)
@@ -355,11 +358,7 @@ class Sender:
                     done = None
                     continue  # our claim lapsed and another worker holds the message now
                 try:
-                    async with asyncio.timeout(self.send_budget_s):
-                        accepted = await lane.send(
-                            sender=self.builder.sender.email, recipient=job.recipient, data=job.data
-                        )
-                    result: DeliveryError | str = accepted.detail
+                    result: DeliveryError | str = (await self._send(lane, job)).detail
                 except RelayFault as fault:
                     result = fault
                     async with outcomes.tripping:
@@ -385,6 +384,16 @@ class Sender:
             if done is not None:
                 await self._handover(done, None, outcomes)
 
+    async def _send(self, lane: Lane, job: _Job) -> Accepted:
+        """One message's transaction on the lane's connection, timed for the send counters."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.send_budget_s):
+                sender = self.builder.sender.email
+                return await lane.send(sender=sender, recipient=job.recipient, data=job.data)
+        finally:
+            job.took_us = int((time.perf_counter() - started) * 1_000_000)
+
     async def _handover(
         self, done: tuple[_Job, DeliveryError | str] | None, following: _Job | None, outcomes: _Outcomes
     ) -> bool:
@@ -393,19 +402,23 @@ class Sender:
         False if the next message's claim no longer holds (it must not be sent).
         """
         now = self.clock()
-        recorded = None
+        recorded = counted = None
         if done is not None:
-            state, entry = self._outcome(done[0], done[1], now, outcomes.hold_until_ms)
+            job, result = done
+            state, entry = self._outcome(job, result, now, outcomes.hold_until_ms)
             line = entry.to_json()  # once: for the Redis step and for the echo
             outcomes.entries.append(entry)
             outcomes.lines.append(line)
-            recorded = (done[0].claim.ref, state, done[0].claim.attempt, self.log.parts(entry))
+            recorded = (job.claim.ref, state, job.claim.attempt, self.log.parts(entry))
+            code = None if isinstance(result, str) else result.code
+            klass = reply_class(code, accepted=isinstance(result, str))
+            counted = attempt_fields(self.transport.name, klass, job.took_us)
         handed = None
         if following is not None:
             claim = following.claim
             sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
             handed = (claim.ref, claim.attempt, sending)
-        return await self.store.step(recorded, handed)
+        return await self.store.step(recorded, handed, counted=counted)
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime, hold_until_ms: int | None

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailer.constants import DUE_KEY
-from mailer.state.deliverylog import LOG_APPEND_LUA, LOG_KEYS, LogAppend
+from mailer.constants import DUE_KEY, SEND_STATS_KEY
+from mailer.state.deliverylog import LOG_APPEND_LUA, LOG_ARGS, LOG_KEYS, LogAppend
 from mailer.state.messages import STATE_LUA, MessageRef, MessageState
 from mailer.state.redis_types import RedisClient
 from mailer.state.store import registration_key
@@ -66,13 +66,19 @@ return out
 # message's outcome (state, due index, delivery log) and hand the next one over (only if
 # the claim is still ours: same status and attempt, so a lane that waited past its lease
 # never sends what another worker re-claimed). KEYS: due index, previous reg, next reg (either
-# reg may be the empty string), then the log append's keys (deliverylog.append_parts); ARGV:
-# the previous message's field, state, final, id, due score and handed-over attempt, the next
-# one's field, attempt, state, lease end and id, then the log append's arguments.
+# reg may be the empty string), then the log append's keys (deliverylog.append_parts), then the
+# send counters (sendstats; '' for none); ARGV: the previous message's field, state, final, id,
+# due score and handed-over attempt, the next one's field, attempt, state, lease end and id,
+# then the log append's arguments, then the two counter fields of the previous attempt.
 # Returns 1 if the next message may be sent.
+_STATS_KEY = 4 + LOG_KEYS
+_STATS_ARG = 12 + LOG_ARGS
 STEP_SCRIPT = (
     STATE_LUA
     + LOG_APPEND_LUA
+    + f"""
+local stats, stat = KEYS[{_STATS_KEY}], {_STATS_ARG}
+"""
     + """
 if KEYS[2] ~= '' then
   -- Only while it is still ours: sending, with the attempt we handed over (ARGV[6]). A send
@@ -88,6 +94,11 @@ if KEYS[2] ~= '' then
     end
   end
   log_append(KEYS, 4, ARGV, 12)
+  -- The attempt counts whoever holds the message now: it was made either way.
+  if stats ~= '' then
+    redis.call('HINCRBY', stats, ARGV[stat], 1)
+    redis.call('HINCRBY', stats, ARGV[stat + 1], 1)
+  end
 end
 if KEYS[3] == '' then return 1 end
 local status, attempts = decode_state(redis.call('HGET', KEYS[3], ARGV[7]) or nil)
@@ -221,10 +232,14 @@ class MessageStore:
         self,
         done: tuple[MessageRef, MessageState, int, LogAppend] | None,
         following: tuple[MessageRef, int, MessageState] | None,
+        *,
+        counted: tuple[str, str] | None = None,
     ) -> bool:
         """Record `done` (ref, final-or-retry state, the attempt it was handed over with, its
         log append; the state only if it is still that handover) and hand `following` (ref,
-        claimed attempt, sending state) over, in one command. False: don't send `following`."""
+        claimed attempt, sending state) over, in one command. False: don't send `following`.
+
+        `counted`: the send counters' fields for `done`'s attempt (sendstats.attempt_fields)."""
         keys = [DUE_KEY, "", ""]
         args: list[Any] = ["", "", "", "", 0, 0, "", 0, "", 0, ""]
         if done is not None:
@@ -242,6 +257,9 @@ class MessageStore:
             args += log_args
         else:
             keys += [""] * LOG_KEYS
+            args += [""] * LOG_ARGS
+        keys.append(SEND_STATS_KEY if done is not None and counted is not None else "")
+        args += list(counted or ("", ""))
         if following is not None:
             ref, attempt, state = following
             keys[2] = registration_key(ref.registration_id)

@@ -1,10 +1,11 @@
 """`GET /metrics` in Prometheus' text format, every name prefixed `mailer_`: read from Redis at
-scrape time (the log's counters and histogram, the queue, the due index, the dead letters, the
-relay circuits, the worker heartbeats), plus this process's intake requests. No token: a
-scraper asks; nothing in it names an attendee."""
+scrape time (the log's counters and histogram, the send attempts' reply classes and durations,
+the queue, the due index, the dead letters, the relay circuits, the worker heartbeats), plus
+this process's intake requests. No token: a scraper asks; nothing in it names an attendee."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -13,10 +14,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from mailer.clock import ms, utc_now
-from mailer.constants import DUE_KEY, LOG_COUNTS_KEY, LOG_DEAD_KEY, LOG_LATENCY_KEY, QUEUE_NAME, WORKERS_KEY
+from mailer.constants import (
+    DUE_KEY,
+    LOG_COUNTS_KEY,
+    LOG_DEAD_KEY,
+    LOG_LATENCY_KEY,
+    QUEUE_NAME,
+    SEND_STATS_KEY,
+    WORKERS_KEY,
+)
 from mailer.state.circuit import relay_states
 from mailer.state.deliverylog import ALL_SCOPE, bucket_upper_ms
 from mailer.state.heartbeat import FRESH_MS
+from mailer.state.sendstats import REPLY_CLASSES, SendStats, bucket_upper_seconds, parse
 
 router = APIRouter()
 
@@ -47,26 +57,20 @@ async def _families(redis: Any) -> list[Any]:
         pipe.zcard(DUE_KEY)
         pipe.zrange(DUE_KEY, 0, 0, withscores=True)
         pipe.zrange(WORKERS_KEY, 0, -1, withscores=True)
-        counts, latency, dead, queued, due, oldest, workers = await pipe.execute()
+        pipe.hgetall(SEND_STATS_KEY)
+        counts, latency, dead, queued, due, oldest, workers, sends = await pipe.execute()
     entries = CounterMetricFamily(
         "mailer_log_entries", "Delivery log entries by status and message kind.", labels=["status", "kind"]
     )
     for name, value in counts.items():
         status, _, kind = name.decode().partition("|")
         entries.add_metric([status, kind], int(value))
-    buckets = sorted((int(b), int(n)) for b, n in latency.items())
-    running, cumulative, estimated_sum = 0, [], 0.0
-    for bucket, n in buckets:
-        running += n
-        upper = bucket_upper_ms(bucket) / 1000
-        cumulative.append((repr(upper), running))
-        estimated_sum += n * upper
-    cumulative.append(("+Inf", running))
     histogram = HistogramMetricFamily(
         "mailer_delivery_latency_seconds",
         "Planned to sent, per sent message (quarter-octave buckets; the sum is estimated from bucket tops).",
     )
-    histogram.add_metric([], cumulative, sum_value=estimated_sum)
+    latency_buckets = {int(b): int(n) for b, n in latency.items()}
+    histogram.add_metric([], *_cumulative(latency_buckets, lambda b: bucket_upper_ms(b) / 1000))
     gauges = [
         ("mailer_dead_letters", "Messages whose newest state is failed.", int(dead)),
         ("mailer_queue_jobs", "Jobs in the arq queue (due and deferred).", int(queued)),
@@ -77,7 +81,7 @@ async def _families(redis: Any) -> list[Any]:
             max(0.0, (now_ms - oldest[0][1]) / 1000) if oldest else 0.0,
         ),
     ]
-    families: list[Any] = [entries, histogram]
+    families: list[Any] = [entries, histogram, *_send_families(parse(sends))]
     for name, doc, value in gauges:
         families.append(GaugeMetricFamily(name, doc, value=value))
     alive = GaugeMetricFamily("mailer_workers_alive", "Worker processes with a heartbeat in the last 30 s.")
@@ -93,6 +97,45 @@ async def _families(redis: Any) -> list[Any]:
     for state in await relay_states(redis):
         circuit.add_metric([state.relay], 1 if state.open else 0)
     return [*families, alive, beats, circuit]
+
+
+Buckets = tuple[list[tuple[str, int]], float]
+
+
+def _cumulative(buckets: dict[int, int], upper: Callable[[int], float]) -> Buckets:
+    """Prometheus' cumulative buckets (`le` the bucket's top) and a sum estimated from the tops."""
+    running, cumulative, estimated_sum = 0, [], 0.0
+    for bucket, n in sorted(buckets.items()):
+        running += n
+        top = upper(bucket)
+        cumulative.append((repr(top), running))
+        estimated_sum += n * top
+    cumulative.append(("+Inf", running))
+    return cumulative, estimated_sum
+
+
+def _send_families(stats: SendStats) -> list[Any]:
+    attempts = CounterMetricFamily(
+        "mailer_send_attempts",
+        "Messages handed to the relay, by relay and the class of its reply (2xx, 4xx, 5xx, or "
+        "no_reply: connection refused or lost, timeout).",
+        labels=["relay", "reply_class"],
+    )
+    relays = sorted({relay for relay, _ in stats.attempts} | set(stats.durations))
+    for relay in relays:
+        # Every class of a relay that was used, zeros too: a rate of 4xx is then 0, not absent.
+        for klass in REPLY_CLASSES:
+            attempts.add_metric([relay, klass], stats.attempts.get((relay, klass), 0))
+    duration = HistogramMetricFamily(
+        "mailer_send_duration_seconds",
+        "One message's SMTP transaction on its connection, from hand-over to the final reply "
+        "(opening the connection included when the lane had none; quarter-octave buckets, the "
+        "sum estimated from bucket tops).",
+        labels=["relay"],
+    )
+    for relay in relays:
+        duration.add_metric([relay], *_cumulative(stats.durations.get(relay, {}), bucket_upper_seconds))
+    return [attempts, duration]
 
 
 @router.get("/metrics", include_in_schema=False)
