@@ -416,12 +416,20 @@ CELL = st.one_of(
 )
 
 
+TOKENS = [";", ",", "\t", '"', "\r\n", "\n", "\r", " ", "\ufeff", "\x00", "\x1b", "ü"]
+TOKENS += ["E-Mail", "email", "Name", "Vorname", "Nachname", "Sprache", "a@example.org", "de", "x"]
+
+
 @st.composite
 def csvish(draw: st.DrawFn) -> bytes:
     """Bytes that are CSV most of the time: a header with known names, rows of odd cells, in
     UTF-8 (perhaps with a BOM), Windows-1252 or as raw bytes."""
-    if draw(st.booleans()):
+    shape = draw(st.sampled_from(["bytes", "tokens", "rows"]))
+    if shape == "bytes":
         return draw(st.binary(max_size=300))
+    if shape == "tokens":  # the characters CSV is made of, in any order
+        tokens = draw(st.lists(st.sampled_from(TOKENS), max_size=40))
+        return "".join(tokens).encode(draw(st.sampled_from(["utf-8", "cp1252"])), errors="replace")
     separator = draw(st.sampled_from([";", ",", "\t"]))
     header = draw(
         st.lists(
