@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml
 # check-deliverability); chromium measures them at phone width (tests/test_phone_width.py).
 # docker-compose (`config` needs no engine) and systemd (systemd-analyze verify and security,
 # systemd-sysusers) check the files in deploy/ (tests/test_deploy.py).
-APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium docker-compose systemd
+# prometheus brings promtool, which checks and unit-tests deploy/prometheus/alerts.yml
+# (tests/test_metrics.py); its daemon is not used.
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium docker-compose systemd prometheus
 
 system-deps:
 	@missing=""; \
