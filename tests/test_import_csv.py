@@ -358,6 +358,17 @@ def test_a_header_only_export_imports_nothing_and_succeeds(tmp_path: Path, redis
     assert stderr_lines(result)[-1] == "enqueued 0 event(s) in 0 job(s); 0 invalid"
 
 
+def test_the_separator_option_names_tab_or_a_character(tmp_path: Path, redis_url: str) -> None:
+    """--separator tab (or ; or ,) is used instead of the sniffed one and shown as such."""
+    data = b"email\tName;Vorname\na@example.org\tM;A\n"
+    result = import_csv(tmp_path, redis_url, data, "--separator", "tab")
+    assert result.returncode == 0, result.stderr
+    assert stderr_lines(result)[0].startswith("export.csv: utf-8, separator tab, 1 row(s); email ← email")
+    semicolon = import_csv(tmp_path, redis_url, data, "--separator", ";")
+    assert semicolon.returncode == 2
+    assert b"no email column" in semicolon.stderr
+
+
 def test_the_event_file_may_be_a_whole_registration_event(tmp_path: Path, redis_url: str) -> None:
     """--event also takes a registration.created event (e.g. examples/registration.json): its event."""
     (tmp_path / "event.json").write_bytes(orjson.dumps(make_event()))
@@ -588,10 +599,16 @@ def test_separator_and_encoding_options_override_the_guess() -> None:
 
 
 def test_empty_rows_are_skipped_and_cells_trimmed() -> None:
-    """Excel's empty rows (`;;`) are no rows; spaces around a cell are not part of it."""
-    results = read(b"E-Mail ; Name ;\r\n;;\r\n  a@example.org ;  Anna  ;\r\n\r\n;;\r\n")
-    assert attendees(results) == [{"email": "a@example.org", "name": "Anna"}]
-    assert [where for where, _ in results] == ["line 3"]
+    """Excel's empty rows (`;;`) are no rows; spaces around a cell are not part of it; empty cells
+    past the header's are a separator too many, not a bad row."""
+    results = read(
+        b"E-Mail ; Name ;\r\n;;\r\n  a@example.org ;  Anna  ;\r\n\r\n;;\r\nb@example.org;Bo;;;\r\n"
+    )
+    assert attendees(results) == [
+        {"email": "a@example.org", "name": "Anna"},
+        {"email": "b@example.org", "name": "Bo"},
+    ]
+    assert [where for where, _ in results] == ["line 3", "line 6"]
 
 
 def test_a_mapped_id_is_the_registration_id_and_given_once() -> None:

@@ -280,20 +280,7 @@ class RowEvents:
             return where, exc
 
     def _event(self, row: Row) -> dict[str, Any]:
-        if row.error:
-            raise InvalidEvent([FieldProblem("(row)", row.error)])
-        width = len(self.columns.header)
-        if len(row.cells) < width or any(c.strip() for c in row.cells[width:]):
-            raise InvalidEvent([FieldProblem("(row)", f"has {len(row.cells)} cells, the header has {width}")])
-        values = {
-            target: " ".join(v for v in (row.cells[i].strip() for i in found) if v)
-            for target, found in self.columns.positions.items()
-        }
-        for required in ("email", "id"):
-            if required in values and not values[required]:
-                raise InvalidEvent([FieldProblem(self.columns.label(required), "is empty")])
-        if values.get("locale"):
-            values["locale"] = _LOCALES.get(_key(values["locale"]), values["locale"])
+        values = self._values(row)
         registration: dict[str, Any] = {"id": "csv-pending", "attendee": {}}
         for target, value in values.items():
             if value:
@@ -326,6 +313,26 @@ class RowEvents:
             )
         record["id"] = derived_id("csv", "registration.created", event_id, registration["id"])
         return record
+
+    def _values(self, row: Row) -> dict[str, str]:
+        """Target -> the row's trimmed text (columns joined by a space); InvalidEvent for a row
+        that could not be read, has another cell count than the header, or lacks a required cell."""
+        if row.error:
+            raise InvalidEvent([FieldProblem("(row)", row.error)])
+        width = len(self.columns.header)
+        # Trailing empty cells are a separator too many (some exports end every row with one).
+        if len(row.cells) < width or any(c.strip() for c in row.cells[width:]):
+            raise InvalidEvent([FieldProblem("(row)", f"has {len(row.cells)} cells, the header has {width}")])
+        values = {
+            target: " ".join(v for v in (row.cells[i].strip() for i in found) if v)
+            for target, found in self.columns.positions.items()
+        }
+        for required in ("email", "id"):
+            if required in values and not values[required]:
+                raise InvalidEvent([FieldProblem(self.columns.label(required), "is empty")])
+        if values.get("locale"):
+            values["locale"] = _LOCALES.get(_key(values["locale"]), values["locale"])
+        return values
 
     def _named(self, problem: FieldProblem) -> FieldProblem:
         """A contract path (registration.attendee.email) as the column that filled it (E-Mail)."""
