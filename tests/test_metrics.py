@@ -18,6 +18,7 @@ import orjson
 import pytest
 import yaml
 
+from mailer.constants import SEND_STATS_KEY
 from mailer.errors import RelayFault
 from mailer.intake.client import MailerClient
 from mailer.state.circuit import RelayCircuit
@@ -29,6 +30,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "mailer.json"
+README = DEPLOY.parent / "README.md"
 METRIC_NAME = re.compile(r"\b(mailer_[a-z0-9_]+)\b")
 
 
@@ -104,6 +106,11 @@ async def test_attempts_are_counted_by_the_class_of_the_relays_reply(
     assert samples[("mailer_send_duration_seconds_count", (("relay", relay),))] == 7
     assert duration_buckets(samples, relay)[-1] == (float("inf"), 7)
     assert "@example.org" not in text  # counted, never named
+    async with redis_at(redis_url) as redis:
+        stored = await redis.hgetall(SEND_STATS_KEY)
+    for name in stored:  # the hash names no message, registration, event or address
+        assert name.decode().startswith(("c|", "d|")), name
+        assert not re.search(rb"reg-|evt-|@|weltoffen", name), name
 
 
 async def test_the_send_duration_is_the_transactions_time(
@@ -239,11 +246,13 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_emitted(
     async with httpx.AsyncClient(base_url=service.url) as http:
         await http.post("/v1/events", json=make_event())  # 503: intake is off without a token
     emitted: set[str] = set()
+    families: set[str] = set()
 
     async def scraped_all() -> bool:
-        _, samples = await scrape(service)
+        text, samples = await scrape(service)
         emitted.clear()
         emitted.update(name for name, _ in samples)
+        families.update(re.findall(r"^# TYPE (\S+)", text, re.M))
         return samples.get(("mailer_workers_alive", ()), 0) >= 1  # the worker's first beat
 
     deadline = time.monotonic() + 20
@@ -263,3 +272,22 @@ async def test_every_metric_the_alerts_and_the_dashboard_use_is_emitted(
         assert names, where
         assert names <= emitted, f"{where} uses {sorted(names - emitted)}, not in /metrics"
     assert {"mailer_send_attempts_total", "mailer_send_duration_seconds_bucket"} <= used["mailer.json"]
+    # The README's list of what /metrics emits is what it emits, no more and no less.
+    listed = set(METRIC_NAME.findall(readme_metrics()))
+    assert listed <= emitted | families
+    assert listed == families
+
+
+def readme_metrics() -> str:
+    """The README's `GET /metrics` item."""
+    text = README.read_text()
+    start = text.index("- `GET /metrics`")
+    return text[start : text.index("\n- ", start)]
+
+
+def test_the_readme_names_each_alert() -> None:
+    """The README's alerts.yml item names every alert there is, and no other."""
+    text = README.read_text()
+    start = text.index("- `deploy/prometheus/alerts.yml`")
+    item = text[start : text.index("\n- ", start)]
+    assert set(re.findall(r"`(Mailer[A-Za-z]+)`", item)) == {rule["alert"] for rule in alert_rules()}

@@ -9,7 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +35,10 @@ from mailer.state.heartbeat import FRESH_MS
 from mailer.state.sendstats import REPLY_CLASSES, SendStats, bucket_upper_seconds, parse
 
 router = APIRouter()
+
+# A `_created` sample per counter says when this process began counting: beside the counters
+# read from Redis, which have none, it is one more series that means nothing to an operator.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
 # This process's own: what POST /v1/events answered.
 _OWN = CollectorRegistry(auto_describe=True)
