@@ -1,9 +1,9 @@
 """The send attempts' counters: by the class of the relay's reply and by how long the send took.
 
-One hash, overall and anonymous (no message, event or address in it, so retention and erasure
-leave it alone), kept by the send path's step script in the round trip that records the
-outcome (mailer.state.message_states). Fields, with the relay (the transport's name) last
-because a Maildir path may hold anything but a line break:
+One hash (constants.SEND_STATS_KEY), overall and anonymous: no message, event or address is
+in it, so retention and erasure leave it alone. The send path's step script keeps it in the
+round trip that records the outcome (mailer.state.message_states). Fields, with the relay
+(the transport's name) last because a Maildir path may hold anything but a line break:
 
 - `c|<class>|<relay>`: attempts whose reply was of that class (REPLY_CLASSES);
 - `d|<bucket>|<relay>`: attempts whose send took that long, in quarter-octave buckets of
@@ -21,9 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from mailer.constants import SEND_STATS_KEY
 from mailer.state.deliverylog import bucket_upper_ms, latency_bucket
-from mailer.state.redis_types import RedisClient
 
 ReplyClass = Literal["2xx", "4xx", "5xx", "no_reply"]
 # no_reply: the relay answered nothing this attempt could be judged by (connection refused or
@@ -72,7 +70,3 @@ def parse(raw: dict[bytes, bytes]) -> SendStats:
         elif what == "d" and part.isdigit():
             stats.durations[relay][int(part)] = int(value)
     return stats
-
-
-async def read_send_stats(redis: RedisClient) -> SendStats:
-    return parse(await redis.hgetall(SEND_STATS_KEY))
