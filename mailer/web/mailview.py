@@ -144,7 +144,12 @@ async def outbox_mail(request: Request, name: str) -> HTMLResponse:
     path = _mail_file(request, name)
     parts = parts_of(path.read_bytes())
     return page(
-        request, "mail.html", parts=parts, html_src=f"/outbox/{name}/html", title=parts.header("Subject")
+        request,
+        "mail.html",
+        parts=parts,
+        html_src=f"/outbox/{name}/html",
+        title=parts.header("Subject"),
+        sample=False,
     )
 
 
