@@ -84,6 +84,7 @@ def test_every_page_wants_a_login_and_the_login_sets_a_strict_httponly_cookie(gu
     assert answer.headers["location"] == "/failed"
     cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith("mailer_session="))
     assert "HttpOnly" in cookie
+    assert "Max-Age=43200" in cookie  # 12 hours
     assert "SameSite=strict" in cookie or "SameSite=Strict" in cookie
     assert TOKEN not in cookie  # the cookie holds a signature, never the token
     for path in PAGES:
