@@ -47,10 +47,12 @@ system-deps:
 	esac; \
 	exit $$status
 
-## Start the worker on embedded defaults: a private Redis and a Maildir outbox under ./var
+## Start the worker on embedded defaults (a private Redis and a Maildir outbox under ./var) and
+## the HTTP service with the dashboard beside it, at SERVE (HOST:PORT); Ctrl-C stops them all
+SERVE ?= 127.0.0.1:8080
 run: $(STAMP)
 	$(BIN)/python examples/generate.py
-	exec $(BIN)/mailer worker
+	exec $(BIN)/mailer worker --serve $(SERVE)
 
 ## Run the whole test suite (real redis-server and aiosmtpd, started by the fixtures)
 test: $(STAMP) system-deps

@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from mailer.constants import MESSAGE_KINDS
 from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
+from mailer.ops.serve_process import ServeAddress
 from mailer.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -153,15 +154,33 @@ def main(verbose: bool) -> None:
         logging.getLogger("arq").setLevel(logging.WARNING)
 
 
+def _serve_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> ServeAddress | None:
+    if value is None:
+        return None
+    try:
+        return ServeAddress.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
+@click.option(
+    "--serve",
+    "serve_at",
+    metavar="HOST:PORT",
+    callback=_serve_address,
+    help="Also run `mailer serve` (dashboard, intake, API) on this address, stopped with the worker.",
+)
 @_errors_to_exit
-def worker() -> None:
+def worker(serve_at: ServeAddress | None) -> None:
     """Run the worker: take events from the queue and send the mails they call for.
 
     Without MAILER_REDIS_URL it starts a private Redis under MAILER_DATA_DIR (default ./var)
     and stops it on exit. SIGTERM or Ctrl-C: finish the sends in flight, then exit 0.
+    With --serve, the HTTP service runs beside it (what `make run` does).
     """
     from mailer.ops.embedded import EmbeddedRedis
+    from mailer.ops.serve_process import ServeProcess
     from mailer.state.queue import masked_url
     from mailer.worker import run
 
@@ -179,6 +198,13 @@ def worker() -> None:
         else f"Maildir outbox {settings.effective_outbox_dir.resolve()}"
     )
     click.echo(f"mailer worker: Redis {masked_url(url)}; mail goes to {where}", err=True)
+    companion = None
+    if serve_at is not None:
+        companion = ServeProcess(serve_at)
+        companion.start()
+        click.echo(
+            f"mailer worker: dashboard at {serve_at.url} (mailer serve, stopped with the worker)", err=True
+        )
     if embedded is not None:
         click.echo(
             "send the sample event from another terminal in this directory with:\n"
@@ -188,6 +214,8 @@ def worker() -> None:
     try:
         status = _run(run(settings, url))
     finally:
+        if companion is not None:
+            companion.stop()
         if embedded is not None:
             embedded.stop()
     sys.exit(status)

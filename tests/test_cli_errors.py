@@ -122,6 +122,19 @@ def test_the_worker_outlives_a_redis_that_is_down(tmp_path: Path, dead_redis: di
         ["render", "no-such-kind", "--event", "registration.json"],
         ["no-such-command"],
         ["--no-such-option", "log"],
+        *(
+            ["worker", "--serve", bad]
+            for bad in (
+                "8080",
+                "localhost",
+                "127.0.0.1:",
+                "127.0.0.1:0",
+                ":65536",
+                "[::1:80",
+                "a b:80",
+                "h:8o",
+            )
+        ),
     ],
     ids=lambda args: " ".join(args) or "(none)",
 )
