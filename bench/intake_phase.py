@@ -31,10 +31,15 @@ SINGLE_CLIENTS = 8
 SINGLES = 4000
 
 
-def _start(redis: RedisServer, directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_serve(
+    redis: RedisServer, directory: Path, *, token: str | None = TOKEN
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`mailer serve` on a free loopback port; without a token its dashboard needs no login."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
-    env |= {"MAILER_REDIS_URL": redis.url, "MAILER_API_TOKEN": TOKEN, "MAILER_DATA_DIR": str(directory)}
+    env |= {"MAILER_REDIS_URL": redis.url, "MAILER_DATA_DIR": str(directory)}
+    if token is not None:
+        env["MAILER_API_TOKEN"] = token
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "mailer", "serve", "--port", str(port)],
@@ -112,7 +117,7 @@ def intake_phase(redis: RedisServer, directory: Path) -> dict[str, Any]:
     ]
     singles = [orjson.dumps(e) for e in registrations(SINGLES, run="single")]
     redis.client().flushall()
-    process, url = _start(redis, directory)
+    process, url = start_serve(redis, directory)
     try:
         asyncio.run(_batches(url, bodies[:2]))  # warm up: connections, imports, script loads
         seconds = asyncio.run(_batches(url, bodies))

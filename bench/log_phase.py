@@ -9,7 +9,10 @@ entries one event has about 100 000 registrations.
 
 Measured per size: Redis memory per entry (every index and counter included), the first page
 (50 entries) of every kind of query, a registration's timeline, and stats of one event; each
-the median of REPEATS runs. And the step script alone with indexing on and off (same run).
+the median of REPEATS runs. Then the dashboard as ops staff open it: a real `mailer serve`
+against the filled Redis, its overview (the whole page and the live panel it re-reads every
+5 s), a search by address and a timeline page, timed over HTTP from request to last byte. And
+the step script alone with indexing on and off (same run).
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from bench.infra import RedisServer
+import httpx
+
+from bench.infra import RedisServer, _stop_process
+from bench.intake_phase import start_serve
 from mailer.clock import from_ms, iso, ms, utc_now
 from mailer.ops.log_reading import stats, timeline
 from mailer.state.deliverylog import DeliveryLog, LogEntry, append_parts
@@ -155,6 +162,37 @@ async def _measure(redis: RedisClient, registrations: int) -> dict[str, Any]:
     return out
 
 
+def _dashboard_pages(registrations: int) -> dict[str, str]:
+    some = registrations // 2
+    return {
+        "overview": "/",
+        "overview live panel": "/?part=live",
+        "search by address": f"/log?q=person{some}%40example.org",
+        "timeline": f"/timeline/reg-{some:07d}",
+    }
+
+
+async def _dashboard(server: RedisServer, directory: Path, registrations: int) -> dict[str, Any]:
+    """Each dashboard page's median and slowest time over REPEATS requests, after one warm-up
+    (the first request compiles the page's templates)."""
+    process, base = start_serve(server, directory, token=None)
+    out: dict[str, Any] = {}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            for name, path in _dashboard_pages(registrations).items():
+                (await client.get(path)).raise_for_status()
+                times = []
+                for _ in range(REPEATS):
+                    begin = time.perf_counter()
+                    answer = await client.get(path)
+                    times.append((time.perf_counter() - begin) * 1000)
+                    answer.raise_for_status()
+                out[name] = {"ms": round(statistics.median(times), 2), "max_ms": round(max(times), 2)}
+    finally:
+        _stop_process(process, 10)
+    return out
+
+
 async def _step_rate(redis: RedisClient, *, indexed: bool) -> float:
     """Step script calls per second (record an outcome with its log entry, hand the next over)."""
     store = MessageStore(redis)
@@ -168,7 +206,7 @@ async def _step_rate(redis: RedisClient, *, indexed: bool) -> float:
     return STEPS / (time.perf_counter() - begin)
 
 
-async def _run(server: RedisServer, sizes: list[int]) -> dict[str, Any]:
+async def _run(server: RedisServer, sizes: list[int], directory: Path) -> dict[str, Any]:
     redis = await connect_client(server.url)
     result: dict[str, Any] = {"sizes": {}}
     try:
@@ -187,6 +225,7 @@ async def _run(server: RedisServer, sizes: list[int]) -> dict[str, Any]:
                 "fill_seconds": round(fill_s, 1),
                 "bytes_per_entry": round((used - base) / written, 1),
                 "queries": await _measure(redis, begun),
+                "dashboard": await _dashboard(server, directory / f"serve-{size}", begun),
             }
         rates = {}
         for indexed in (False, True, False, True):
@@ -200,5 +239,5 @@ async def _run(server: RedisServer, sizes: list[int]) -> dict[str, Any]:
     return result
 
 
-def log_phase(redis: RedisServer, *, sizes: list[int]) -> dict[str, Any]:
-    return asyncio.run(_run(redis, sizes))
+def log_phase(redis: RedisServer, directory: Path, *, sizes: list[int]) -> dict[str, Any]:
+    return asyncio.run(_run(redis, sizes, directory))

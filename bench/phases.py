@@ -225,7 +225,7 @@ def phase_aof(ctx: Context) -> dict[str, Any]:
 
 
 def phase_log(ctx: Context) -> dict[str, Any]:
-    result = log_phase.log_phase(ctx.redis, sizes=ctx.args.log_sizes)
+    result = log_phase.log_phase(ctx.redis, ctx.tmp / "log", sizes=ctx.args.log_sizes)
     for size, figures in result["sizes"].items():
         slowest = max(q["ms"] for q in figures["queries"].values())
         progress(

@@ -142,6 +142,18 @@ def _log_rows(phases: dict[str, Any]) -> list[Row]:
                     f"{figures['registrations'] // 5:,} registrations in the event",
                 )
             )
+            if "dashboard" in figures:
+                pages = figures["dashboard"]
+                slowest = max(pages, key=lambda k: pages[k]["ms"])
+                rows.append(
+                    Row(
+                        f"dashboard: overview, {entries}",
+                        f"{pages['overview']['ms']} ms",
+                        "≤ 100 ms",
+                        _verdict(pages["overview"]["ms"] <= 100),
+                        f"over HTTP, median; slowest page: {slowest} {pages[slowest]['ms']} ms",
+                    )
+                )
             rows.append(
                 Row(
                     f"log: Redis memory, {entries}",
