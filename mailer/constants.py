@@ -72,6 +72,11 @@ WORKERS_KEY: Final = PREFIX + "workers"
 RELAY_CIRCUIT_KEY: Final = PREFIX + "relay:{relay}:circuit"
 RELAY_PROBE_KEY: Final = PREFIX + "relay:{relay}:probe"
 RELAYS_KEY: Final = PREFIX + "relays"  # every relay whose circuit ever tripped
+# Ops alert mails (MAILER_ALERT_EMAIL, mailer.state.alerts): the lock of the one check running
+# across workers, each cause's quiet period since its last mail, and the dead-letter count told.
+ALERT_CHECK_KEY: Final = PREFIX + "alert:check"
+ALERT_QUIET_KEY: Final = PREFIX + "alert:quiet:{cause}"
+ALERT_TOLD_DEAD_KEY: Final = PREFIX + "alert:told:dead_letters"
 # The rate limit's window (MAILER_RATE_LIMIT).
 RATE_KEY: Final = PREFIX + "rate:{window}"
 
@@ -88,4 +93,8 @@ MESSAGE_KINDS: Final[tuple[MessageKind, ...]] = (
     "event_changed",
     "event_cancelled",
 )
+# The delivery log also holds the alert mails ops get (mailer.ops.alerts); they are no
+# attendee's message, so they have a kind of their own there and nowhere else.
+OPS_ALERT_KIND: Final = "ops_alert"
+LOG_KINDS: Final[tuple[str, ...]] = (*MESSAGE_KINDS, OPS_ALERT_KIND)
 LOCALES: Final = ("de", "en")

@@ -18,6 +18,7 @@ from mailer.events import IncomingEvent, parse_event
 from mailer.intake.inbox import Inbox
 from mailer.lifecycle.planner import Planner
 from mailer.lifecycle.scheduler import Scheduler
+from mailer.ops.alerts import AlertMonitor
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.messages import MessageRef
 from mailer.state.queue import REDIS_DOWN
@@ -40,6 +41,7 @@ class App:
     inbox: Inbox
     log: DeliveryLog
     retention: Retention
+    alerts: AlertMonitor
 
 
 Job = Callable[..., Coroutine[Any, Any, Any]]
@@ -174,11 +176,13 @@ async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") ->
 @_outlasts_redis("skip")
 async def tick(ctx: dict[str, Any]) -> dict[str, int]:
     """Every second: start due fan-outs, re-drive due or stranded messages, unstick the inbox,
-    and remove one bounded slice of what outlived MAILER_RETENTION_DAYS."""
+    remove one bounded slice of what outlived MAILER_RETENTION_DAYS, and (every 30 s, one
+    worker) tell ops of trouble by mail (MAILER_ALERT_EMAIL)."""
     app = _app(ctx)
     result = await app.scheduler.tick()
     result["drains_started"] = int(await app.inbox.rearm())
     result |= (await app.retention.run()).counts()
+    result["alerts_sent"] = await app.alerts.check()
     return result
 
 

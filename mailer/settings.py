@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     # The largest request body `POST /v1/events` reads (a batch of 1 000 full events is ~2 MB).
     api_max_body_bytes: int = Field(default=5_000_000, ge=10_000, le=100_000_000)
+    # Ops alert mails, for sites without Prometheus (mailer.ops.alerts): where to (addresses,
+    # comma-separated; unset: no alert mail), and when. A mail when the dead letters reach
+    # alert_dead_letters (and again when they grow further), a relay circuit stays open
+    # alert_circuit_minutes, or a due message waits alert_stall_minutes; at most one an hour
+    # per cause.
+    alert_email: Annotated[tuple[str, ...], NoDecode] = ()
+    alert_dead_letters: int = Field(default=10, ge=1, le=100_000_000)
+    alert_circuit_minutes: float = Field(default=5.0, gt=0, le=1440, allow_inf_nan=False)
+    alert_stall_minutes: float = Field(default=15.0, gt=0, le=1440, allow_inf_nan=False)
+    alert_locale: Literal["de", "en"] = "de"
 
     @property
     def api_tokens(self) -> list[bytes]:
@@ -116,6 +126,27 @@ class Settings(BaseSettings):
         if isinstance(value, str | list | tuple) and all(isinstance(v, str) for v in value):
             return parse_offsets(value)
         return value
+
+    @field_validator("alert_email", mode="before")
+    @classmethod
+    def _check_alert_email(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        addresses: list[str] = []
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                checked = validate_email(part.strip(), check_deliverability=False)
+            except EmailNotValidError as exc:
+                raise ValueError(f"{part.strip()!r} is not an address: {exc}") from None
+            address = checked.ascii_email or checked.normalized
+            if address.lower() in (a.lower() for a in addresses):
+                raise ValueError(f"{address} is given twice")
+            addresses.append(address)
+        if len(addresses) > 20:
+            raise ValueError(f"{len(addresses)} addresses; at most 20 (use a list address for more)")
+        return tuple(addresses)
 
     @field_validator("redis_url")
     @classmethod

@@ -23,6 +23,7 @@ from mailer.intake.inbox import Inbox
 from mailer.intake.job_bodies import QueueWorker, worker_options
 from mailer.lifecycle.planner import Planner
 from mailer.lifecycle.scheduler import Scheduler
+from mailer.ops.alerts import AlertMonitor
 from mailer.settings import Settings
 from mailer.state.deliverylog import DeliveryLog
 from mailer.state.heartbeat import BEAT_MS, beat
@@ -87,6 +88,7 @@ def _app(
         inbox=Inbox(redis, clock=clock),
         log=log,
         retention=Retention(redis, days=settings.retention_days, clock=clock),
+        alerts=AlertMonitor(redis, settings=settings, transport=transport, log=log, clock=clock),
     )
 
 

@@ -38,6 +38,9 @@ NUMERIC: dict[str, tuple[float, float]] = {
     "log_max_entries": (1000, 100_000_000),
     "api_max_body_bytes": (10_000, 100_000_000),
     "retention_days": (1, 3650),
+    "alert_dead_letters": (1, 100_000_000),
+    "alert_circuit_minutes": (0, 1440),
+    "alert_stall_minutes": (0, 1440),
 }
 HOSTILE = ["-1", "0", "-0.5", "inf", "-inf", "nan", "1e30", "1e400", "abc", "1" * 23, "-PT1H", "P9999999999D"]
 
@@ -303,3 +306,31 @@ def test_the_example_env_file_loads(no_env: None, tmp_path: Path) -> None:
     assert loaded.smtp_host == "smtp.example.org"
     assert loaded.smtp_security == "starttls"
     assert loaded.smtp_allow_plaintext_auth is False
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ops",
+        "ops@",
+        "ops@example.org,ops@EXAMPLE.org",
+        "ops@example.org;dev@example.org",
+        "Ops <ops@example.org>",
+        "ops@example.org\r\nBcc: x@evil.example",
+        ",".join(f"ops{i}@example.org" for i in range(21)),
+    ],
+    ids=["no-at", "no-domain", "twice", "semicolon", "display-name", "header-injection", "21"],
+)
+def test_a_bad_alert_address_is_one_line_naming_the_setting(no_env: None, value: str) -> None:
+    with env(MAILER_ALERT_EMAIL=value), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_ALERT_EMAIL"
+    assert "\n" not in str(caught.value)
+
+
+def test_alert_addresses_load_as_a_list_in_ascii(no_env: None) -> None:
+    with env(MAILER_ALERT_EMAIL=" ops@example.org , leitstelle@bücher.example ,"):
+        assert load_settings().alert_email == ("ops@example.org", "leitstelle@xn--bcher-kva.example")
+    with env(MAILER_ALERT_LOCALE="fr"), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_ALERT_LOCALE"

@@ -23,7 +23,7 @@ import orjson
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from mailer.clock import utc_now
-from mailer.constants import MESSAGE_KINDS
+from mailer.constants import LOG_KINDS
 from mailer.content.ics import calendar_uid
 from mailer.durations import Offset
 from mailer.errors import MailerError
@@ -122,7 +122,7 @@ def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--event", "event_id", help="Only this event id."),
         click.option("--status", type=click.Choice(LOG_STATUSES), help="Only this status."),
-        click.option("--kind", type=click.Choice(MESSAGE_KINDS), help="Only this kind of message."),
+        click.option("--kind", type=click.Choice(LOG_KINDS), help="Only this kind of message."),
         click.option(
             "--since", callback=_moment, help="From this time on: PT1H (an hour ago), 2026-12-02, ..."
         ),

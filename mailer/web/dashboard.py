@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from mailer.clock import ms, utc_now
-from mailer.constants import ID_PATTERN, INBOX_KEY, LOG_DEAD_KEY, MESSAGE_KINDS, QUEUE_NAME
+from mailer.constants import ID_PATTERN, INBOX_KEY, LOG_DEAD_KEY, LOG_KINDS, MESSAGE_KINDS, QUEUE_NAME
 from mailer.ops.log_reading import timeline
 from mailer.ops.redrive import latest_with_status, redrive
 from mailer.state.circuit import CircuitState, relay_states
@@ -159,8 +159,8 @@ async def search_page(
     q, event = q.strip()[:320], event.strip()[:128]
     if status and status not in LOG_STATUSES:
         raise Problem(422, "Unknown status", f"status must be one of {', '.join(LOG_STATUSES)}")
-    if kind and kind not in MESSAGE_KINDS:
-        raise Problem(422, "Unknown kind", f"kind must be one of {', '.join(MESSAGE_KINDS)}")
+    if kind and kind not in LOG_KINDS:
+        raise Problem(422, "Unknown kind", f"kind must be one of {', '.join(LOG_KINDS)}")
     if cursor and not re.fullmatch(r"\d{1,16}-\d{1,4}", cursor):
         raise Problem(422, "Invalid cursor", "the cursor is an entry id from a previous page")
     understood, by = await _understand(request.app.state.redis, q) if q else ("", {})
@@ -185,7 +185,7 @@ async def search_page(
         entries=found.entries,
         more=more,
         statuses=LOG_STATUSES,
-        kinds=list(MESSAGE_KINDS),
+        kinds=list(LOG_KINDS),
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 
-from mailer.constants import ID_PATTERN, MESSAGE_KINDS
+from mailer.constants import ID_PATTERN, LOG_KINDS
 from mailer.ops.log_reading import MessageStory, Timeline, stats, timeline
 from mailer.state.deliverylog import LOG_STATUSES, LogEntry
 from mailer.state.logquery import LogFilter, log_page
@@ -59,7 +59,7 @@ async def deliveries(
 ) -> dict[str, Any]:
     """Log entries newest first, filtered like `mailer log`; `next_cursor` pages on (null: no more)."""
     _one_of("status", status, LOG_STATUSES)
-    _one_of("kind", kind, tuple(MESSAGE_KINDS))
+    _one_of("kind", kind, LOG_KINDS)
     _aware("since", since)
     _aware("until", until)
     flt = LogFilter(
