@@ -47,6 +47,8 @@ LOG_STREAM: Final = PREFIX + "log"
 # their entries, oldest first, as one field of a hash bucket (mailer.state.deliverylog says why).
 LOG_BY_REGISTRATION_KEY: Final = PREFIX + "log:registration:{bucket}"
 LOG_BY_RECIPIENT_KEY: Final = PREFIX + "log:recipient:{bucket}"
+# ... and per reference (the registration system's booking code), as ops staff are often given it.
+LOG_BY_REFERENCE_KEY: Final = PREFIX + "log:reference:{bucket}"
 # Lists of entry positions (stream id as ms * 1024 + seq) per event ("e"), status ("s"), kind
 # ("k") and event|status ("es"), oldest first: the other filters read a page of one of these.
 LOG_LIST_KEY: Final = PREFIX + "log:by:{dim}:{value}"

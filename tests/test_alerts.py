@@ -7,10 +7,12 @@ stands in for the minutes that pass); one test shows a running worker's tick sen
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from mailer.clock import iso, ms
@@ -27,6 +29,7 @@ from mailer.state.queue import connect_client
 from mailer.state.redis_types import RedisClient
 from tests.clocks import SettableClock
 from tests.conftest import SmtpServer, make_event, wait_for
+from tests.test_log_cli import run
 
 OPS = "ops@example.org"
 
@@ -88,7 +91,7 @@ async def check_now(redis: RedisClient, monitor: AlertMonitor) -> int:
 
 
 async def test_dead_letters_past_the_threshold_mail_ops_once_an_hour_and_again_when_they_grow(
-    redis: RedisClient, monitor: Callable[..., AlertMonitor], smtp_server: SmtpServer
+    redis: RedisClient, monitor: Callable[..., AlertMonitor], smtp_server: SmtpServer, redis_url: str
 ) -> None:
     alerts = monitor(alert_dead_letters=3)
     await fail(redis, 2)
@@ -115,6 +118,8 @@ async def test_dead_letters_past_the_threshold_mail_ops_once_an_hour_and_again_w
     page = await log_page(redis, LogFilter(kind="ops_alert"), limit=10)
     assert [(e.status, e.recipient, e.kind) for e in page.entries] == [("sent", OPS, "ops_alert")] * 2
     assert page.entries[0].message_id_header  # the Message-ID it carried, for a support question
+    shown = await asyncio.to_thread(run, redis_url, "log", "--kind", "ops_alert", "--json")
+    assert [orjson.loads(line)["recipient"] for line in shown.stdout.splitlines()] == [OPS, OPS]
 
 
 async def test_a_relay_circuit_open_past_the_limit_is_one_mail_naming_the_setting(

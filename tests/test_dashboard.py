@@ -253,6 +253,27 @@ def test_hostile_queries_never_fail_the_dashboard(guarded: Service, path: str, v
     assert answer.status_code < 500, (path, name, value, answer.text[:300])
 
 
+async def test_the_search_box_finds_a_registration_by_its_reference(guarded: Service, redis_url: str) -> None:
+    """Ops staff are given a booking code: the box reads it as a reference (spaces and slashes
+    included), lists its entries, and says what else it is not when the log does not know it."""
+    at = utc_now().isoformat()
+    entries = [
+        LogEntry(ts=at, status="sent", message_id=f"reg-{i}/confirmation", reference=f"B 2026/{i}")
+        for i in range(3)
+    ]
+    async with redis_at(redis_url) as redis:
+        await DeliveryLog(redis, max_entries=1000, echo=None).write(entries)
+    client = _session_for(guarded)
+    found = client.get("/log", params={"q": "B 2026/1"})
+    assert found.status_code == 200, found.text
+    assert "read as reference" in found.text
+    assert "reg-1/confirmation" in found.text
+    assert "reg-0/confirmation" not in found.text
+    unknown = client.get("/log", params={"q": "B 2026/9"})
+    assert unknown.status_code == 422
+    assert "nor a reference the log knows" in unknown.text
+
+
 _SESSIONS: dict[str, httpx.Client] = {}
 
 

@@ -55,6 +55,7 @@ def random_entries(count: int, seed: int = 7) -> list[LogEntry]:
                 attempt=rng.randrange(1, 4),
                 smtp_code=451 if status == "retrying" else None,
                 detail="greylisted" if status == "retrying" else "",
+                reference=f"Buchung {rid[-1]}/2026" if rid != "reg-4" else "",
             )
         )
     return out
@@ -98,6 +99,11 @@ FILTERS: list[tuple[list[str], Any]] = [
     (["--recipient", "REG-2@example.ORG"], lambda e: e.recipient.lower() == "reg-2@example.org"),
     (["--registration", "reg-3", "--kind", "confirmation"], lambda e: e.message_id == "reg-3/confirmation"),
     (["--message", "reg-4/event_changed"], lambda e: e.message_id == "reg-4/event_changed"),
+    (["--reference", "Buchung 1/2026"], lambda e: e.reference == "Buchung 1/2026"),
+    (
+        ["--reference", "Buchung 2/2026", "--status", "sent"],
+        lambda e: e.reference == "Buchung 2/2026" and e.status == "sent",
+    ),
     (
         [
             "--event",

@@ -25,6 +25,8 @@ STATUSES = ["planned", "sent", "retrying", "held", "failed", "skipped", "rejecte
 KINDS = ["confirmation", "reminder", "registration_cancelled"]
 REGISTRATIONS = ["reg-1", "reg-2", "reg-3"]
 ADDRESSES = ["maria@example.org", "Jo@Example.org", ""]
+# Booking codes as registration systems write them: spaces, slashes and umlauts included.
+REFERENCES = ["B-2026-0042", "Anmeldung 7/12", "Bürger 1", ""]
 
 
 @st.composite
@@ -44,6 +46,7 @@ def log_entry(draw: Any) -> LogEntry:
         attempt=draw(st.integers(0, 3)),
         detail=draw(st.text(max_size=10)),
         latency_ms=draw(st.none() | st.integers(0, 100_000)),
+        reference=draw(st.sampled_from(REFERENCES)),
     )
 
 
@@ -57,6 +60,7 @@ def log_filter(draw: Any) -> LogFilter:
     return LogFilter(
         recipient=maybe(["maria@example.org", "JO@example.org", "nobody@example.org"]),
         registration=maybe(REGISTRATIONS),
+        reference=maybe([r for r in REFERENCES if r] + ["B-2026-0043"]),
         message=maybe([f"{r}/{k}" for r in REGISTRATIONS for k in KINDS]),
         event=maybe([e for e in EVENTS if e]),
         status=maybe(STATUSES),

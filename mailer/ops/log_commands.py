@@ -117,6 +117,7 @@ def _filters(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--recipient", help="Only this address (any letter case)."),
         click.option("--registration", help="Only this registration id."),
+        click.option("--reference", help="Only this reference (the registration system's booking code)."),
         click.option(
             "--message", callback=_message_id, help="Only this message id (REGISTRATION/KIND[/DETAIL])."
         ),
@@ -137,6 +138,7 @@ def _query(filters: dict[str, Any]) -> LogQuery:
     return LogQuery(
         recipient=filters["recipient"],
         registration=filters["registration"],
+        reference=filters["reference"],
         message=filters["message"],
         event=filters["event_id"],
         status=filters["status"],

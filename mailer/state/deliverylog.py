@@ -33,6 +33,7 @@ import orjson
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import (
     LOG_BY_RECIPIENT_KEY,
+    LOG_BY_REFERENCE_KEY,
     LOG_BY_REGISTRATION_KEY,
     LOG_COUNTS_KEY,
     LOG_DEAD_KEY,
@@ -130,14 +131,14 @@ SEQ_RANGE = 1024
 # Quarter-octave buckets of latency: percentiles within 19 % from a few dozen counters.
 LATENCY_BUCKETS_PER_OCTAVE = 4
 
-# KEYS k..k+13: stream, registration bucket, recipient bucket, lists by event, status, kind,
+# KEYS k..k+14: stream, registration bucket, recipient bucket, lists by event, status, kind,
 # event|status, counts overall and of the event, latency overall and of the event, dead letters
-# overall and of the event, the indexed-from mark; '' skips one. ARGV a..a+7: maxlen, entry
-# ms, registration field, recipient field, counts field, latency bucket (''), dead-letter action
-# (add|del|''), message id; then the values of FIELDS but the last; then the recipient bucket's
-# number.
-LOG_KEYS = 14
-LOG_ARGS = 8 + len(FIELDS)
+# overall and of the event, the indexed-from mark, the reference bucket; '' skips one. ARGV
+# a..a+7: maxlen, entry ms, registration field, recipient field, counts field, latency bucket
+# (''), dead-letter action (add|del|''), message id; then the values of FIELDS but the last;
+# then the recipient bucket's number and the reference field.
+LOG_KEYS = 15
+LOG_ARGS = 9 + len(FIELDS)
 LOG_APPEND_LUA = """
 local function log_num(v) return string.format('%.0f', v) end
 local function log_index(bucket, field, id)
@@ -200,6 +201,7 @@ local function log_append(K, k, A, a)
   local position = log_num(t * 1024 + seq)
   log_index(K[k + 1], A[a + 2], id)
   log_index(K[k + 2], A[a + 3], id)
+  log_index(K[k + 14], A[a + 26], id)
   for i = k + 3, k + 6 do
     if K[i] ~= '' then redis.call('RPUSH', K[i], position) end
   end
@@ -241,6 +243,11 @@ def _slot(template: str, name: str) -> IndexSlot:
 
 def registration_index(registration_id: str) -> IndexSlot:
     return _slot(LOG_BY_REGISTRATION_KEY, registration_id)
+
+
+def reference_index(reference: str) -> IndexSlot:
+    """A registration system's reference (booking code), matched exactly."""
+    return _slot(LOG_BY_REFERENCE_KEY, reference)
 
 
 def recipient_index(recipient: str) -> IndexSlot:
@@ -297,7 +304,7 @@ def append_parts(entry: LogEntry, *, max_entries: int, indexed: bool = True) -> 
     bucket = str(latency_bucket(entry.latency_ms)) if timed and entry.latency_ms is not None else ""
     # A dead letter is a message: a failure logged without one (a refused job) is only counted.
     dead = "" if not message else "add" if status == "failed" else "del" if status in _LEAVES_DEAD else ""
-    reg_field = rcpt_field = ""
+    reg_field = rcpt_field = ref_field = ""
     rcpt_bucket = 0
     detail = entry.detail
     if entry.recipient and entry.recipient.lower() in detail.lower():
@@ -317,6 +324,8 @@ def append_parts(entry: LogEntry, *, max_entries: int, indexed: bool = True) -> 
         for offset, template in ((7, LOG_COUNTS_KEY), (9, LOG_LATENCY_KEY), (11, LOG_DEAD_KEY)):
             keys[offset : offset + 2] = [template.format(scope=s) if s else "" for s in scopes]
         keys[13] = LOG_INDEXED_FROM_KEY
+        if entry.reference:
+            keys[14], ref_field = reference_index(entry.reference)
     code = entry.smtp_code
     args: list[str | int] = [
         max_entries,
@@ -345,6 +354,7 @@ def append_parts(entry: LogEntry, *, max_entries: int, indexed: bool = True) -> 
         "" if entry.sequence is None else entry.sequence,
         "" if entry.latency_ms is None else entry.latency_ms,
         rcpt_bucket,
+        ref_field,
     ]
     return keys, args
 

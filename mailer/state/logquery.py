@@ -38,6 +38,7 @@ from mailer.state.deliverylog import (
     list_key,
     position_of,
     recipient_index,
+    reference_index,
     registration_index,
     scope_of,
 )
@@ -95,6 +96,7 @@ class LogFilter:
 
     recipient: str | None = None
     registration: str | None = None
+    reference: str | None = None  # the registration system's booking code, exactly
     message: str | None = None
     event: str | None = None
     status: str | None = None
@@ -107,6 +109,7 @@ class LogFilter:
         return not (
             (self.recipient and entry.recipient.lower() != self.recipient.strip().lower())
             or (self.registration and entry.registration_id != self.registration)
+            or (self.reference and entry.reference != self.reference)
             or (self.message and entry.message_id != self.message)
             or (self.event and entry.event_id != self.event)
             or (self.status and entry.status != self.status)
@@ -326,6 +329,8 @@ def _slot_for(flt: LogFilter) -> IndexSlot | None:
     registration = flt.registration or (flt.message.split("/", 1)[0] if flt.message else None)
     if registration:
         return registration_index(registration)
+    if flt.reference:
+        return reference_index(flt.reference)
     return recipient_index(flt.recipient) if flt.recipient else None
 
 

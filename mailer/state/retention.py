@@ -34,6 +34,7 @@ from mailer.constants import (
     EVENT_KEY,
     EVENT_REGISTRATIONS_KEY,
     LOG_BY_RECIPIENT_KEY,
+    LOG_BY_REFERENCE_KEY,
     LOG_BY_REGISTRATION_KEY,
     LOG_DEAD_KEY,
     LOG_LIST_KEY,
@@ -71,6 +72,7 @@ _LOG_INDEX_FORMS = (
     (LOG_LIST_KEY.split("{", 1)[0], "list"),
     (LOG_BY_REGISTRATION_KEY.format(bucket=""), "bucket"),
     (LOG_BY_RECIPIENT_KEY.format(bucket=""), "bucket"),
+    (LOG_BY_REFERENCE_KEY.format(bucket=""), "bucket"),
     (LOG_DEAD_KEY.format(scope=""), "dead"),
 )
 

@@ -17,7 +17,15 @@ from mailer.constants import ID_PATTERN, INBOX_KEY, LOG_DEAD_KEY, LOG_KINDS, MES
 from mailer.ops.log_reading import timeline
 from mailer.ops.redrive import latest_with_status, redrive
 from mailer.state.circuit import CircuitState, relay_states
-from mailer.state.deliverylog import ALL_SCOPE, LOG_STATUSES, LogEntry, id_of, list_key, registration_index
+from mailer.state.deliverylog import (
+    ALL_SCOPE,
+    LOG_STATUSES,
+    LogEntry,
+    id_of,
+    list_key,
+    reference_index,
+    registration_index,
+)
 from mailer.state.heartbeat import fresh_workers
 from mailer.state.logquery import LogCounts, LogFilter, entries_at, log_counts, log_page
 from mailer.state.logwindow import CHART_STATUSES, RecentCounts, recent_counts
@@ -110,27 +118,36 @@ class Search:
     """What the search box asked for, as the log's filter, and how the box was read."""
 
     flt: LogFilter
-    understood: str  # "recipient", "message", "registration", "event", or "" for no box
+    understood: str  # "recipient", "message", "registration", "event", "reference", or "" for no box
 
 
 async def _understand(redis: RedisClient, q: str) -> tuple[str, dict[str, str]]:
     """A search box's text as a filter: an address, a message id, a registration or an event
-    id (whichever the log knows), else a registration system's reference."""
+    id (whichever the log knows), else a registration system's reference (booking code)."""
     if "@" in q:
         return "recipient", {"recipient": q}
     if "/" in q:
         try:
             MessageRef.parse(q)
         except ValueError as exc:
-            raise Problem(422, "Not a message id", str(exc)) from None
+            return await _reference(redis, q, str(exc))
         return "message", {"message": q}
     if not re.match(ID_PATTERN, q):
-        raise Problem(422, "Nothing to search for", f"{q!r} is no address, message, registration or event id")
+        return await _reference(redis, q, f"{q!r} is no address, message, registration or event id")
     if await redis.hexists(*registration_index(q)):
         return "registration", {"registration": q}
     if await redis.exists(list_key("e", q)):
         return "event", {"event": q}
+    if await redis.hexists(*reference_index(q)):
+        return "reference", {"reference": q}
     return "registration", {"registration": q}
+
+
+async def _reference(redis: RedisClient, q: str, otherwise: str) -> tuple[str, dict[str, str]]:
+    """A reference the log knows, or 422 saying what the text is not."""
+    if len(q) <= 64 and await redis.hexists(*reference_index(q)):
+        return "reference", {"reference": q}
+    raise Problem(422, "Nothing to search for", f"{otherwise}, nor a reference the log knows")
 
 
 def _moment(name: str, text: str) -> datetime | None:

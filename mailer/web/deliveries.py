@@ -48,6 +48,7 @@ async def deliveries(
     request: Request,
     recipient: str | None = Query(None, max_length=320),
     registration: str | None = Query(None, max_length=128),
+    reference: str | None = Query(None, max_length=64),
     message: str | None = Query(None, max_length=300),
     event: str | None = Query(None, max_length=128),
     status: str | None = None,
@@ -65,6 +66,7 @@ async def deliveries(
     flt = LogFilter(
         recipient=recipient,
         registration=registration,
+        reference=reference,
         message=message,
         event=event,
         status=status,
