@@ -102,10 +102,14 @@ class RequestIds:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        intake_post = scope["path"] == "/v1/events" and scope["method"] == "POST"
         try:
-            await self.app(scope, receive, tagged)
+            if intake_post:
+                await intake.serve_events(self.app, scope, receive, tagged)
+            else:
+                await self.app(scope, receive, tagged)
         finally:
-            if scope["path"] == "/v1/events" and scope["method"] == "POST":
+            if intake_post:
                 INTAKE_REQUESTS.labels(str(status)).inc()
             logger.info(
                 "%s %s %s %d %.1f ms",
