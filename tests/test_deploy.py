@@ -357,7 +357,7 @@ def test_kustomization_lists_every_manifest_and_no_secret_has_values() -> None:
 
 def test_kubernetes_pods_are_locked_down_and_probed() -> None:
     """Non-root, read-only root, no privilege escalation, ALL capabilities dropped, requests and
-    limits; HTTP pods: liveness /healthz, readiness /readyz; workers: `mailer health`; a
+    limits; HTTP pods: liveness /healthz, readiness /readyz/intake; workers: `mailer health`; a
     PodDisruptionBudget for each."""
     for name in ("mailer-worker", "mailer-serve"):
         pod = k8s("Deployment", name)["spec"]["template"]["spec"]
@@ -373,7 +373,7 @@ def test_kubernetes_pods_are_locked_down_and_probed() -> None:
         assert k8s("PodDisruptionBudget", name)["spec"]["selector"]["matchLabels"] == labels
     (serve,) = k8s("Deployment", "mailer-serve")["spec"]["template"]["spec"]["containers"]
     assert serve["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert serve["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert serve["readinessProbe"]["httpGet"]["path"] == "/readyz/intake"
     (worker,) = k8s("Deployment", "mailer-worker")["spec"]["template"]["spec"]["containers"]
     assert "mailer health" in " ".join(worker["readinessProbe"]["exec"]["command"])
     service = k8s("Service", "mailer-serve")

@@ -366,6 +366,10 @@ async def test_ready_only_with_a_fresh_worker_heartbeat(
         waiting = await http.get("/readyz")
         assert waiting.status_code == 503
         assert "mailer worker" in waiting.json()["checks"]["workers"]["reason"]
+        # No worker: mail does not flow, but producers can still hand events over.
+        intake = await http.get("/readyz/intake")
+        assert intake.status_code == 200, intake.text
+        assert intake.json() == {"ready": True, "checks": {"redis": {"ok": True}}}
         worker_process(redis_url, smtp_server, MAILER_WORKER_NAME="w-http-1")
         deadline = time.monotonic() + 20
         while (ready := await http.get("/readyz")).status_code != 200:
@@ -475,6 +479,7 @@ async def test_the_openapi_description_and_docs_are_served(service: Service) -> 
         "/v1/stats",
         "/healthz",
         "/readyz",
+        "/readyz/intake",
     } <= set(spec["paths"])
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()

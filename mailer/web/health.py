@@ -1,5 +1,5 @@
-"""`/healthz` (the process answers) and `/readyz` (it can do its work): no token needed, so
-container probes and load balancers can ask."""
+"""`/healthz` (the process answers), `/readyz` (mail can flow) and `/readyz/intake` (events can
+be handed over): no token needed, so container probes and load balancers can ask."""
 
 from __future__ import annotations
 
@@ -26,20 +26,34 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: Redis answers, at least one worker's heartbeat is fresh, no relay circuit is
     open. 200 or 503; the body says which part is not ready and why."""
-    redis = request.app.state.redis
+    return await _readiness(request.app.state.redis, whole=True)
+
+
+@router.get("/readyz/intake")
+async def intake_ready(request: Request) -> JSONResponse:
+    """Readiness of the intake alone: Redis answers, so POST /v1/events can queue. Stopped
+    workers or a relay refusing mail must not turn producers away (their events wait in the
+    queue): a load balancer in front of the intake asks this, monitoring asks /readyz."""
+    return await _readiness(request.app.state.redis, whole=False)
+
+
+async def _readiness(redis: Any, *, whole: bool) -> JSONResponse:
     now_ms = ms(utc_now())
     checks: dict[str, Any] = {}
     try:
         await redis.ping()
         checks["redis"] = {"ok": True}
-        workers = await fresh_workers(redis, now_ms=now_ms)
-        checks["workers"] = {"ok": bool(workers), "alive": workers}
-        if not workers:
-            checks["workers"]["reason"] = "no worker heartbeat in the last 30 s: is `mailer worker` running?"
-        relays = [s for s in await relay_states(redis) if s.open]
-        checks["relay"] = {"ok": not relays}
-        if relays:
-            checks["relay"]["reason"] = "; ".join(f"{s.relay}: {s.reason}" for s in relays)
+        if whole:
+            workers = await fresh_workers(redis, now_ms=now_ms)
+            checks["workers"] = {"ok": bool(workers), "alive": workers}
+            if not workers:
+                checks["workers"]["reason"] = (
+                    "no worker heartbeat in the last 30 s: is `mailer worker` running?"
+                )
+            relays = [s for s in await relay_states(redis) if s.open]
+            checks["relay"] = {"ok": not relays}
+            if relays:
+                checks["relay"]["reason"] = "; ".join(f"{s.relay}: {s.reason}" for s in relays)
     except (RedisError, OSError) as exc:
         checks["redis"] = {"ok": False, "reason": f"Redis unreachable: {exc}"}
     ready = all(c.get("ok") for c in checks.values())
