@@ -7,9 +7,10 @@ import os
 import sys
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -197,6 +198,44 @@ async def main(url, name, parity, behind):
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
 """
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("flt", "cursor"),
+    [
+        (LogFilter(since=EPOCH + timedelta(milliseconds=500)), None),
+        (LogFilter(since=datetime.min.replace(tzinfo=UTC), until=datetime.max.replace(tzinfo=UTC)), None),
+        (LogFilter(until=EPOCH), None),
+        (LogFilter(), "0-0"),
+        (LogFilter(event="evt-1"), "0-0"),
+        (LogFilter(status="failed", since=EPOCH), None),
+    ],
+    ids=[
+        "just-after-1970",
+        "year-1-to-9999",
+        "until-1970",
+        "cursor-0-0",
+        "list-cursor-0-0",
+        "list-since-1970",
+    ],
+)
+async def test_times_at_the_ends_of_the_calendar_are_answered_not_errors(
+    redis_url: str, flt: LogFilter, cursor: str | None
+) -> None:
+    """Found by fuzzing the API from its OpenAPI description: `since` near 1970 made a negative
+    stream id, a cursor of 0-0 the range "(0-0" Redis refuses; each was a 500."""
+    redis = await connect_client(redis_url)
+    try:
+        await DeliveryLog(redis, max_entries=1000, echo=None).write(
+            [LogEntry(ts=NOW.isoformat(), status="failed", message_id="reg-1/confirmation", event_id="evt-1")]
+        )
+        page = await log_page(redis, flt, cursor=cursor, limit=10)
+    finally:
+        await redis.aclose()
+    assert len(page.entries) == (1 if flt.until is None or flt.until > NOW else 0) * (cursor is None)
 
 
 async def test_two_worker_processes_keep_one_messages_entries_in_order(redis_url: str) -> None:

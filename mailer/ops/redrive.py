@@ -7,8 +7,16 @@ from datetime import datetime
 
 from mailer.clock import Clock, iso, ms, utc_now
 from mailer.constants import LOG_DEAD_KEY
-from mailer.state.deliverylog import SEQ_RANGE, DeliveryLog, LogEntry, id_of, position_of, scope_of
-from mailer.state.logquery import LogFilter, entries_at, indexed_from, iter_log, log_page, top_position
+from mailer.state.deliverylog import DeliveryLog, LogEntry, id_of, position_of, scope_of
+from mailer.state.logquery import (
+    LogFilter,
+    entries_at,
+    indexed_from,
+    iter_log,
+    log_page,
+    position_at,
+    top_position,
+)
 from mailer.state.message_states import REDRIVABLE, MessageStore
 from mailer.state.messages import MessageRef
 from mailer.state.queue import SEND, Enqueuer
@@ -34,7 +42,7 @@ async def latest_with_status(
     index, not the whole log. An entry's position is never below its own time (ids are the
     writer's clock, clamped increasing), so below `since` nothing newer can follow.
     """
-    floor = 0 if since is None else ms(since) * SEQ_RANGE
+    floor = 0 if since is None else position_at(since)
     if status == "failed":
         return await _dead_letters(redis, kind=kind, event_id=event_id, since=since, floor=floor)
     latest: set[str] = set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailer.clock import from_ms, iso, ms
@@ -121,12 +121,24 @@ class LogFilter:
     @property
     def lower(self) -> int | None:
         """The lowest position an entry at or after `since` can have."""
-        return ms(self.since) * SEQ_RANGE if self.since else None
+        return position_at(self.since) if self.since else None
 
     @property
     def upper(self) -> int | None:
         """The position above every entry before `until` (clock skew included)."""
-        return ms(self.until + CLOCK_SKEW) * SEQ_RANGE if self.until else None
+        return position_at(self.until, later=CLOCK_SKEW) if self.until else None
+
+
+def position_at(moment: datetime, *, later: timedelta = timedelta(0)) -> int:
+    """The log position of a moment, clamped to what stream ids can say: a time before 1970
+    is position 0, one past year 9999 (the skew added to 9999-12-31) the last of that year."""
+    try:
+        moment += later
+    except OverflowError:
+        moment = (
+            datetime.min.replace(tzinfo=UTC) if later < timedelta(0) else datetime.max.replace(tzinfo=UTC)
+        )
+    return max(0, ms(moment)) * SEQ_RANGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +254,7 @@ async def log_page(
         upper = floor
     # Below the first indexed entry lie only entries an older mailer wrote: walked, as it did.
     # Their ids are Redis's clock, not the writer's, so `since` allows for the skew between.
-    older = None if flt.since is None else ms(flt.since - CLOCK_SKEW) * SEQ_RANGE
+    older = None if flt.since is None else position_at(flt.since, later=-CLOCK_SKEW)
     full = await _fill(lambda up, count: _stream_rows(redis, up, older, count), flt, found, limit, upper)
     return LogPage(found, found[-1].entry_id if full else None)
 
@@ -393,6 +405,8 @@ async def _stream_rows(
     redis: RedisClient, upper: int | None, lower: int | None, count: int
 ) -> tuple[list[LogEntry], int | None]:
     """A page of the stream below `upper`, and where the next one starts (None: no more)."""
+    if upper == 0:
+        return [], None  # nothing lies below the first position ("(0-0" is no range to Redis)
     top = "(" + id_of(upper) if upper is not None else "+"
     bottom = id_of(lower) if lower is not None else "-"
     rows = await redis.xrevrange(LOG_STREAM, max=top, min=bottom, count=count)
