@@ -40,6 +40,19 @@ hypothesis_settings.register_profile("explore", deadline=None, max_examples=2000
 hypothesis_settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
+# Debian's chromium as the tests run it (the dashboard's Playwright tests, the phone-width pipe):
+# as root, headless, and quiet on a machine without internet, where its background fetches
+# would each be refused.
+CHROMIUM_FLAGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from mailer.clock import utc_now
 from mailer.intake.client import MailerClient
 from mailer.state.deliverylog import DeliveryLog, LogEntry
 from mailer.state.logwindow import recent_counts
-from tests.conftest import RedisServer, SmtpServer, log_until, make_event, wait_for
+from tests.conftest import CHROMIUM_FLAGS, RedisServer, SmtpServer, log_until, make_event, wait_for
 from tests.test_http import Service, redis_at, start_service, stop_service
 
 TOKEN = "dash-token-5b7e1"  # noqa: S105 (a test token)
@@ -309,14 +309,7 @@ async def browser() -> AsyncIterator[Any]:
     async with async_playwright() as driver:
         launched = await driver.chromium.launch(
             executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=list(CHROMIUM_FLAGS),
         )
         try:
             yield launched

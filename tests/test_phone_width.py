@@ -19,6 +19,7 @@ import pytest
 from mailer.content.render import all_kinds_and_locales
 from mailer.ops.preview import SAMPLE_OPTIONAL, preview, sample_event, sample_previous
 from mailer.settings import Settings
+from tests.conftest import CHROMIUM_FLAGS
 
 CHROMIUM = shutil.which("chromium")
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts" / "phone-width"
@@ -53,12 +54,7 @@ class Chromium:
             [
                 binary,
                 "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
+                *CHROMIUM_FLAGS,
                 "--hide-scrollbars",
                 f"--user-data-dir={self.profile}",
                 "--remote-debugging-pipe",
