@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from mailer.clock import ms, utc_now
 from mailer.state.circuit import relay_states
+from mailer.state.connection import where_connected
 from mailer.state.heartbeat import fresh_workers
 
 router = APIRouter()
@@ -31,7 +32,7 @@ async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, Any] = {}
     try:
         await redis.ping()
-        checks["redis"] = {"ok": True}
+        checks["redis"] = {"ok": True, "at": _where(request)}
         workers = await fresh_workers(redis, now_ms=now_ms)
         checks["workers"] = {"ok": bool(workers), "alive": workers}
         if not workers:
@@ -41,6 +42,11 @@ async def readyz(request: Request) -> JSONResponse:
         if relays:
             checks["relay"]["reason"] = "; ".join(f"{s.relay}: {s.reason}" for s in relays)
     except (RedisError, OSError) as exc:
-        checks["redis"] = {"ok": False, "reason": f"Redis unreachable: {exc}"}
+        checks["redis"] = {"ok": False, "at": _where(request), "reason": f"Redis unreachable: {exc}"}
     ready = all(c.get("ok") for c in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def _where(request: Request) -> str:
+    """Which Redis the service asked, passwords masked; with Sentinel, the master last found."""
+    return where_connected(request.app.state.redis.connection_pool, request.app.state.redis_target)
