@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     redis_ca_file: Path | None = None
     redis_cert_file: Path | None = None
     redis_key_file: Path | None = None
+    # Replicas that must hold a write before mailer acts on it (sends the mail it marked
+    # `sending`, acknowledges an event): WAIT, so a failover loses nothing mailer acted on.
+    # 0: Redis's asynchronous replication alone (see deploy/README.md, Redis Sentinel).
+    redis_min_replicas: int = Field(default=0, ge=0, le=16)
     data_dir: Path = Path("var")
     # Maildir used when no SMTP host is set; default data_dir/outbox.
     outbox_dir: Path | None = None

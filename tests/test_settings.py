@@ -81,8 +81,8 @@ def test_every_numeric_setting_is_bounded_here() -> None:
         for name, field in Settings.model_fields.items()
         if any(t in str(field.annotation) for t in ("int", "float", "timedelta"))
     }
-    # host:port pairs, with their own table (test_malformed_sentinel_lists_...)
-    assert numeric - {"redis_sentinels"} == set(NUMERIC)
+    # host:port pairs, and a count whose 0 is valid: each with a table of its own below
+    assert numeric - {"redis_sentinels", "redis_min_replicas"} == set(NUMERIC)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -508,3 +508,13 @@ def test_a_bad_sentinel_setting_stops_the_worker_with_exit_2(no_env: None, tmp_p
     assert result.returncode == 2
     assert result.stderr.decode().strip().count("\n") == 0, result.stderr
     assert "MAILER_REDIS_SENTINELS" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("value", ["-1", "17", "1.5", "inf", "nan", "one", "1e3"])
+def test_min_replicas_refuses_what_is_not_a_small_count(no_env: None, value: str) -> None:
+    """MAILER_REDIS_MIN_REPLICAS is 0 (the default: no WAIT) to 16."""
+    with env(MAILER_REDIS_MIN_REPLICAS=value), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_REDIS_MIN_REPLICAS"
+    with env(MAILER_REDIS_MIN_REPLICAS="2"):
+        assert load_settings().redis_min_replicas == 2

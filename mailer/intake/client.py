@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,6 +18,7 @@ from mailer.events import parse_event
 from mailer.intake.inbox import Inbox
 from mailer.state.connection import RedisTarget, where_connected
 from mailer.state.queue import INGEST, Enqueuer, batch_job_id, connect
+from mailer.state.replication import confirm_replicated, one_connection
 
 EventInput = dict[str, Any] | str | bytes | BaseModel
 
@@ -129,7 +131,9 @@ class MailerClient:
         await self.connect()
         assert self._inbox is not None
         try:
-            await self._inbox.push([orjson.dumps(raw)])
+            async with self._pinned() as conn:
+                await (self._inbox if conn is self._redis else Inbox(conn)).push([orjson.dumps(raw)])
+                await confirm_replicated(conn, replicas=self.target.min_replicas, what="the event")
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"publish to {self._where} failed: {exc}") from exc
 
@@ -198,11 +202,20 @@ class MailerClient:
         await self.connect()
         assert self._enqueuer is not None
         try:
-            return await self._enqueuer.enqueue(jobs)
+            async with self._pinned() as conn:
+                added = await (self._enqueuer if conn is self._redis else Enqueuer(conn)).enqueue(jobs)
+                await confirm_replicated(conn, replicas=self.target.min_replicas, what="the events")
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(
                 f"enqueue to {self._where} failed; nothing was enqueued by this call after the error: {exc}"
             ) from exc
+        return added
+
+    def _pinned(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The client's pool; with RedisTarget.min_replicas (MAILER_REDIS_MIN_REPLICAS) one of
+        its connections, on which the write and the WAIT for it run: nothing a failover could
+        lose is acknowledged."""
+        return one_connection(self._redis, replicas=self.target.min_replicas)
 
 
 class SyncMailerClient:

@@ -56,6 +56,9 @@ class RedisTarget:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Replicas that must confirm an event's write before a producer is told it was taken
+    # (MAILER_REDIS_MIN_REPLICAS; mailer.state.replication).
+    min_replicas: int = 0
 
     @classmethod
     def of(cls, where: RedisTarget | str) -> RedisTarget:
@@ -76,6 +79,7 @@ class RedisTarget:
             ca_file=str(settings.redis_ca_file) if settings.redis_ca_file else None,
             cert_file=str(settings.redis_cert_file) if settings.redis_cert_file else None,
             key_file=str(settings.redis_key_file) if settings.redis_key_file else None,
+            min_replicas=settings.redis_min_replicas,
         )
 
     @property
