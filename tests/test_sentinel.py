@@ -151,3 +151,15 @@ async def test_no_master_known_is_an_outage_naming_the_sentinels(sentinel_set: S
     message = str(caught.value)
     assert "Sentinel master nosuchmaster via 127.0.0.1:" in message
     assert "secret" not in message
+
+
+async def test_an_event_no_replica_confirmed_is_not_acknowledged(redis_url: str) -> None:
+    """MAILER_REDIS_MIN_REPLICAS=1 against a Redis without replicas: publish raises
+    QueueUnavailable saying so (the producer retries; ids make a retry apply once)."""
+    from mailer.errors import QueueUnavailable
+    from mailer.state.connection import RedisTarget
+
+    async with MailerClient(RedisTarget(url=redis_url, min_replicas=1)) as client:
+        with pytest.raises(QueueUnavailable) as caught:
+            await client.publish(make_event())
+    assert "only 0 of 1 Redis replica(s) confirmed the event" in str(caught.value)
