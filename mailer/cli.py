@@ -25,6 +25,7 @@ from mailer.durations import Offset
 from mailer.errors import ConfigError, FieldProblem, InvalidEvent, MailerError, QueueUnavailable
 from mailer.ops.serve_process import ServeAddress
 from mailer.settings import Settings, load_settings
+from mailer.state.connection import RedisTarget
 
 T = TypeVar("T")
 
@@ -134,10 +135,11 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(exc)) from None
 
 
-def _redis_url(settings: Settings) -> str:
-    from mailer.ops.embedded import resolve_redis_url
+def _redis(settings: Settings) -> RedisTarget:
+    """The configured Redis (URL or Sentinels), else the embedded server `mailer worker` runs."""
+    from mailer.ops.embedded import resolve_redis_target
 
-    return resolve_redis_url(settings.redis_url, settings.data_dir)
+    return resolve_redis_target(settings)
 
 
 @click.group(cls=_Mailer)
@@ -175,21 +177,20 @@ def _serve_address(_ctx: click.Context, _param: click.Parameter, value: str | No
 def worker(serve_at: ServeAddress | None) -> None:
     """Run the worker: take events from the queue and send the mails they call for.
 
-    Without MAILER_REDIS_URL it starts a private Redis under MAILER_DATA_DIR (default ./var)
-    and stops it on exit. SIGTERM or Ctrl-C: finish the sends in flight, then exit 0.
-    With --serve, the HTTP service runs beside it (what `make run` does).
+    Without MAILER_REDIS_URL (or MAILER_REDIS_SENTINELS) it starts a private Redis under
+    MAILER_DATA_DIR (default ./var) and stops it on exit. SIGTERM or Ctrl-C: finish the sends
+    in flight, then exit 0. With --serve, the HTTP service runs beside it (what `make run` does).
     """
     from mailer.ops.embedded import EmbeddedRedis
     from mailer.ops.serve_process import ServeProcess
-    from mailer.state.queue import masked_url
     from mailer.worker import run
 
     settings = _settings()
     embedded = None
-    url = settings.redis_url
-    if url is None:
+    target = RedisTarget.from_settings(settings)
+    if target is None:
         embedded = EmbeddedRedis(settings.data_dir)
-        url = embedded.start()
+        target = RedisTarget(url=embedded.start())
         # A redis-server that dies (OOM killer, a stray kill) is started again, with backoff.
         embedded.supervise()
     where = (
@@ -197,7 +198,7 @@ def worker(serve_at: ServeAddress | None) -> None:
         if settings.smtp_host
         else f"Maildir outbox {settings.effective_outbox_dir.resolve()}"
     )
-    click.echo(f"mailer worker: Redis {masked_url(url)}; mail goes to {where}", err=True)
+    click.echo(f"mailer worker: Redis {target.describe()}; mail goes to {where}", err=True)
     companion = None
     if serve_at is not None:
         companion = ServeProcess(serve_at)
@@ -212,7 +213,7 @@ def worker(serve_at: ServeAddress | None) -> None:
             err=True,
         )
     try:
-        status = _run(run(settings, url))
+        status = _run(run(settings, target))
     finally:
         if companion is not None:
             companion.stop()
@@ -239,7 +240,7 @@ def serve(host: str, port: int) -> None:
     settings = _settings()
     # Without a token the dashboard needs no login only where nobody else can reach it.
     loopback = host in ("127.0.0.1", "localhost", "::1")
-    app = create_app(settings, _redis_url(settings), open_dashboard=loopback)
+    app = create_app(settings, _redis(settings), open_dashboard=loopback)
     intake = "on" if settings.api_tokens else "off (set MAILER_API_TOKEN)"
     login = "no login (loopback only)" if loopback else "login off: set MAILER_API_TOKEN"
     if settings.api_tokens:
@@ -364,7 +365,7 @@ def _report_and_publish(
             await _dry_run(settings, raws)
             return
         async with MailerClient(
-            _redis_url(settings), log_max_entries=settings.log_max_entries, name=name
+            _redis(settings), log_max_entries=settings.log_max_entries, name=name
         ) as client:
             report = await client.publish_many(raws)
             await client.log_refusals(refused)
@@ -381,7 +382,7 @@ async def _dry_run(settings: Settings, raws: list[Any]) -> None:
     from mailer.lifecycle.planner import Planner
     from mailer.state.queue import connect_client
 
-    redis = await connect_client(_redis_url(settings))
+    redis = await connect_client(_redis(settings))
     try:
         planner = Planner(redis, default_offsets=settings.reminder_offsets)
         plan = await planner.apply([parse_event(r) for r in raws], dry_run=True)
@@ -518,7 +519,7 @@ def health() -> None:
     settings = _settings()
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     try:
-        report = _run(check(_redis_url(settings), now_ms=now_ms))
+        report = _run(check(_redis(settings), now_ms=now_ms))
     except QueueUnavailable as exc:  # the embedded Redis is not running, for one
         report = Health("down", [f"redis: unreachable ({_one_line(exc)})"])
     for line in report.lines:
@@ -568,7 +569,7 @@ def retry(
         cutoff = datetime.now(UTC) - timedelta(days=since.days, seconds=since.seconds)
 
     async def go() -> Redriven:
-        redis = await connect_client(_redis_url(settings))
+        redis = await connect_client(_redis(settings))
         try:
             chosen = list(message_ids)
             if status:

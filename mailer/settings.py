@@ -33,8 +33,25 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    # Where Redis is. Unset: a private redis-server under data_dir (started by `mailer worker`).
+    # Where Redis is. Unset: a private redis-server under data_dir (started by `mailer worker`),
+    # unless Sentinels are set.
     redis_url: str | None = None
+    # Redis Sentinel, "host:port,host:port": the Sentinels say which server is the master, and
+    # MAILER_REDIS_URL (optional then) gives only the scheme, password and db: rediss://:pw@/0.
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    # The name the Sentinels monitor the master under (`sentinel monitor NAME ...`).
+    redis_sentinel_master: str | None = Field(default=None, min_length=1, max_length=200)
+    # The Sentinels' own password (their `requirepass`), which is not the data servers'.
+    redis_sentinel_password: SecretStr | None = None
+    # TLS (rediss://, for the Sentinels too): the CA that signed the servers' certificates
+    # (default: the system's), and a client certificate for tls-auth-clients (Redis's default).
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
+    # Replicas that must hold a write before mailer acts on it (sends the mail it marked
+    # `sending`, acknowledges an event): WAIT, so a failover loses nothing mailer acted on.
+    # 0: Redis's asynchronous replication alone (see deploy/README.md, Redis Sentinel).
+    redis_min_replicas: int = Field(default=0, ge=0, le=16)
     data_dir: Path = Path("var")
     # Maildir used when no SMTP host is set; default data_dir/outbox.
     outbox_dir: Path | None = None
@@ -155,6 +172,27 @@ class Settings(BaseSettings):
             check_redis_url(value)
         return value
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _parse_sentinels(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_sentinels(value)
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _check_master_name(cls, value: str | None) -> str | None:
+        if value is not None and any(ord(ch) <= 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must be one word without spaces or control characters, e.g. mymaster")
+        return value
+
+    @field_validator("redis_ca_file", "redis_cert_file", "redis_key_file")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
     @field_validator("footer_address")
     @classmethod
     def _check_footer_address(cls, value: str | None) -> str | None:
@@ -221,6 +259,7 @@ class Settings(BaseSettings):
                 f"({self.message_ttl.total_seconds() / 3600:g} h): the log of a message still "
                 "being retried would be trimmed"
             )
+        _check_redis_combinations(self)
         if self.smtp_password is not None and not self.smtp_username:
             raise ValueError("MAILER_SMTP_USERNAME, MAILER_SMTP_PASSWORD: a password is set but no username")
         if (
@@ -281,11 +320,103 @@ def check_redis_url(url: str) -> None:
         parts.port  # noqa: B018 - urlsplit checks the port only when it is read
     except ValueError:
         raise ValueError("the port must be a number from 1 to 65535") from None
-    if not parts.hostname:
-        raise ValueError("names no host, e.g. redis://127.0.0.1:6379/0")
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise ValueError(f"the database {db!r} after the host must be a number, e.g. /0")
+
+
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (IPv6 as [::1]:26379) as (host, port) pairs; empty text: none."""
+    if not text.strip():
+        return ()
+    found: list[tuple[str, int]] = []
+    for number, entry in enumerate(text.split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            raise ValueError(f"entry {number} is empty (a stray comma?); write host:port,host:port")
+        if "/" in entry or "@" in entry:
+            raise ValueError(f"entry {number} ({entry!r}): write host:port, without scheme or user")
+        host, colon, port = entry.rpartition(":")
+        if not colon:
+            raise ValueError(f"entry {number} ({entry!r}) needs a port, e.g. 10.0.0.5:26379")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(
+                f"entry {number} ({entry!r}): write an IPv6 address in brackets, e.g. [::1]:26379"
+            )
+        if not host or any(ord(ch) <= 32 or ord(ch) == 127 or ch in "/@[]," for ch in host):
+            raise ValueError(f"entry {number} ({entry!r}) has no usable host")
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"entry {number} ({entry!r}): the port must be a number from 1 to 65535")
+        if (host.lower(), int(port)) in {(h.lower(), p) for h, p in found}:
+            raise ValueError(f"{entry!r} is listed twice")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
+def _check_redis_combinations(settings: Settings) -> None:
+    """Sentinel and TLS settings that contradict each other or the URL (first name: the one to fix)."""
+    url = urlsplit(settings.redis_url or "")
+    server = url.netloc.rpartition("@")[2]  # what the URL says about where: host and port
+    if url.scheme in ("redis", "rediss") and not server and not settings.redis_sentinels:
+        raise ValueError("MAILER_REDIS_URL: names no host, e.g. redis://127.0.0.1:6379/0")
+    if settings.redis_sentinels:
+        if not settings.redis_sentinel_master:
+            raise ValueError(
+                "MAILER_REDIS_SENTINEL_MASTER, MAILER_REDIS_SENTINELS: Sentinels are set but not the "
+                "name they monitor the master under (`sentinel monitor NAME ...` in sentinel.conf)"
+            )
+        if url.scheme == "unix" or server:
+            raise ValueError(
+                "MAILER_REDIS_URL, MAILER_REDIS_SENTINELS: with Sentinels the URL names no server (the "
+                "Sentinels say which is the master); keep only scheme, password and db, e.g. rediss://:PASSWORD@/0"
+            )
+    elif settings.redis_sentinel_master or settings.redis_sentinel_password is not None:
+        which = "MASTER" if settings.redis_sentinel_master else "PASSWORD"
+        raise ValueError(
+            f"MAILER_REDIS_SENTINELS, MAILER_REDIS_SENTINEL_{which}: a Sentinel setting is set but no "
+            "Sentinels (host:port,host:port)"
+        )
+    tls_files = {
+        "MAILER_REDIS_CA_FILE": settings.redis_ca_file,
+        "MAILER_REDIS_CERT_FILE": settings.redis_cert_file,
+        "MAILER_REDIS_KEY_FILE": settings.redis_key_file,
+    }
+    given = [name for name, path in tls_files.items() if path is not None]
+    if given and url.scheme != "rediss":
+        raise ValueError(
+            f"{given[0]}, MAILER_REDIS_URL: a TLS file is set but TLS is off; "
+            "use a rediss:// URL (with Sentinels, rediss:// alone will do)"
+        )
+    if (settings.redis_cert_file is None) != (settings.redis_key_file is None):
+        missing = "MAILER_REDIS_KEY_FILE" if settings.redis_key_file is None else "MAILER_REDIS_CERT_FILE"
+        raise ValueError(
+            f"{missing}: a client certificate needs both MAILER_REDIS_CERT_FILE and MAILER_REDIS_KEY_FILE"
+        )
+    _check_tls_material(settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file)
+
+
+def _check_tls_material(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> None:
+    """Load the files as the connections will, so a wrong file fails at start-up, not at connect."""
+    import ssl
+
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"MAILER_REDIS_CA_FILE: {ca_file} holds no usable PEM certificate ({exc})"
+            ) from None
+    if cert_file is not None and key_file is not None:
+        try:
+            context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"MAILER_REDIS_CERT_FILE, MAILER_REDIS_KEY_FILE: {cert_file} and {key_file} are not a "
+                f"PEM certificate and its key ({exc})"
+            ) from None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -25,6 +25,7 @@ from mailer.lifecycle.planner import Planner
 from mailer.lifecycle.scheduler import Scheduler
 from mailer.ops.alerts import AlertMonitor
 from mailer.settings import Settings
+from mailer.state.connection import RedisTarget
 from mailer.state.deliverylog import DeliveryLog
 from mailer.state.heartbeat import BEAT_MS, beat
 from mailer.state.queue import (
@@ -130,7 +131,7 @@ def build_worker(
     )
 
 
-async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.stdout) -> int:
+async def run(settings: Settings, where: RedisTarget | str, *, echo: TextIO | None = sys.stdout) -> int:
     """Run until SIGTERM/SIGINT; survive Redis going away. Returns the exit status."""
     transport = build_transport(settings)
     renderer = Renderer(settings.template_dir)
@@ -141,7 +142,7 @@ async def run(settings: Settings, redis_url: str, *, echo: TextIO | None = sys.s
     try:
         while not stop.requested.is_set():
             try:
-                redis = await connect(redis_url)
+                redis = await connect(where)
                 await redis.ping()
             except REDIS_DOWN as exc:
                 logger.warning("Redis unreachable (%s); retrying in %.1fs", exc, delay)

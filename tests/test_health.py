@@ -17,7 +17,7 @@ def test_health_is_ok_with_redis_and_no_open_circuit(tmp_path: Path, redis_url: 
     """Redis answers, no relay is held: exit 0."""
     result = mailer("health", cwd=tmp_path, env={**clean_env(), "MAILER_REDIS_URL": redis_url})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.decode().splitlines() == ["redis: ok", "ok"]
+    assert result.stdout.decode().splitlines() == [f"redis: ok ({redis_url})", "ok"]
 
 
 def test_health_is_degraded_while_a_relay_circuit_is_open_and_names_the_fix(

@@ -84,7 +84,8 @@ def test_every_numeric_setting_is_bounded_here() -> None:
         for name, field in Settings.model_fields.items()
         if any(t in str(field.annotation) for t in ("int", "float", "timedelta"))
     }
-    assert numeric == set(NUMERIC)
+    # host:port pairs, and a count whose 0 is valid: each with a table of its own below
+    assert numeric - {"redis_sentinels", "redis_min_replicas"} == set(NUMERIC)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -334,3 +335,217 @@ def test_alert_addresses_load_as_a_list_in_ascii(no_env: None) -> None:
     with env(MAILER_ALERT_LOCALE="fr"), pytest.raises(ConfigError) as caught:
         load_settings()
     assert caught.value.setting == "MAILER_ALERT_LOCALE"
+
+
+# --- Redis Sentinel and TLS -------------------------------------------------------------------
+
+SENTINEL = {
+    "MAILER_REDIS_SENTINELS": "10.0.0.5:26379,10.0.0.6:26379",
+    "MAILER_REDIS_SENTINEL_MASTER": "mymaster",
+}
+
+
+@pytest.mark.parametrize(
+    ("sentinels", "says"),
+    [
+        ("10.0.0.5:26379,,10.0.0.6:26379", "entry 2 is empty"),
+        ("10.0.0.5:26379,", "entry 2 is empty"),
+        (",", "entry 1 is empty"),
+        (":26379", "has no usable host"),
+        ("10.0.0.5", "needs a port"),
+        ("10.0.0.5:", "the port must be a number"),
+        ("10.0.0.5:0", "the port must be a number"),
+        ("10.0.0.5:65536", "the port must be a number"),
+        ("10.0.0.5:-1", "the port must be a number"),
+        ("10.0.0.5:2637９", "the port must be a number"),  # a full-width digit
+        ("10.0.0.5:abc", "the port must be a number"),
+        ("::1:26379", "IPv6 address in brackets"),
+        ("[]:26379", "has no usable host"),
+        ("redis://10.0.0.5:26379", "without scheme or user"),
+        ("10.0.0.5 :26379", "has no usable host"),
+        ("user@10.0.0.5:26379", "without scheme or user"),
+        ("10.0.0.5:26379,10.0.0.5:26379", "listed twice"),
+        ("Sentinel-A:26379,sentinel-a:26379", "listed twice"),
+    ],
+)
+def test_malformed_sentinel_lists_are_one_line_naming_the_setting(
+    no_env: None, sentinels: str, says: str
+) -> None:
+    """Empty entries, missing or bad ports, hosts that are not hosts and duplicates: one line
+    naming MAILER_REDIS_SENTINELS and saying which entry is wrong."""
+    with (
+        env(MAILER_REDIS_SENTINELS=sentinels, MAILER_REDIS_SENTINEL_MASTER="m"),
+        pytest.raises(ConfigError) as caught,
+    ):
+        load_settings()
+    assert caught.value.setting == "MAILER_REDIS_SENTINELS"
+    assert says in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_sentinels_load_with_ipv6_and_names(no_env: None) -> None:
+    """host:port pairs in order; IPv6 in brackets; spaces around commas are forgiven."""
+    with env(
+        MAILER_REDIS_SENTINELS=" [::1]:26379 , sentinel-b.internal:26380,10.0.0.7:1",
+        MAILER_REDIS_SENTINEL_MASTER="m",
+    ):
+        loaded = load_settings()
+    assert loaded.redis_sentinels == (("::1", 26379), ("sentinel-b.internal", 26380), ("10.0.0.7", 1))
+
+
+@pytest.mark.parametrize(
+    ("values", "setting", "says"),
+    [
+        ({"MAILER_REDIS_SENTINELS": "10.0.0.5:26379"}, "MAILER_REDIS_SENTINEL_MASTER", "not the name"),
+        (
+            {**SENTINEL, "MAILER_REDIS_SENTINEL_MASTER": "my master"},
+            "MAILER_REDIS_SENTINEL_MASTER",
+            "one word",
+        ),
+        ({**SENTINEL, "MAILER_REDIS_SENTINEL_MASTER": "m\tx"}, "MAILER_REDIS_SENTINEL_MASTER", "one word"),
+        ({"MAILER_REDIS_SENTINEL_MASTER": "mymaster"}, "MAILER_REDIS_SENTINELS", "no Sentinels"),
+        ({"MAILER_REDIS_SENTINEL_PASSWORD": "pw"}, "MAILER_REDIS_SENTINELS", "no Sentinels"),
+        ({**SENTINEL, "MAILER_REDIS_URL": "redis://10.0.0.9:6379/0"}, "MAILER_REDIS_URL", "names no server"),
+        ({**SENTINEL, "MAILER_REDIS_URL": "redis://:6379/0"}, "MAILER_REDIS_URL", "names no server"),
+        ({**SENTINEL, "MAILER_REDIS_URL": "unix:///run/redis.sock"}, "MAILER_REDIS_URL", "names no server"),
+        ({**SENTINEL, "MAILER_REDIS_URL": "rediss://:pw@/x"}, "MAILER_REDIS_URL", "must be a number"),
+        ({"MAILER_REDIS_URL": "redis://:pw@/0"}, "MAILER_REDIS_URL", "names no host"),
+    ],
+)
+def test_sentinel_settings_that_contradict_are_refused(
+    no_env: None, values: dict[str, str], setting: str, says: str
+) -> None:
+    """A master name without Sentinels (or the reverse), and a URL that names a server the
+    Sentinels would override: one line naming the setting to fix, never the password."""
+    with env(**values), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == setting
+    assert says in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "pw@" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", [None, "redis://:secret@/2", "rediss://", "rediss://user:secret@/0"])
+def test_sentinels_take_scheme_credentials_and_db_from_the_url(no_env: None, url: str | None) -> None:
+    """With Sentinels the URL is optional and names no server; no embedded Redis is started."""
+    from mailer.state.connection import RedisTarget
+
+    values = {
+        **SENTINEL,
+        "MAILER_REDIS_SENTINEL_PASSWORD": "s3",
+        **({"MAILER_REDIS_URL": url} if url else {}),
+    }
+    with env(**values):
+        target = RedisTarget.from_settings(load_settings())
+    assert target is not None
+    assert target.sentinels == (("10.0.0.5", 26379), ("10.0.0.6", 26379))
+    assert target.sentinel_password == "s3"  # noqa: S105 - the test's own value
+    described = target.describe()
+    assert "secret" not in described
+    assert "s3" not in described
+    assert described.startswith("Sentinel master mymaster via 10.0.0.5:26379,10.0.0.6:26379")
+
+
+def pem_pair(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, made by openssl."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls_files_are_checked_at_start_up(no_env: None, tmp_path: Path) -> None:
+    """A CA file that is missing, a directory or not PEM; TLS files with TLS off; a certificate
+    without its key or with the wrong key: each one line naming the setting, exit 2 at start-up
+    rather than a handshake error at the first connection."""
+    cert, key = pem_pair(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, wrong_key = pem_pair(other)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    tls = {"MAILER_REDIS_URL": "rediss://redis.example.org:6380/0"}
+    cases: list[tuple[dict[str, str], str, str]] = [
+        (
+            {**tls, "MAILER_REDIS_CA_FILE": str(tmp_path / "missing.pem")},
+            "MAILER_REDIS_CA_FILE",
+            "is not a file",
+        ),
+        ({**tls, "MAILER_REDIS_CA_FILE": str(tmp_path)}, "MAILER_REDIS_CA_FILE", "is not a file"),
+        ({**tls, "MAILER_REDIS_CA_FILE": str(junk)}, "MAILER_REDIS_CA_FILE", "no usable PEM"),
+        ({**tls, "MAILER_REDIS_CA_FILE": str(key)}, "MAILER_REDIS_CA_FILE", "no usable PEM"),
+        (
+            {"MAILER_REDIS_URL": "redis://h:6379/0", "MAILER_REDIS_CA_FILE": str(cert)},
+            "MAILER_REDIS_CA_FILE",
+            "TLS is off",
+        ),
+        ({**SENTINEL, "MAILER_REDIS_CA_FILE": str(cert)}, "MAILER_REDIS_CA_FILE", "TLS is off"),
+        ({**tls, "MAILER_REDIS_CERT_FILE": str(cert)}, "MAILER_REDIS_KEY_FILE", "needs both"),
+        ({**tls, "MAILER_REDIS_KEY_FILE": str(key)}, "MAILER_REDIS_CERT_FILE", "needs both"),
+        (
+            {**tls, "MAILER_REDIS_CERT_FILE": str(cert), "MAILER_REDIS_KEY_FILE": str(wrong_key)},
+            "MAILER_REDIS_CERT_FILE",
+            "not a PEM certificate and its key",
+        ),
+    ]
+    for values, setting, says in cases:
+        with env(**values), pytest.raises(ConfigError) as caught:
+            load_settings()
+        assert caught.value.setting == setting, values
+        assert says in str(caught.value), (values, str(caught.value))
+        assert "\n" not in str(caught.value)
+    with env(
+        **tls,
+        MAILER_REDIS_CA_FILE=str(cert),
+        MAILER_REDIS_CERT_FILE=str(cert),
+        MAILER_REDIS_KEY_FILE=str(key),
+    ):
+        assert load_settings().redis_ca_file == cert
+    with env(**tls):  # rediss:// without a CA file: the system's CAs
+        assert load_settings().redis_ca_file is None
+
+
+def test_a_bad_sentinel_setting_stops_the_worker_with_exit_2(no_env: None, tmp_path: Path) -> None:
+    """Start-up refuses it in one line on stderr, exit status 2, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mailer", "worker"],
+        env={
+            "PATH": os.environ["PATH"],
+            "MAILER_REDIS_SENTINELS": "127.0.0.1:26379,:1",
+            "MAILER_REDIS_SENTINEL_MASTER": "m",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().count("\n") == 0, result.stderr
+    assert "MAILER_REDIS_SENTINELS" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("value", ["-1", "17", "1.5", "inf", "nan", "one", "1e3"])
+def test_min_replicas_refuses_what_is_not_a_small_count(no_env: None, value: str) -> None:
+    """MAILER_REDIS_MIN_REPLICAS is 0 (the default: no WAIT) to 16."""
+    with env(MAILER_REDIS_MIN_REPLICAS=value), pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MAILER_REDIS_MIN_REPLICAS"
+    with env(MAILER_REDIS_MIN_REPLICAS="2"):
+        assert load_settings().redis_min_replicas == 2

@@ -31,6 +31,7 @@ from mailer.state.circuit import Gate, RelayCircuit
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.message_states import Claim, MessageStore
 from mailer.state.messages import MessageRef, MessageState, Status
+from mailer.state.replication import ReplicaGate, one_connection
 from mailer.state.sendstats import attempt_fields, reply_class
 from mailer.state.store import (
     RedisClient,
@@ -66,6 +67,9 @@ class _Outcomes:
     # Set by the first relay fault of the batch: the lanes stop, the rest is held until then.
     hold_until_ms: int | None = None
     tripping: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set when Redis failed a hand-over (gone, or replicas behind): the lanes stop, so the
+    # job gives up at once instead of each lane meeting the same failure in turn.
+    redis_lost: bool = False
 
 
 def why_not_send(
@@ -118,6 +122,7 @@ class Sender:
         # A probe opens one connection: connect, STARTTLS and AUTH, each within the timeout.
         self.probe_lease_ms = int(1000 * (3 * settings.smtp_timeout + 5))
         self.message_ttl_ms = int(settings.message_ttl.total_seconds() * 1000)
+        self.replicas = ReplicaGate(settings.redis_min_replicas)
         self._token = uuid.uuid4().hex
 
     async def deliver(
@@ -352,7 +357,7 @@ class Sender:
         """
         async with self.transport.lane() as lane:
             done: tuple[_Job, DeliveryError | str] | None = None
-            while queue and outcomes.hold_until_ms is None:
+            while queue and outcomes.hold_until_ms is None and not outcomes.redis_lost:
                 job = queue.popleft()
                 if not await self._handover(done, job, outcomes):
                     done = None
@@ -418,7 +423,18 @@ class Sender:
             claim = following.claim
             sending = MessageState("sending", claim.attempt, claim.since_ms, ms(now), ms(now) + self.lease_ms)
             handed = (claim.ref, claim.attempt, sending)
-        return await self.store.step(recorded, handed, counted=counted)
+        # With MAILER_REDIS_MIN_REPLICAS the `sending` mark must reach the replicas before the
+        # mail goes out, so a resend after a failover is logged `uncertain` (state.replication).
+        replicas = self.replicas.replicas if handed is not None else 0
+        try:
+            async with one_connection(self.redis, replicas=replicas) as conn:
+                stepped = await self.store.step(recorded, handed, counted=counted, client=conn)
+                if stepped and replicas:
+                    await self.replicas.confirm(conn, what="a message's hand-over")
+        except BaseException:
+            outcomes.redis_lost = True  # the other lanes hand nothing more over
+            raise
+        return stepped
 
     def _outcome(
         self, job: _Job, result: DeliveryError | str, now: datetime, hold_until_ms: int | None

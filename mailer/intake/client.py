@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -16,7 +16,9 @@ from redis.exceptions import RedisError
 from mailer.errors import FieldProblem, InvalidEvent, QueueUnavailable
 from mailer.events import parse_event
 from mailer.intake.inbox import Inbox
+from mailer.state.connection import RedisTarget, where_connected
 from mailer.state.queue import INGEST, Enqueuer, batch_job_id, connect
+from mailer.state.replication import confirm_replicated, one_connection
 
 EventInput = dict[str, Any] | str | bytes | BaseModel
 
@@ -51,20 +53,23 @@ def _as_raw(event: EventInput) -> dict[str, Any]:
 class MailerClient:
     """Publishes registration events for mailer's workers.
 
-    ``async with MailerClient(url) as client: await client.publish(event)``. Events are
-    validated here, so a bad record fails at the producer with field and reason, and again
+    ``async with MailerClient(url) as client: await client.publish(event)``; for Redis Sentinel
+    or TLS client certificates pass a RedisTarget instead of the URL (or
+    ``RedisTarget.from_settings(load_settings())`` to read the MAILER_REDIS_ variables). Events
+    are validated here, so a bad record fails at the producer with field and reason, and again
     in the worker, which trusts nothing it reads from Redis.
     """
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: RedisTarget | str,
         *,
         events_per_job: int = 100,
         log_max_entries: int = 1_000_000,
         name: str = "producer",
     ) -> None:
-        self.redis_url = redis_url
+        self.target = RedisTarget.of(redis_url)
+        self.redis_url = self.target.url  # kept for callers that read it; with Sentinel, no host
         self.events_per_job = events_per_job
         self.log_max_entries = log_max_entries
         self.name = name  # the `worker` field of the log entries this client writes
@@ -83,7 +88,7 @@ class MailerClient:
 
     async def connect(self) -> None:
         if self._redis is None:
-            self._redis = await connect(self.redis_url)  # QueueUnavailable if it cannot
+            self._redis = await connect(self.target)  # QueueUnavailable if it cannot
             try:
                 await self._redis.ping()
             except (RedisError, OSError) as exc:
@@ -95,8 +100,10 @@ class MailerClient:
 
     @property
     def _where(self) -> str:
-        """The URL with any password masked, for messages."""
-        return re.sub(r"//[^@/]*@", "//***@", self.redis_url)
+        """Which Redis, passwords masked, for messages."""
+        if self._redis is not None:
+            return where_connected(self._redis.connection_pool, self.target)
+        return self.target.describe()
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -124,7 +131,9 @@ class MailerClient:
         await self.connect()
         assert self._inbox is not None
         try:
-            await self._inbox.push([orjson.dumps(raw)])
+            async with self._pinned() as conn:
+                await (self._inbox if conn is self._redis else Inbox(conn)).push([orjson.dumps(raw)])
+                await confirm_replicated(conn, replicas=self.target.min_replicas, what="the event")
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"publish to {self._where} failed: {exc}") from exc
 
@@ -193,11 +202,20 @@ class MailerClient:
         await self.connect()
         assert self._enqueuer is not None
         try:
-            return await self._enqueuer.enqueue(jobs)
+            async with self._pinned() as conn:
+                added = await (self._enqueuer if conn is self._redis else Enqueuer(conn)).enqueue(jobs)
+                await confirm_replicated(conn, replicas=self.target.min_replicas, what="the events")
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(
                 f"enqueue to {self._where} failed; nothing was enqueued by this call after the error: {exc}"
             ) from exc
+        return added
+
+    def _pinned(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The client's pool; with RedisTarget.min_replicas (MAILER_REDIS_MIN_REPLICAS) one of
+        its connections, on which the write and the WAIT for it run: nothing a failover could
+        lose is acknowledged."""
+        return one_connection(self._redis, replicas=self.target.min_replicas)
 
 
 class SyncMailerClient:
@@ -205,7 +223,7 @@ class SyncMailerClient:
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: RedisTarget | str,
         *,
         events_per_job: int = 100,
         log_max_entries: int = 1_000_000,

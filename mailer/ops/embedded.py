@@ -1,4 +1,5 @@
-"""The private Redis that `mailer` runs when MAILER_REDIS_URL is unset: found, started, or attached to.
+"""The private Redis `mailer` runs when no Redis is configured (neither a URL nor Sentinels):
+found, started, or attached to.
 
 It listens only on a Unix socket under the data directory (no port to collide with, nothing
 reachable from the network), keeps an append-only file there, and every `mailer` command
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 from mailer.errors import ConfigError, MailerError, QueueUnavailable
+from mailer.settings import Settings
+from mailer.state.connection import RedisTarget
 
 logger = logging.getLogger("mailer.embedded")
 
@@ -244,6 +247,15 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+def resolve_redis_target(settings: Settings) -> RedisTarget:
+    """The Redis a command should use: the configured one (URL or Sentinels), else the embedded
+    server's socket."""
+    configured = RedisTarget.from_settings(settings)
+    if configured is not None:
+        return configured
+    return RedisTarget(url=resolve_redis_url(None, settings.data_dir))
 
 
 def resolve_redis_url(configured: str | None, data_dir: Path) -> str:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from mailer.errors import QueueUnavailable
 from mailer.state.circuit import CircuitState, relay_states
+from mailer.state.connection import RedisTarget, where_connected
+from mailer.state.redis_types import as_client
 
 Verdict = Literal["ok", "degraded", "down"]
 EXIT_STATUS: dict[Verdict, int] = {"ok": 0, "degraded": 1, "down": 2}
@@ -33,18 +35,20 @@ def describe(state: CircuitState, now_ms: int) -> str:
     )
 
 
-async def check(redis_url: str, *, now_ms: int) -> Health:
-    """Ask Redis; `down` when it cannot be reached, `degraded` while a relay circuit is open."""
-    from mailer.state.queue import connect_client
+async def check(where: RedisTarget | str, *, now_ms: int) -> Health:
+    """Ask Redis; `down` when it cannot be reached, `degraded` while a relay circuit is open.
+    The lines say which Redis was asked (passwords masked; with Sentinel, the master found)."""
+    from mailer.state.queue import connect
 
     health = Health()
     try:
-        redis = await connect_client(redis_url)
-    except QueueUnavailable as exc:
+        pool = await connect(where)
+    except QueueUnavailable as exc:  # its message names the Redis tried
         return Health("down", [f"redis: unreachable ({exc})"])
+    redis = as_client(pool)
     try:
         await redis.ping()
-        health.lines.append("redis: ok")
+        health.lines.append(f"redis: ok ({where_connected(pool.connection_pool, RedisTarget.of(where))})")
         for state in sorted(await relay_states(redis), key=lambda s: s.relay):
             health.lines.append(describe(state, now_ms))
             if state.open:

@@ -29,7 +29,7 @@ from mailer.durations import Offset
 from mailer.errors import MailerError
 from mailer.lifecycle.kinds import KINDS
 from mailer.ops import log_views
-from mailer.ops.embedded import resolve_redis_url
+from mailer.ops.embedded import resolve_redis_target
 from mailer.ops.log_reading import LogQuery, entries, stats, timeline
 from mailer.settings import Settings, load_settings
 from mailer.state.deliverylog import LOG_STATUSES, DeliveryLog, LogEntry, LogStatus, position_of
@@ -63,13 +63,9 @@ def operator() -> str:
         return f"uid {os.getuid()}"
 
 
-def _redis_url(settings: Settings) -> str:
-    return resolve_redis_url(settings.redis_url, settings.data_dir)
-
-
 def _with_redis(settings: Settings, work: Callable[[RedisClient], Coroutine[Any, Any, T]]) -> T:
     async def go() -> T:
-        redis = await connect_client(_redis_url(settings))
+        redis = await connect_client(resolve_redis_target(settings))
         try:
             return await work(redis)
         finally:
@@ -166,7 +162,7 @@ class Forgotten:
 
 async def forget_address(settings: Settings, address: str, *, who: str) -> Forgotten:
     """Erase `address` from the registrations and the log; log the erasure without the address."""
-    redis = await connect_client(_redis_url(settings))
+    redis = await connect_client(resolve_redis_target(settings))
     try:
         registrations = await erase_address(redis, address)
         entries = await forget_recipient(redis, address)

@@ -234,12 +234,14 @@ class MessageStore:
         following: tuple[MessageRef, int, MessageState] | None,
         *,
         counted: tuple[str, str] | None = None,
+        client: RedisClient | None = None,
     ) -> bool:
         """Record `done` (ref, final-or-retry state, the attempt it was handed over with, its
         log append; the state only if it is still that handover) and hand `following` (ref,
         claimed attempt, sending state) over, in one command. False: don't send `following`.
 
-        `counted`: the send counters' fields for `done`'s attempt (sendstats.attempt_fields)."""
+        `counted`: the send counters' fields for `done`'s attempt (sendstats.attempt_fields);
+        `client`: the connection to run it on (default: the store's pool)."""
         keys = [DUE_KEY, "", ""]
         args: list[Any] = ["", "", "", "", 0, 0, "", 0, "", 0, ""]
         if done is not None:
@@ -264,7 +266,7 @@ class MessageStore:
             ref, attempt, state = following
             keys[2] = registration_key(ref.registration_id)
             args[6:11] = [ref.field, attempt, state.encode(), state.aux_ms, ref.id]
-        return bool(await self._step(keys=keys, args=args))
+        return bool(await self._step(keys=keys, args=args, client=client))
 
     async def due(self, *, now_ms: int, limit: int) -> list[str]:
         rows = await self.redis.zrangebyscore(DUE_KEY, "-inf", now_ms, start=0, num=limit)

@@ -1,27 +1,25 @@
-"""The job queue in Redis: arq's keys and job layout, the connection, and enqueueing many jobs at once.
+"""The job queue in Redis: arq's keys and job layout, its client, and enqueueing many jobs at once.
 
 arq is maintenance-only, so everything it is used for goes through here and through
-mailer.intake.job_bodies (what a body read back must hold before anything runs it):
-connection settings, JSON job bodies (never pickle), and one round trip for many jobs.
+mailer.intake.job_bodies (what a body read back must hold before anything runs it): arq's
+client on mailer's own connection pool (mailer.state.connection: Sentinel, TLS), JSON job
+bodies (never pickle), and one round trip for many jobs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from arq.connections import ArqRedis, RedisSettings, create_pool
-from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
-from redis.connection import HiredisRespSerializer
+from arq.connections import ArqRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.utils import HIREDIS_AVAILABLE
 
 from mailer.clock import Clock, ms, utc_now
 from mailer.constants import QUEUE_NAME
+from mailer.state.connection import RedisTarget, open_pool
 from mailer.state.redis_types import RedisClient, as_client
 
 # Job functions the worker knows; anything else in the queue is recorded as rejected.
@@ -88,108 +86,55 @@ async def replace_entries(
         await pipe.execute()
 
 
-def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings for `url`; a URL it cannot read is a ConfigError."""
-    from mailer.errors import ConfigError
-
-    try:
-        settings = RedisSettings.from_dsn(url)
-    except (ValueError, RuntimeError) as exc:  # arq raises RuntimeError for an unknown scheme
-        raise ConfigError(f"MAILER_REDIS_URL: {exc}", setting="MAILER_REDIS_URL") from None
-    # Fail fast on a dead server; the worker's own loop does the patient retrying.
-    settings.conn_timeout = 2
-    settings.conn_retries = 0
-    return settings
-
-
 # What a Redis that went away raises (redis-py's errors, and sockets'); QueueUnavailable is a
-# ConnectionError too. The worker reconnects after these; a job hit by one is not a bug.
+# ConnectionError too. The worker reconnects after these; a job hit by one is not a bug. A
+# ReadOnlyError comes from a master that was demoted in a failover and still holds the
+# connection (a Sentinel-managed connection turns it into a ConnectionError itself; a URL that
+# points at whichever node a DNS name or a load balancer picks does not).
 REDIS_DOWN: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
+    ReadOnlyError,
     ConnectionError,
     OSError,
 )
 
 
-def masked_url(url: str) -> str:
-    """A Redis URL with any password masked, for logs and messages."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+async def connect(where: RedisTarget | str) -> ArqRedis:
+    """A Redis pool that speaks mailer's job format (JSON, mailer's queue), for a URL or a
+    RedisTarget (Sentinel, TLS).
 
-
-async def connect(url: str) -> ArqRedis:
-    """A Redis pool that speaks mailer's job format (JSON, mailer's queue).
-
-    The one place where a Redis that cannot be reached (refused, timed out, wrong password)
-    becomes QueueUnavailable; the URL in its message has any password masked.
+    The one place where a Redis that cannot be reached (refused, timed out, wrong password, no
+    master known to the Sentinels) becomes QueueUnavailable; its message says which Redis was
+    tried, passwords masked.
     """
     from redis.exceptions import RedisError
 
     from mailer.errors import QueueUnavailable
 
+    target = RedisTarget.of(where)
+    # arq's client on mailer's pool (ArqRedis is a redis.asyncio.Redis): the same connections
+    # serve arq's queue and mailer's own keys.
+    pool = ArqRedis(
+        open_pool(target),
+        job_serializer=serialize,
+        # The worker reads bodies through mailer.intake.job_bodies; this pool runs no job.
+        job_deserializer=orjson.loads,
+        default_queue_name=QUEUE_NAME,
+    )
+    pool.auto_close_connection_pool = True  # closing the client closes its pool
     try:
-        pool = await create_pool(
-            redis_settings(url),
-            job_serializer=serialize,
-            # The worker reads bodies through mailer.intake.job_bodies; this pool runs no job.
-            job_deserializer=orjson.loads,
-            default_queue_name=QUEUE_NAME,
-        )
+        await pool.ping()
     except (RedisError, OSError) as exc:  # OSError includes TimeoutError
+        await pool.aclose()
         reason = exc or type(exc).__name__
-        raise QueueUnavailable(f"cannot reach Redis at {masked_url(url)}: {reason}") from exc
-    connections = pool.connection_pool
-    faster = _HIREDIS_PACKING.get(connections.connection_class)
-    if faster is not None:
-        connections.connection_class = faster
-        await connections.disconnect()  # the one create_pool opened to ping; reopened on use
+        raise QueueUnavailable(f"cannot reach Redis at {target.describe()}: {reason}") from exc
     return pool
 
 
-async def connect_client(url: str) -> RedisClient:
+async def connect_client(where: RedisTarget | str) -> RedisClient:
     """A connection for mailer's own state (typed; see mailer.state.redis_types), same pool kind."""
-    return as_client(await connect(url))
-
-
-class _HiredisPacking:
-    """Commands packed by hiredis (C), as redis-py's sync connections do when it is installed.
-
-    redis-py 5's asyncio connections pack every command in Python, re-joining the buffer
-    per argument: with a few hundred commands per batch that was ~8 % of a worker's CPU
-    (py-spy); hiredis packs a 15-argument HSET in 1.5 us instead of 13.6 us.
-    """
-
-    _packer = HiredisRespSerializer()
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        packed: list[bytes] = self._packer.pack(*args)
-        return packed
-
-    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join(self._packer.pack(*command)[0] for command in commands)]
-
-
-class _HiredisConnection(_HiredisPacking, Connection):
-    pass
-
-
-class _HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
-    pass
-
-
-class _HiredisSSLConnection(_HiredisPacking, SSLConnection):
-    pass
-
-
-_HIREDIS_PACKING: dict[type[Any], type[Any]] = (
-    {
-        Connection: _HiredisConnection,
-        UnixDomainSocketConnection: _HiredisUnixConnection,
-        SSLConnection: _HiredisSSLConnection,
-    }
-    if HIREDIS_AVAILABLE
-    else {}
-)
+    return as_client(await connect(where))
 
 
 # Enqueue one job unless a job (or a kept result) with its id exists: arq's enqueue_job

@@ -15,6 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from mailer.intake.client import MailerClient
 from mailer.settings import Settings
+from mailer.state.connection import RedisTarget
 from mailer.state.queue import connect_client
 from mailer.web import (
     dashboard,
@@ -37,9 +38,10 @@ logger = logging.getLogger("mailer.web")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def create_app(settings: Settings, redis_url: str, *, open_dashboard: bool = False) -> RequestIds:
-    """The service. `open_dashboard`: no login (only for a service bound to loopback without
-    a token; `mailer serve` decides)."""
+def create_app(settings: Settings, where: RedisTarget | str, *, open_dashboard: bool = False) -> RequestIds:
+    """The service on the Redis `where` names (a URL, or Sentinels: the pools follow a failover
+    by themselves). `open_dashboard`: no login (only for a service bound to loopback without a
+    token; `mailer serve` decides)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,8 +49,9 @@ def create_app(settings: Settings, redis_url: str, *, open_dashboard: bool = Fal
         app.state.open_dashboard = open_dashboard and not settings.api_tokens
         # Signs the open dashboard's CSRF tokens: per process, as the open mode is one process.
         app.state.open_key = secrets.token_bytes(32)
-        app.state.redis = await connect_client(redis_url)
-        app.state.client = MailerClient(redis_url, log_max_entries=settings.log_max_entries, name="http")
+        app.state.redis_target = RedisTarget.of(where)
+        app.state.redis = await connect_client(where)
+        app.state.client = MailerClient(where, log_max_entries=settings.log_max_entries, name="http")
         try:
             yield
         finally:
