@@ -369,7 +369,8 @@ async def test_ready_only_with_a_fresh_worker_heartbeat(
         # No worker: mail does not flow, but producers can still hand events over.
         intake = await http.get("/readyz/intake")
         assert intake.status_code == 200, intake.text
-        assert intake.json() == {"ready": True, "checks": {"redis": {"ok": True}}}
+        assert intake.json()["ready"] is True
+        assert set(intake.json()["checks"]) == {"redis"}
         worker_process(redis_url, smtp_server, MAILER_WORKER_NAME="w-http-1")
         deadline = time.monotonic() + 20
         while (ready := await http.get("/readyz")).status_code != 200:
