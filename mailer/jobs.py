@@ -41,6 +41,10 @@ class App:
     log: DeliveryLog
     retention: Retention
 
+    def stop(self) -> None:
+        """SIGTERM: running jobs end after their sends in flight and hand back the rest."""
+        self.sender.stop()
+
 
 Job = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -105,7 +109,9 @@ async def drain(ctx: dict[str, Any]) -> dict[str, int]:
     app = _app(ctx)
     # Hand over to a fresh drain job well before arq's job timeout would cancel this one.
     turn_s = app.sender.settings.job_timeout / 4
-    applied = await app.inbox.drain(lambda events: _apply_and_send(app, events), turn_s=turn_s)
+    applied = await app.inbox.drain(
+        lambda events: _apply_and_send(app, events), turn_s=turn_s, stopping=lambda: app.sender.stopping
+    )
     return {"events": applied}
 
 

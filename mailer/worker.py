@@ -192,6 +192,9 @@ class _Stop:
         self.requested.set()
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
+            app: jobs.App | None = self.worker.ctx.get("app")
+            if app is not None:
+                app.stop()
 
 
 async def _serve(worker: Worker, stop: _Stop, *, grace: float, worker_name: str) -> None:
