@@ -30,6 +30,7 @@ from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
     INGEST,
+    NEWER_FORMAT,
     REDIS_DOWN,
     REJECT,
     SEND,
@@ -114,6 +115,7 @@ def build_worker(
             func(jobs.fan_out, name=FAN_OUT, timeout=timeout),
             # Results and tries default to worker_options; a malformed job is never worth a retry.
             func(jobs.reject, name=REJECT, timeout=timeout, max_tries=1),
+            func(jobs.newer_format, name=NEWER_FORMAT, timeout=timeout),
         ],
         cron_jobs=[
             cron(jobs.tick, name="cron:tick", second=set(range(60)), timeout=timeout, run_at_startup=True)
