@@ -151,3 +151,17 @@ async def test_a_worker_runs_its_formats_and_leaves_a_newer_one_for_a_newer_work
     monkeypatch.setattr(job_bodies, "JOB_FORMAT", JOB_FORMAT + 1)
     await wait_for(lambda: len(handler.received) == 3, 10)
     assert handler.received[-1].rcpt_tos == ["newer@example.org"]
+
+
+def test_the_release_before_the_marker_reads_format_1_bodies() -> None:
+    """mailer before the marker checked a body with _envelope_problem and _arguments_problem (both
+    unchanged since), and arq reads only f, a, k, t and et: a "v" passes both."""
+    from arq.jobs import deserialize_job_raw
+
+    from mailer.intake.job_bodies import _arguments_problem, _envelope_problem
+
+    raw = ingest_body("a@example.org", v=JOB_FORMAT)
+    body = orjson.loads(raw)
+    assert _envelope_problem(body) is None
+    assert _arguments_problem(INGEST, body["k"]) is None
+    assert deserialize_job_raw(raw, deserializer=orjson.loads)[0] == INGEST
