@@ -165,6 +165,8 @@ async def test_a_relay_fault_one_worker_meets_holds_every_worker(
         smtp_server,
         MAILER_RELAY_PROBE_BASE_SECONDS="4",
         MAILER_RELAY_PROBE_MAX_SECONDS="8",
+        # Two jobs at a time each, so the worker that met the fault cannot take all 12 at once.
+        MAILER_WORKER_MAX_JOBS="2",
     )
     handler = smtp_server.handler
     handler.fault = lambda rcpt, n: "421 4.3.2 Service not available, closing channel"
