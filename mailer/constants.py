@@ -10,6 +10,9 @@ PREFIX: Final = "mailer:"
 
 # arq's sorted set of runnable jobs. arq's own job keys keep its "arq:" prefix.
 QUEUE_NAME: Final = "mailer:queue"
+# How often a job of a newer format than its worker reads was left in the queue for a newer
+# worker (mailer.intake.job_bodies); expires with the job's body.
+JOB_WAITS_KEY: Final = PREFIX + "job-waits:{job_id}"
 
 # Producer event ids already applied: the idempotency store ("same id twice, one mail").
 SEEN_KEY: Final = PREFIX + "seen:{event_id}"

@@ -21,7 +21,8 @@ from mailer.lifecycle.scheduler import Scheduler
 from mailer.ops.alerts import AlertMonitor
 from mailer.state.deliverylog import DeliveryLog, LogEntry, LogStatus
 from mailer.state.messages import MessageRef
-from mailer.state.queue import REDIS_DOWN
+from mailer.state.queue import JOB_FORMAT, REDIS_DOWN, leave_for_newer
+from mailer.state.redis_types import as_client
 from mailer.state.retention import Retention
 
 logger = logging.getLogger("mailer.jobs")
@@ -42,6 +43,10 @@ class App:
     log: DeliveryLog
     retention: Retention
     alerts: AlertMonitor
+
+    def stop(self) -> None:
+        """SIGTERM: running jobs end after their sends in flight and hand back the rest."""
+        self.sender.stop()
 
 
 Job = Callable[..., Coroutine[Any, Any, Any]]
@@ -107,7 +112,9 @@ async def drain(ctx: dict[str, Any]) -> dict[str, int]:
     app = _app(ctx)
     # Hand over to a fresh drain job well before arq's job timeout would cancel this one.
     turn_s = app.sender.settings.job_timeout / 4
-    applied = await app.inbox.drain(lambda events: _apply_and_send(app, events), turn_s=turn_s)
+    applied = await app.inbox.drain(
+        lambda events: _apply_and_send(app, events), turn_s=turn_s, stopping=lambda: app.sender.stopping
+    )
     return {"events": applied}
 
 
@@ -171,6 +178,31 @@ async def reject(ctx: dict[str, Any], *, reason: str = "", preview: str = "") ->
     logger.warning("rejected malformed job %r: %s", job_id, reason)
     detail = f"malformed job: {reason}; job {job_id!r} starts with {preview[:80]!r}"
     await app.log.write([_rejected(app.log, detail)])
+
+
+# A job of a newer format is looked at again after 1, 2, 4 ... seconds, at most this long.
+NEWER_FORMAT_MAX_DELAY_S = 60
+
+
+@_outlasts_redis("retry")
+async def newer_format(ctx: dict[str, Any], *, version: int) -> None:
+    """Stands in for a job written in a newer format than this worker reads: the job stays in the
+    queue untouched, for a worker of the release that wrote it (see intake.job_bodies)."""
+    job_id = str(ctx.get("job_id", ""))
+    waits = await leave_for_newer(as_client(ctx["redis"]), job_id)
+    delay = min(NEWER_FORMAT_MAX_DELAY_S, 2 ** min(waits - 1, 6))
+    if waits & (waits - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time: a line per doubling
+        logger.warning(
+            "job %r is in job format %d, this worker reads up to %d: left in the queue for a newer "
+            "worker (%d time(s) so far; next look in %d s). Finish rolling out the release that "
+            "wrote it; nothing is lost meanwhile",
+            job_id[:200],
+            version,
+            JOB_FORMAT,
+            waits,
+            delay,
+        )
+    raise Retry(defer=delay)
 
 
 @_outlasts_redis("skip")

@@ -32,6 +32,7 @@ from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
     INGEST,
+    NEWER_FORMAT,
     REDIS_DOWN,
     REJECT,
     SEND,
@@ -117,6 +118,7 @@ def build_worker(
             func(jobs.fan_out, name=FAN_OUT, timeout=timeout),
             # Results and tries default to worker_options; a malformed job is never worth a retry.
             func(jobs.reject, name=REJECT, timeout=timeout, max_tries=1),
+            func(jobs.newer_format, name=NEWER_FORMAT, timeout=timeout),
         ],
         cron_jobs=[
             cron(jobs.tick, name="cron:tick", second=set(range(60)), timeout=timeout, run_at_startup=True)
@@ -195,6 +197,9 @@ class _Stop:
         self.requested.set()
         if self.worker is not None:
             self.worker.allow_pick_jobs = False
+            app: jobs.App | None = self.worker.ctx.get("app")
+            if app is not None:
+                app.stop()
 
 
 async def _serve(worker: Worker, stop: _Stop, *, grace: float, worker_name: str) -> None:

@@ -135,6 +135,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    helo: str = ""  # the EHLO name of the session it came in on (MAILER_SMTP_LOCAL_HOSTNAME)
+    at: float = 0.0  # when the server accepted it (time.time())
 
     @property
     def message(self) -> EmailMessage:
@@ -191,7 +193,15 @@ class RecordingHandler:
             return answer
         content = envelope.original_content or envelope.content
         assert isinstance(content, bytes)
-        self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), content))
+        self.received.append(
+            Received(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                content,
+                helo=str(session.host_name or ""),
+                at=time.time(),
+            )
+        )
         return "250 2.0.0 OK queued"
 
     def to(self, address: str) -> list[Received]:

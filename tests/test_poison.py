@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mailer.constants import EVENT_KEY, INBOX_KEY, QUEUE_NAME
+from mailer.constants import EVENT_KEY, INBOX_KEY, JOB_WAITS_KEY, QUEUE_NAME
 from mailer.intake.client import MailerClient
-from mailer.state.queue import connect, job_key
+from mailer.state.queue import NEWER_FORMAT, connect, job_key
 from tests.conftest import log_until, make_event, wait_for
 
 # The bodies that killed every worker that picked them up (issue 15), so systemd's
@@ -241,15 +241,20 @@ json_values = st.recursive(
     max_leaves=12,
 )
 KWARG_NAMES = ["events", "messages", "member", "due_ms", "cursor", "reason", "preview", "turn"]
+NO_FORMAT = object()  # the body has no "v" (format 1, as before the marker)
 arq_shaped = st.fixed_dictionaries(
     {
+        # Formats this worker reads, newer ones (left queued for a newer worker), and junk.
+        "v": st.just(NO_FORMAT) | st.integers(-1, 3) | st.just(2**40) | json_values,
         "t": json_values | st.integers(-2, 200),
-        "f": st.sampled_from(["ingest", "drain", "send", "fan_out", "reject", "cron:tick", "nope"]),
+        "f": st.sampled_from(
+            ["ingest", "drain", "send", "fan_out", "reject", "cron:tick", "newer_format", "nope"]
+        ),
         "a": st.just([]) | json_values,
         "k": st.dictionaries(st.sampled_from(KWARG_NAMES), json_values, max_size=3) | json_values,
         "et": st.just(NOW_MS) | json_values,
     }
-).map(lambda job: {k: v for k, v in job.items() if not (k == "t" and v == -2)})
+).map(lambda job: {k: v for k, v in job.items() if not (k == "t" and v == -2) and v is not NO_FORMAT})
 job_bodies = st.binary(max_size=120) | json_values.map(orjson.dumps) | arq_shaped.map(orjson.dumps)
 
 EVENT_FIELDS = ["id", "type", "occurred_at", "registration", "event", "event.starts_at", "event.timezone"]
@@ -269,8 +274,9 @@ inbox_entries = (
 )
 
 
-def expected_rejections(jobs: dict[str, bytes], inbox: list[bytes]) -> tuple[set[str], int]:
-    """Which jobs must be rejected as malformed, and how many events as invalid (the oracle)."""
+def expected_rejections(jobs: dict[str, bytes], inbox: list[bytes]) -> tuple[set[str], int, set[str]]:
+    """Which jobs must be rejected as malformed, how many events as invalid, and which jobs are
+    of a newer format, left queued for a newer worker (the oracle)."""
     from mailer.events import parse_event
     from mailer.intake.job_bodies import deserialize
 
@@ -281,15 +287,40 @@ def expected_rejections(jobs: dict[str, bytes], inbox: list[bytes]) -> tuple[set
             return True
         return False
 
-    malformed = set()
+    malformed, newer = set(), set()
     invalid_events = sum(invalid(raw) for raw in inbox)
     for job_id, raw in jobs.items():
         job = deserialize(raw)
         if job["f"] == "reject":
             malformed.add(job_id)
+        elif job["f"] == NEWER_FORMAT:
+            newer.add(job_id)
         elif job["f"] == "ingest":
             invalid_events += sum(invalid(e) for e in job["k"]["events"])
-    return malformed, invalid_events
+    return malformed, invalid_events, newer
+
+
+async def left_for_a_newer_worker(url: str, bodies: dict[str, bytes]) -> None:
+    """Each job waits in the queue, looked at and left as written; then the test takes it out
+    (no newer worker will come)."""
+    redis = await connect(url)
+    try:
+        for job_id, raw in bodies.items():
+            waits = JOB_WAITS_KEY.format(job_id=job_id)
+            await wait_for_async(lambda: redis.exists(waits), 10)  # noqa: B023 (awaited in this pass)
+            assert await redis.get(job_key(job_id)) == raw
+            assert await redis.zscore(QUEUE_NAME, job_id) is not None
+            await redis.zrem(QUEUE_NAME, job_id)
+            await redis.delete(job_key(job_id), waits, f"arq:retry:{job_id}")
+    finally:
+        await redis.aclose()
+
+
+async def wait_for_async(check: Any, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def worker_task_alive() -> bool:
@@ -319,9 +350,10 @@ async def queue_empty(url: str) -> None:
 async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_the_worker_lives(
     redis_url: str, smtp_server: Any, mail_worker: Any, jobs: list[bytes], inbox: list[bytes]
 ) -> None:
-    """Arbitrary bytes and JSON (arq-shaped too) as job bodies and inbox entries of a running
-    worker: it stays alive, each malformed job and each invalid event is one `rejected` entry,
-    and a valid event published afterwards is delivered."""
+    """Arbitrary bytes and JSON (arq-shaped too, of every job format) as job bodies and inbox
+    entries of a running worker: it stays alive, each malformed job and each invalid event is one
+    `rejected` entry, each job of a newer format is left queued as written (never rejected), and
+    a valid event published afterwards is delivered."""
     from mailer.intake.inbox import Inbox
 
     if not worker_task_alive():
@@ -331,7 +363,8 @@ async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_th
     try:
         await redis.delete("mailer:log")
         bodies = {f"prop-{n}-{i}": raw for i, raw in enumerate(jobs)}
-        malformed, invalid_events = expected_rejections(bodies, inbox)
+        malformed, invalid_events, newer = expected_rejections(bodies, inbox)
+        event(f"jobs of a newer format: {'some' if newer else 'none'}")
         await put_jobs(redis_url, bodies)
         if inbox:
             await Inbox(redis).push(inbox)
@@ -344,11 +377,13 @@ async def test_whatever_is_written_to_the_queue_or_inbox_is_accounted_for_and_th
         entries = await log_until(redis_url, accounted)
         for job_id in malformed:
             assert len([e for e in rejected(entries) if f"job {job_id!r}" in e.detail]) == 1, job_id
-        await queue_settled(redis_url, list(bodies))
+        await queue_settled(redis_url, [job_id for job_id in bodies if job_id not in newer])
+        await left_for_a_newer_worker(redis_url, {job_id: bodies[job_id] for job_id in newer})
         await queue_empty(redis_url)
         entries = await log_until(redis_url, lambda log: True)
         assert sum(e.detail.startswith("invalid event") for e in rejected(entries)) == invalid_events
         assert not [e for e in entries if "could not be planned" in e.detail]
+        assert not [e for e in rejected(entries) if any(f"job {job_id!r}" in e.detail for job_id in newer)]
         assert worker_task_alive()
         address = f"after-{n}@example.org"
         async with MailerClient(redis_url) as client:

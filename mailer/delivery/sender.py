@@ -124,6 +124,12 @@ class Sender:
         self.message_ttl_ms = int(settings.message_ttl.total_seconds() * 1000)
         self.replicas = ReplicaGate(settings.redis_min_replicas)
         self._token = uuid.uuid4().hex
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The worker is shutting down (SIGTERM): finish the sends already handed over, start no
+        new one, and hand the messages this worker still holds claimed back to the others."""
+        self.stopping = True
 
     async def deliver(
         self,
@@ -159,6 +165,8 @@ class Sender:
         self.log.print_json(sent.lines)
         if queue and sent.hold_until_ms is not None:
             await self._hold(list(queue), sent.hold_until_ms, self.clock(), "relay unavailable")
+        elif queue:  # the lanes stopped for a shutdown
+            await self._hand_back(list(queue))
         for failure in failures:
             if isinstance(failure, BaseException):
                 raise failure
@@ -274,6 +282,9 @@ class Sender:
         """
         if not jobs:
             return jobs
+        if self.stopping:
+            await self._hand_back(jobs)
+            return []
         now_ms = ms(now)
         gate, until = await self.circuit.gate(
             now_ms=now_ms, token=self._token, probe_lease_ms=self.probe_lease_ms
@@ -324,6 +335,12 @@ class Sender:
             )
         return trip
 
+    async def _hand_back(self, jobs: list[_Job]) -> None:
+        """Shutting down: what this worker claimed but has not handed to the relay waits as
+        `held`, due at once, so the per-second tick gives it to a worker that stays."""
+        now = self.clock()
+        await self._hold(jobs, ms(now), now, "worker stopping (SIGTERM), left for the other workers")
+
     async def _hold(self, jobs: list[_Job], until_ms: int, now: datetime, why: str) -> None:
         """Park claimed messages until `until_ms` (spread a little); fail those past their deadline."""
         now_ms = ms(now)
@@ -352,12 +369,12 @@ class Sender:
         A message is marked `sending` only once this connection is free for it, and in the
         same round trip as the previous message's outcome: a worker killed at any point
         leaves at most two messages per connection whose fate is unknown (logged `uncertain`
-        when resent), and costs one Redis round trip per mail. After a relay fault the
-        lanes stop; what is left in the queue is held.
+        when resent), and costs one Redis round trip per mail. After a relay fault, or once
+        the worker is stopping, the lanes stop; what is left in the queue is held.
         """
         async with self.transport.lane() as lane:
             done: tuple[_Job, DeliveryError | str] | None = None
-            while queue and outcomes.hold_until_ms is None and not outcomes.redis_lost:
+            while queue and outcomes.hold_until_ms is None and not outcomes.redis_lost and not self.stopping:
                 job = queue.popleft()
                 if not await self._handover(done, job, outcomes):
                     done = None

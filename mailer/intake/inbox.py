@@ -64,11 +64,14 @@ class Inbox:
             logger.warning("inbox had events and no drainer; started a new drain job")
         return started
 
-    async def drain(self, process: Process, *, turn_s: float = DRAIN_TURN_S) -> int:
+    async def drain(
+        self, process: Process, *, turn_s: float = DRAIN_TURN_S, stopping: Callable[[], bool] = lambda: False
+    ) -> int:
         """Apply waiting events batch by batch until the inbox is empty; returns how many.
 
         `process` gets one batch of events as pushed (JSON bytes, unchecked: anyone can
-        write to Redis, so the caller validates and rejects with a log entry).
+        write to Redis, so the caller validates and rejects with a log entry). After `turn_s`,
+        or once `stopping()` (the worker got SIGTERM), a new drain job takes over.
         """
         token = uuid.uuid4().hex
         if not await self.store.take_lease(token, lease_ms=LEASE_MS):
@@ -79,7 +82,8 @@ class Inbox:
             while True:
                 raws, waiting = await self.store.peek(DRAIN_BATCH)
                 if not raws:
-                    if await self._end(token, handover=time.monotonic() - started > turn_s) != 0:
+                    turn_over = stopping() or time.monotonic() - started > turn_s
+                    if await self._end(token, handover=turn_over) != 0:
                         return applied
                     continue
                 if waiting > SPILL_ABOVE:
@@ -100,7 +104,8 @@ class Inbox:
                 if not await self.store.trim(token, len(raws), lease_ms=LEASE_MS):
                     logger.warning("inbox lease lapsed while applying a batch; another drainer goes on")
                     return applied
-                if time.monotonic() - started > turn_s and await self._end(token, handover=True) != 0:
+                turn_over = stopping() or time.monotonic() - started > turn_s
+                if turn_over and await self._end(token, handover=True) != 0:
                     return applied
         except BaseException:
             # Cancelled (arq's job timeout, shutdown) or Redis trouble: let go of the lease

@@ -4,6 +4,23 @@ Whoever can write to Redis can write any bytes into a job body or the queue itse
 trusts what it reads, so a bad body raised inside its run loop and took every worker down
 with it. Here each body is checked field by field and each queue entry screened; what
 fails becomes a `reject` job that logs the job, the field and the reason.
+
+Job formats. A body is JSON: "v" (its format), then arq's "t" (try), "f" (function), "a"
+(positional arguments, always none), "k" (keyword arguments, exactly JOB_ARGUMENTS[f]) and
+"et" (enqueue time, ms). Format 1 is that; a body without "v" (mailer before the marker) is
+format 1 too. Any change to what a body holds or means is a new format. A worker reads the
+formats from OLDEST_JOB_FORMAT to JOB_FORMAT:
+- a body of a newer format is never run, rejected or dropped: it stays in the queue as it is
+  (mailer.state.queue.leave_for_newer) for a worker that reads it, looked at again after 1, 2,
+  4 ... 60 s, with a warning line the 1st, 2nd, 4th, 8th ... time;
+- a body of a format older than OLDEST_JOB_FORMAT, or with a "v" that is not a whole number
+  from 1 up, is rejected like any other malformed body.
+A release that brings in format N+1 reads N and N+1 and still writes N; the release after it
+writes N+1. Upgraded one release at a time, old and new workers side by side never meet a body
+they cannot read; a skipped release or a rollback only delays jobs, it loses none. arq writes
+the per-second tick's body itself, without "v": format 1 stays readable for as long as mailer
+runs on arq. Mailer before the marker ignores "v" (it reads only arq's fields), so it reads
+this release's format 1 bodies too.
 """
 
 from __future__ import annotations
@@ -28,7 +45,9 @@ from mailer.state.queue import (
     DRAIN,
     FAN_OUT,
     INGEST,
+    JOB_FORMAT,
     KNOWN_FUNCTIONS,
+    NEWER_FORMAT,
     REJECT,
     SEND,
     replace_entries,
@@ -48,6 +67,8 @@ MAX_ENQUEUE_TRY = 100  # well under worker_options' max_tries: a body cannot exh
 EARLIEST_MS = 946_684_800_000  # 2000-01-01 UTC, as in the event contract
 LATEST_MS = 4_102_444_800_000  # 2100-01-01 UTC
 MAX_BATCH = 10_000  # events per ingest job, message ids per send job
+# The oldest job format this release reads (format 1: the bodies of every mailer so far).
+OLDEST_JOB_FORMAT = 1
 
 
 class _JobArguments(BaseModel):
@@ -119,6 +140,12 @@ def deserialize(raw: bytes) -> dict[str, Any]:
         return _rejection(f"job is not valid JSON: {exc}", raw)
     if not isinstance(data, dict):
         return _rejection("job is not an arq job object", raw)
+    version = data.get("v", 1)
+    if not (_is_int(version) and version >= OLDEST_JOB_FORMAT):
+        reads = f"this worker reads {OLDEST_JOB_FORMAT} to {JOB_FORMAT}"
+        return _rejection(f"v: the job format must be a whole number ({reads}), not {_short(version)}", raw)
+    if version > JOB_FORMAT:
+        return _newer_format(version, data)
     problem = _envelope_problem(data)
     if problem is None:
         problem = _arguments_problem(data["f"], data["k"])
@@ -173,7 +200,17 @@ def _short(value: object) -> str:
 def _rejection(reason: str, raw: bytes) -> dict[str, Any]:
     preview = raw[:200].decode("utf-8", "replace")
     kwargs = {"reason": reason[:1000], "preview": preview}
-    return {"t": 1, "f": REJECT, "a": [], "k": kwargs, "et": int(time.time() * 1000)}
+    return {"v": JOB_FORMAT, "t": 1, "f": REJECT, "a": [], "k": kwargs, "et": int(time.time() * 1000)}
+
+
+def _newer_format(version: int, data: dict[str, Any]) -> dict[str, Any]:
+    """The job that leaves a body of a newer format in the queue. Nothing else in the body is
+    read: a newer format may have changed any of it (arq's fields included)."""
+    written = data.get("et", 0)
+    enqueued = int(time.time() * 1000)  # only for arq's log line ("queued for ...")
+    if _is_int(written) and EARLIEST_MS <= written < LATEST_MS:
+        enqueued = written
+    return {"v": JOB_FORMAT, "t": 1, "f": NEWER_FORMAT, "a": [], "k": {"version": version}, "et": enqueued}
 
 
 class QueueWorker(Worker):

@@ -51,6 +51,10 @@ class MessageRef:
 
 # The same encoding for the Lua scripts that read and write states (mailer.state.store): each
 # script starts with this snippet, so the layout is spelled out here and in MessageState only.
+# It carries no version: every worker reads a state as it is (none can leave it for a newer
+# one), so a release may change it only readers first (deploy/README.md, "Upgrading"). A status
+# a worker does not know is claimed like `planned` by its claim script: a new status needs a
+# release whose scripts know it before any release writes it.
 # A string that is not a state decodes to nil fields, and the script errors on them, as the
 # Python decode raises: a state written by hand is never taken for a valid one.
 STATE_LUA = """

@@ -18,16 +18,23 @@ from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailer.clock import Clock, ms, utc_now
-from mailer.constants import QUEUE_NAME
+from mailer.constants import JOB_WAITS_KEY, QUEUE_NAME
 from mailer.state.connection import RedisTarget, open_pool
 from mailer.state.redis_types import RedisClient, as_client
 
 # Job functions the worker knows; anything else in the queue is recorded as rejected.
 INGEST, DRAIN, SEND, FAN_OUT, REJECT = "ingest", "drain", "send", "fan_out", "reject"
 KNOWN_FUNCTIONS = frozenset({INGEST, DRAIN, SEND, FAN_OUT, REJECT, "cron:tick"})
+# Stands in for a job of a newer format (mailer.intake.job_bodies); no body may name it.
+NEWER_FORMAT = "newer_format"
+
+# The job body format this release writes ("v"; a body without one is format 1). What each
+# format holds, and which a worker reads, is in mailer.intake.job_bodies.
+JOB_FORMAT = 1
 
 _ARQ_JOB_PREFIX = "arq:job:"
 _ARQ_RESULT_PREFIX = "arq:result:"
+_ARQ_RETRY_PREFIX = "arq:retry:"
 # Job keys expire a day after they were due, as arq's own enqueue_job does.
 JOB_EXPIRY_MS = 86_400_000
 
@@ -38,8 +45,22 @@ def job_key(job_id: str) -> str:
 
 
 def job_body(function: str, kwargs: dict[str, object], enqueued_ms: int) -> bytes:
-    """A job as arq stores it (in mailer's JSON format)."""
-    return serialize({"t": 1, "f": function, "a": [], "k": kwargs, "et": enqueued_ms})
+    """A job as arq stores it (in mailer's JSON format, marked with its format version)."""
+    return serialize({"v": JOB_FORMAT, "t": 1, "f": function, "a": [], "k": kwargs, "et": enqueued_ms})
+
+
+async def leave_for_newer(redis: RedisClient, job_id: str) -> int:
+    """Keep a job this worker cannot read in the queue as it is, for a worker that can: its body
+    lives another JOB_EXPIRY_MS, and arq's count of its tries is given back (this was no try,
+    and a newer worker must not find them used up). Returns how often it was left so far."""
+    waits = JOB_WAITS_KEY.format(job_id=job_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(waits)
+        pipe.pexpire(waits, JOB_EXPIRY_MS)
+        pipe.pexpire(job_key(job_id), JOB_EXPIRY_MS)
+        pipe.decr(_ARQ_RETRY_PREFIX + job_id)
+        left, *_ = await pipe.execute()
+    return int(left)
 
 
 def job_body_before_time(function: str, kwargs: dict[str, object]) -> str:
