@@ -165,7 +165,9 @@ class Sender:
         self.log.print_json(sent.lines)
         if queue and sent.hold_until_ms is not None:
             await self._hold(list(queue), sent.hold_until_ms, self.clock(), "relay unavailable")
-        elif queue:  # the lanes stopped for a shutdown
+        elif queue:
+            # The lanes stopped for a shutdown or a lost Redis (or replica): what they did not
+            # start goes back to the others; with Redis gone this raises, and the job is retried.
             await self._hand_back(list(queue))
         for failure in failures:
             if isinstance(failure, BaseException):
