@@ -168,7 +168,8 @@ class Sender:
         elif queue:
             # The lanes stopped for a shutdown or a lost Redis (or replica): what they did not
             # start goes back to the others; with Redis gone this raises, and the job is retried.
-            await self._hand_back(list(queue))
+            why = None if self.stopping else "Redis or a replica was lost mid-batch; sent again later"
+            await self._hand_back(list(queue), why)
         for failure in failures:
             if isinstance(failure, BaseException):
                 raise failure
@@ -337,11 +338,11 @@ class Sender:
             )
         return trip
 
-    async def _hand_back(self, jobs: list[_Job]) -> None:
+    async def _hand_back(self, jobs: list[_Job], why: str | None = None) -> None:
         """Shutting down: what this worker claimed but has not handed to the relay waits as
         `held`, due at once, so the per-second tick gives it to a worker that stays."""
         now = self.clock()
-        await self._hold(jobs, ms(now), now, "worker stopping (SIGTERM), left for the other workers")
+        await self._hold(jobs, ms(now), now, why or "worker stopping (SIGTERM), left for the other workers")
 
     async def _hold(self, jobs: list[_Job], until_ms: int, now: datetime, why: str) -> None:
         """Park claimed messages until `until_ms` (spread a little); fail those past their deadline."""
