@@ -28,6 +28,7 @@ from mailer.clock import ms
 from mailer.constants import MESSAGE_KINDS, MessageKind
 from mailer.durations import Offset
 from mailer.events import Event
+from mailer.lifecycle.changes import notified_changes
 from mailer.state.messages import MessageRef
 from mailer.state.store import StoredEvent, StoredRegistration
 
@@ -69,6 +70,10 @@ def _change_is_current(
 ) -> str | None:
     if ref.disc != f"v{stored.version}":
         return f"superseded by a newer change (now v{stored.version})"
+    locale = reg.attendee.locale if reg.attendee else None
+    if stored.previous is not None and not notified_changes(stored.previous, stored.event, locale):
+        # A new English title is no news to a German reader: a notice would list nothing.
+        return "nothing changed in the attendee's language"
     return None
 
 
