@@ -114,3 +114,18 @@ def test_the_text_part_spells_out_both_links(kind: str, locale: str, make_settin
         (url,) = {unescape(h) for h in hrefs if unescape(h).startswith(prefix)}
         assert url in found["text"]
     assert {"de": "Google Kalender", "en": "Google Calendar"}[locale] in found["text"]
+
+
+NEW_ENTRY = {"de": "Diese Links legen einen neuen Eintrag an.", "en": "These links add a new entry."}
+
+
+@pytest.mark.parametrize("kind", PUBLISHING)
+@pytest.mark.parametrize("locale", LOCALES)
+def test_a_change_notice_says_its_web_links_add_an_entry_beside_the_old_one(
+    kind: str, locale: str, make_settings: Any
+) -> None:
+    """A web link cannot move an entry it made before (no UID, unlike the calendar file): the
+    change notice asks to delete the old one; the confirmation, the first entry, does not."""
+    found = build(make_settings(), kind, locale, sample_event_with_everything())
+    for name in ("text", "html"):
+        assert (NEW_ENTRY[locale] in found[name]) is (kind == "event_changed"), name
