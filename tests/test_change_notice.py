@@ -89,21 +89,36 @@ def test_a_change_of_one_notified_field_alone_is_reported_with_before_and_now(
     assert listed == [CHANGE_LABELS[locale][field]]
 
 
+WITHHELD = {
+    "access": (
+        {"de": "die neuen Zugangsdaten erhalten Sie", "en": "receive the new access details"},
+        ("1234", "4711"),
+    ),
+    "join_url": (
+        {"de": "den neuen Link erhalten Sie", "en": "receive the new link"},
+        ("https://meet.example.org/alt", "https://meet.example.org/weltoffen"),
+    ),
+}
+
+
 @pytest.mark.parametrize("locale", LOCALES)
-def test_withheld_access_details_change_without_showing_them(locale: str, make_settings: Any) -> None:
-    """With join_url_in_confirmation: false a new passcode is announced (the reminder brings it)
-    and neither the old nor the new passcode is in text, HTML or calendar file."""
+@pytest.mark.parametrize("field", WITHHELD)
+def test_a_withheld_link_or_access_details_change_without_showing_them(
+    field: str, locale: str, make_settings: Any
+) -> None:
+    """With join_url_in_confirmation: false a new link or passcode is announced (the reminder
+    brings it) and neither the old nor the new value is in text, HTML or calendar file."""
     registration = sample_event_with_everything()
     registration["event"]["join_url_in_confirmation"] = False
-    old = _earlier(registration["event"], "access")
+    old = _earlier(registration["event"], field)
     built, _ = preview(make_settings(), "event_changed", registration, locale, previous=old)
     found = parts(built.data)
-    announcement = {"de": "die neuen Zugangsdaten erhalten Sie", "en": "receive the new access details"}
+    announcement, values = WITHHELD[field]
     assert announcement[locale] in " ".join(found["text"].split())
     assert announcement[locale] in found["html"]
-    for passcode in ("1234", "4711"):
+    for value in values:
         for name in ("text", "html", "ics"):
-            assert passcode not in found[name], (passcode, name)
+            assert value not in found[name], (value, name)
 
 
 def test_a_removed_link_on_a_shared_event_is_not_announced_as_coming_with_the_reminder(
