@@ -26,7 +26,7 @@ from mailer.durations import Offset
 from mailer.errors import TemplateError
 from mailer.events import Accessibility, AccessInfo, Attendee, Contact, Event
 from mailer.lifecycle.changes import notified_changes
-from mailer.lifecycle.kinds import kind_named
+from mailer.lifecycle.kinds import ReminderTimes, kind_named
 
 PARTS = ("subject", "text", "html")
 _FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
@@ -422,14 +422,20 @@ def build_context(
     has_calendar: bool = False,
     now: datetime | None = None,
     operator: SimpleNamespace | None = None,
+    reminders: ReminderTimes | None = None,
 ) -> dict[str, Any]:
     """The variables every template gets (see templates/README.md).
 
     `now` is the message's build time (default: the current time): it decides whether
-    registration is still open. `operator` is `operator_view(settings)`: the footer.
+    registration is still open, whether a reminder is still to come and whether a withheld
+    join link is out already. `reminders` are the event's reminder times with the operator's
+    default offsets (default: the event's own offsets only). `operator` is
+    `operator_view(settings)`: the footer.
     """
     row = kind_named(kind)
-    show_join = row.shows_join_link(event)
+    now = now or datetime.now(UTC)
+    reminders = reminders or ReminderTimes.of(event, ())
+    show_join = row.shows_join_link(event, released=reminders.released(now))
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
     if not show_join:
@@ -454,6 +460,7 @@ def build_context(
         "changes": changes,
         "has_calendar": has_calendar,
         "registration_open": registration_open(event, now),
+        "reminder_follows": reminders.follows(now),
         "operator": operator if operator is not None else NO_OPERATOR,
         "calendar_filename": CALENDAR_FILENAMES.get(locale, "event.ics"),
     }
