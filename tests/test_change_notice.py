@@ -214,3 +214,18 @@ async def test_a_running_worker_notifies_each_change_and_only_where_it_shows(
     (quiet,) = [e for e in log if e.source_event == "evt-upd-3"]
     assert quiet.status == "ignored"
     assert quiet.detail.endswith("changed: description"), quiet.detail
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_without_reminders_a_withheld_change_promises_none(locale: str, make_settings: Any) -> None:
+    """An event with no reminders (reminder_offsets: []) and its link withheld: the new link is
+    announced "in good time", not "with the reminder" that will never come."""
+    registration = sample_event_with_everything()
+    registration["event"].update(join_url_in_confirmation=False, reminder_offsets=[])
+    old = _earlier(registration["event"], "join_url")
+    built, _ = preview(make_settings(), "event_changed", registration, locale, previous=old)
+    found = parts(built.data)
+    for name in ("text", "html"):
+        said = " ".join(found[name].split())
+        assert {"de": "rechtzeitig vor Beginn.", "en": "in good time before the event."}[locale] in said
+        assert {"de": "mit der Erinnerung", "en": "with the reminder"}[locale] not in said
