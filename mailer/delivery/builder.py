@@ -47,7 +47,7 @@ class MessageBuilder:
         self._calendars: dict[tuple[str, int, str, bool, str], CalendarTemplate] = {}
         self._views: dict[tuple[str, str], Any] = {}
         self._reminders: dict[str, ReminderTimes] = {}
-        self.default_offsets = settings.reminder_offsets
+        self._default_offsets = settings.reminder_offsets
 
     def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
         attendee, event = reg.attendee, stored.event
@@ -116,7 +116,8 @@ class MessageBuilder:
         if found is None:
             if len(self._reminders) > 4096:
                 self._reminders.clear()
-            found = self._reminders[stored.fingerprint] = ReminderTimes.of(stored.event, self.default_offsets)
+            found = ReminderTimes.of(stored.event, self._default_offsets)
+            self._reminders[stored.fingerprint] = found
         return found
 
     def _attachment(
