@@ -101,7 +101,9 @@ def test_no_web_links_where_no_calendar_file_adds_the_entry(
     for name in ("text", "html"):
         assert "calendar.google.com" not in found[name]
         assert "outlook.live.com" not in found[name]
-        assert "Outlook.com" not in found[name]
+    # Their labels neither (the cancellations name the services only to say where to delete).
+    assert "Outlook.com:" not in found["text"]
+    assert "Outlook.com</a>" not in found["html"]
 
 
 @pytest.mark.parametrize("kind", PUBLISHING)
@@ -114,3 +116,37 @@ def test_the_text_part_spells_out_both_links(kind: str, locale: str, make_settin
         (url,) = {unescape(h) for h in hrefs if unescape(h).startswith(prefix)}
         assert url in found["text"]
     assert {"de": "Google Kalender", "en": "Google Calendar"}[locale] in found["text"]
+
+
+NEW_ENTRY = {"de": "Diese Links legen einen neuen Eintrag an.", "en": "These links add a new entry."}
+
+
+@pytest.mark.parametrize("kind", PUBLISHING)
+@pytest.mark.parametrize("locale", LOCALES)
+def test_a_change_notice_says_its_web_links_add_an_entry_beside_the_old_one(
+    kind: str, locale: str, make_settings: Any
+) -> None:
+    """A web link cannot move an entry it made before (no UID, unlike the calendar file): the
+    change notice asks to delete the old one; the confirmation, the first entry, does not."""
+    found = build(make_settings(), kind, locale, sample_event_with_everything())
+    for name in ("text", "html"):
+        assert (NEW_ENTRY[locale] in found[name]) is (kind == "event_changed"), name
+
+
+DELETE_THERE = {
+    "de": "Haben Sie ihn über Google Kalender oder Outlook.com eingetragen, löschen Sie ihn bitte dort.",
+    "en": "If you added it with the Google Calendar or Outlook.com link, please delete it there.",
+}
+
+
+@pytest.mark.parametrize("kind", MESSAGE_KINDS)
+@pytest.mark.parametrize("locale", LOCALES)
+def test_cancellations_ask_to_delete_an_entry_made_with_a_web_link(
+    kind: str, locale: str, make_settings: Any
+) -> None:
+    """The METHOD:CANCEL file removes only the entry it made (same UID): both cancellation kinds
+    ask those who used a web link to delete the entry themselves; no other kind does."""
+    found = build(make_settings(), kind, locale, sample_event())
+    cancelling = kind in ("registration_cancelled", "event_cancelled")
+    assert (DELETE_THERE[locale] in " ".join(found["text"].split())) is cancelling
+    assert (DELETE_THERE[locale] in found["html"]) is cancelling

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 
 from mailer.durations import parse_offsets
+from mailer.events import parse_event
 from mailer.lifecycle.planner import Planner
 from mailer.state.deliverylog import DeliveryLog, LogEntry
 from mailer.state.logquery import read_log
 from mailer.state.queue import connect_client
 from mailer.state.store import load_registrations
 from tests.clocks import SettableClock
-from tests.conftest import event_day
+from tests.conftest import event_day, make_event
 from tests.test_cli import mailer
 from tests.test_retention import created, everything, mentions
 
@@ -100,6 +101,29 @@ async def test_forget_leaves_the_address_nowhere_in_the_log(redis_url: str, tmp_
         assert mailer("forget", "--email", ADDRESS, cwd=tmp_path, env=env(redis_url)).returncode == 0
         left = mentions(await everything(redis), ADDRESS, "Maria Müller")
         assert not left, sorted(left)
+    finally:
+        await redis.aclose()
+
+
+async def test_forget_removes_every_piece_of_a_long_name_and_link(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Name, booking code and management link too long for one field are stored in pieces
+    ("rm", "rm.1", ...): forget leaves none of them, only status, event, locale and states."""
+    redis = await connect_client(redis_url)
+    try:
+        registration = make_event(
+            registration_id="reg-9", email=ADDRESS, name="Maria-Theresia Müller-Lüdenscheidt " * 8
+        )
+        registration["registration"].update(
+            reference="Ü€𝄞-" * 16, manage_url="https://anmeldung.example.org/r?token=" + "7f3c" * 400
+        )
+        planner = Planner(redis, default_offsets=parse_offsets("P1D"), clock=SettableClock())
+        await planner.apply([parse_event(registration)])
+        assert len(await redis.hkeys("mailer:reg:reg-9")) > 30
+        assert mailer("forget", "--email", ADDRESS, cwd=tmp_path, env=env(redis_url)).returncode == 0
+        left = {field.decode() for field in await redis.hkeys("mailer:reg:reg-9")}
+        assert left == {"s", "t", "c", "e", "al", "m:confirmation"}, sorted(left)
     finally:
         await redis.aclose()
 

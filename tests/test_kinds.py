@@ -98,3 +98,9 @@ def test_calendar_methods_and_the_join_link_rule() -> None:
     assert KINDS["reminder"].shows_join_link(withheld)
     assert KINDS["event_changed"].shows_join_link(EVENT)
     assert not KINDS["event_changed"].shows_join_link(withheld)
+    # Once the first reminder has gone out with the link, later confirmations and notices show
+    # it too; cancellations never do.
+    for name in ("confirmation", "event_changed"):
+        assert KINDS[name].shows_join_link(withheld, released=True)
+    for name in ("registration_cancelled", "event_cancelled"):
+        assert not KINDS[name].shows_join_link(EVENT, released=True)

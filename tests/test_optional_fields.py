@@ -327,6 +327,18 @@ async def test_mails_from_a_running_worker_carry_the_new_fields_and_the_footer(
     mails = {
         (r.rcpt_tos[0], r.message["X-Mailer-Kind"]): _mail_parts(r) for r in smtp_server.handler.received
     }
+    # The sender is the organiser (MAILER_FROM has no name here), and each later mail threads
+    # under its registration's confirmation.
+    confirmations = {
+        r.rcpt_tos[0]: r.message["Message-ID"]
+        for r in smtp_server.handler.received
+        if r.message["X-Mailer-Kind"] == "confirmation"
+    }
+    for received in smtp_server.handler.received:
+        assert received.message["From"] == "Stadt Kaiserslautern <noreply@example.org>"
+        if received.message["X-Mailer-Kind"] != "confirmation":
+            assert received.message["In-Reply-To"] == confirmations[received.rcpt_tos[0]]
+            assert received.message["References"] == confirmations[received.rcpt_tos[0]]
     assert set(mails) == {
         ("person1@example.org", "confirmation"),
         ("person1@example.org", "registration_cancelled"),

@@ -11,8 +11,10 @@ from zoneinfo import ZoneInfo
 import markupsafe
 import pytest
 from babel.dates import format_date
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailer.content.render import Renderer, SharedRenderer, build_context, event_view
+from mailer.content.render import Renderer, SharedRenderer, all_kinds_and_locales, build_context, event_view
 from mailer.durations import Offset
 from mailer.events import Attendee, Event
 
@@ -232,3 +234,53 @@ def test_each_registration_gets_its_own_reference_and_link_from_the_shared_rende
         others = [p.reference for p in people if p.reference and p is not person]
         assert not any(f"Anmeldenummer: {ref}\n" in got.text for ref in others)
     assert len(shared._shared) == 2  # with and without the per-registration values: two renders
+
+
+_DEFAULT_TEMPLATES = Renderer(None)  # compiled once for all examples
+_NO_CONTROLS = st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"))
+RECIPIENTS = st.builds(
+    lambda name, reference, link: (name, reference, link),
+    st.text(_NO_CONTROLS, max_size=300),
+    st.none() | st.text(_NO_CONTROLS, min_size=1, max_size=64),
+    st.none() | st.text(_NO_CONTROLS, max_size=1989).map(lambda tail: "https://a.b" + tail.replace(" ", "")),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    kind_and_locale=st.sampled_from(all_kinds_and_locales()),
+    people=st.lists(RECIPIENTS, min_size=2, max_size=3),
+)
+def test_the_shared_render_gives_every_registrant_what_a_render_for_them_alone_gives(
+    kind_and_locale: tuple[str, str], people: list[tuple[str, str | None, str | None]]
+) -> None:
+    """Names, booking codes and management links of any length the contract allows (the link up
+    to 2 000 characters), in any script, markup or the stand-ins' own characters included: a
+    kind and locale rendered once per event and filled in equals a render for that person."""
+    from mailer.content.render import Recipient
+    from mailer.ops.preview import sample_event_with_everything, sample_previous
+
+    kind, locale = kind_and_locale
+    sample = sample_event_with_everything()
+    event = Event.model_validate(sample["event"])
+    previous = Event.model_validate(sample_previous(sample))
+    renderer = _DEFAULT_TEMPLATES
+    shared = SharedRenderer(renderer)
+    view = event_view(event, locale)
+
+    def full(who: Any) -> dict[str, Any]:
+        return build_context(
+            kind=kind,
+            locale=locale,
+            attendee=who,
+            event=event,
+            event_view_cache=view,
+            previous=previous if kind == "event_changed" else None,
+            offset=Offset.parse("P1D") if kind == "reminder" else None,
+            has_calendar=kind != "reminder",
+        )
+
+    for number, (name, reference, link) in enumerate(people):
+        person = Recipient(name, f"person{number}@example.org", reference, link)
+        got = shared.render(("evt", kind, locale), kind, locale, person, full)
+        assert got == renderer.render(kind, locale, full(person)), person

@@ -24,14 +24,29 @@ from mailer.content.dates import (
 from mailer.content.ics import access_rows, calendar_event, web_links
 from mailer.durations import Offset
 from mailer.errors import TemplateError
-from mailer.events import Accessibility, Attendee, Contact, Event
-from mailer.lifecycle.kinds import kind_named
+from mailer.events import Accessibility, AccessInfo, Attendee, Contact, Event
+from mailer.lifecycle.changes import notified_changes
+from mailer.lifecycle.kinds import ReminderTimes, kind_named
 
 PARTS = ("subject", "text", "html")
 _FILES = {"subject": "subject.{locale}.txt", "text": "body.{locale}.txt", "html": "body.{locale}.html"}
 CHANGE_LABELS = {
-    "de": {"time": "Zeit", "location": "Ort", "join_url": "Zugangslink", "title": "Titel"},
-    "en": {"time": "Time", "location": "Place", "join_url": "Join link", "title": "Title"},
+    "de": {
+        "time": "Zeit",
+        "location": "Ort",
+        "join_url": "Zugangslink",
+        "access": "Zugangsdaten",
+        "title": "Titel",
+        "accessibility": "Barrierefreiheit",
+    },
+    "en": {
+        "time": "Time",
+        "location": "Place",
+        "join_url": "Join link",
+        "access": "Access details",
+        "title": "Title",
+        "accessibility": "Accessibility",
+    },
 }
 CALENDAR_FILENAMES = {"de": "veranstaltung.ics", "en": "event.ics"}
 
@@ -111,22 +126,35 @@ def accessibility_line(offered: Accessibility | None, locale: str) -> str | None
 
 
 def change_list(previous: Event, current: Event, locale: str) -> list[SimpleNamespace]:
-    """Old and new values of what changed, worded for the attendee."""
-    from mailer.lifecycle.planner import visible_changes
-
+    """Old and new values of what changed, worded for the attendee ("" where a value is unset)."""
     labels = CHANGE_LABELS[locale]
-    none = "—"
     rows = []
-    for name in visible_changes(previous, current):
+    for name in notified_changes(previous, current, locale):
         if name == "time":
             old = format_when(previous.starts_at, previous.ends_at, previous.timezone, locale)["when_zoned"]
             new = format_when(current.starts_at, current.ends_at, current.timezone, locale)["when_zoned"]
         elif name == "title":
             old, new = previous.title_in(locale), current.title_in(locale)
+        elif name == "access":
+            old, new = _access_difference(previous.access_info, current.access_info, locale)
+        elif name == "accessibility":
+            old = accessibility_line(previous.accessibility, locale) or ""
+            new = accessibility_line(current.accessibility, locale) or ""
         else:
-            old, new = getattr(previous, name) or none, getattr(current, name) or none
-        rows.append(SimpleNamespace(field=name, label=labels[name], old=old, new=new))
+            old, new = getattr(previous, name) or "", getattr(current, name) or ""
+        rows.append(SimpleNamespace(field=name, label=labels[name], old=old, new=new, withheld=False))
     return rows
+
+
+def _access_difference(old: AccessInfo | None, new: AccessInfo | None, locale: str) -> tuple[str, str]:
+    """Only the access details that differ, "Kenncode: 4711" → "Kenncode: 0815"; "" for none."""
+    before, after = dict(access_rows(old, locale)), dict(access_rows(new, locale))
+    labels = [label for label in {**before, **after} if before.get(label) != after.get(label)]
+
+    def shown(values: dict[str, str]) -> str:
+        return "; ".join(f"{label}: {values[label]}" for label in labels if label in values)
+
+    return shown(before), shown(after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +392,9 @@ def _withheld(
     # template (an operator's own included) can leak the link through the context.
     view = SimpleNamespace(**{**vars(view), "join_url": None, "access": None})
     changes = [
-        SimpleNamespace(**{**vars(c), "old": None, "new": None}) if c.field == "join_url" else c
+        SimpleNamespace(**{**vars(c), "old": None, "new": None, "withheld": True})
+        if c.field in ("join_url", "access")
+        else c
         for c in changes
     ]
     return view, changes
@@ -392,14 +422,20 @@ def build_context(
     has_calendar: bool = False,
     now: datetime | None = None,
     operator: SimpleNamespace | None = None,
+    reminders: ReminderTimes | None = None,
 ) -> dict[str, Any]:
     """The variables every template gets (see templates/README.md).
 
     `now` is the message's build time (default: the current time): it decides whether
-    registration is still open. `operator` is `operator_view(settings)`: the footer.
+    registration is still open, whether a reminder is still to come and whether a withheld
+    join link is out already. `reminders` are the event's reminder times with the operator's
+    default offsets (default: the event's own offsets only). `operator` is
+    `operator_view(settings)`: the footer.
     """
     row = kind_named(kind)
-    show_join = row.shows_join_link(event)
+    now = now or datetime.now(UTC)
+    reminders = reminders or ReminderTimes.of(event, ())
+    show_join = row.shows_join_link(event, released=reminders.released(now))
     view = event_view_cache or event_view(event, locale)
     changes = change_list(previous, event, locale) if previous is not None else []
     if not show_join:
@@ -424,6 +460,7 @@ def build_context(
         "changes": changes,
         "has_calendar": has_calendar,
         "registration_open": registration_open(event, now),
+        "reminder_follows": reminders.follows(now),
         "operator": operator if operator is not None else NO_OPERATOR,
         "calendar_filename": CALENDAR_FILENAMES.get(locale, "event.ics"),
     }

@@ -20,7 +20,7 @@ from mailer.content.render import (
     registration_open,
 )
 from mailer.errors import MailerError
-from mailer.lifecycle.kinds import KINDS, CalendarMethod, Kind, reminder_offset_of
+from mailer.lifecycle.kinds import KINDS, CalendarMethod, Kind, ReminderTimes, reminder_offset_of
 from mailer.settings import Settings
 from mailer.state.messages import MessageRef
 from mailer.state.store import StoredEvent, StoredRegistration
@@ -46,6 +46,8 @@ class MessageBuilder:
         # Keyed by the event's content fingerprint, never by id and version alone.
         self._calendars: dict[tuple[str, int, str, bool, str], CalendarTemplate] = {}
         self._views: dict[tuple[str, str], Any] = {}
+        self._reminders: dict[str, ReminderTimes] = {}
+        self._default_offsets = settings.reminder_offsets
 
     def build(self, ref: MessageRef, reg: StoredRegistration, stored: StoredEvent, now: datetime) -> Built:
         attendee, event = reg.attendee, stored.event
@@ -61,6 +63,8 @@ class MessageBuilder:
         kind = KINDS[ref.kind]
         offset = reminder_offset_of(ref) if ref.kind == "reminder" else None
         has_calendar = kind.calendar is not None
+        reminders = self._reminder_times(stored)
+        released, follows = reminders.released(now), reminders.follows(now)
 
         def context(person: Any) -> dict[str, Any]:
             return build_context(
@@ -74,13 +78,16 @@ class MessageBuilder:
                 has_calendar=has_calendar,
                 now=now,
                 operator=self.operator,
+                reminders=reminders,
             )
 
         # Everything but the attendee is the same for every message with this key.
-        shared_key = (stored.fingerprint, ref.kind, ref.disc, locale, registration_open(event, now))
+        shared_key = (
+            stored.fingerprint, ref.kind, ref.disc, locale, registration_open(event, now), released, follows
+        )  # fmt: skip
         recipient = Recipient(attendee.name, attendee.email, reg.reference, reg.manage_url)
         rendered = self.shared.render(shared_key, ref.kind, locale, recipient, context)
-        attachment = self._attachment(reg, stored, kind, locale, now)
+        attachment = self._attachment(reg, stored, kind, locale, now, released=released)
         headers: tuple[tuple[str, str], ...] = (("X-Mailer-Kind", ref.kind),)
         if ref.kind != "confirmation":
             # One registration's mails form one conversation in the attendee's mail client.
@@ -104,8 +111,24 @@ class MessageBuilder:
         )
         return Built(data=data, subject=rendered.subject, text=rendered.text, html=rendered.html)
 
+    def _reminder_times(self, stored: StoredEvent) -> ReminderTimes:
+        found = self._reminders.get(stored.fingerprint)
+        if found is None:
+            if len(self._reminders) > 4096:
+                self._reminders.clear()
+            found = ReminderTimes.of(stored.event, self._default_offsets)
+            self._reminders[stored.fingerprint] = found
+        return found
+
     def _attachment(
-        self, reg: StoredRegistration, stored: StoredEvent, kind: Kind, locale: str, now: datetime
+        self,
+        reg: StoredRegistration,
+        stored: StoredEvent,
+        kind: Kind,
+        locale: str,
+        now: datetime,
+        *,
+        released: bool,
     ) -> Attachment | None:
         """The calendar file of this kind, if it has one, for this registration."""
         method = kind.calendar
@@ -113,7 +136,7 @@ class MessageBuilder:
             return None
         sequence = stored.version + kind.sequence_bump
         # The calendar file obeys the kind's link rule too; a CANCEL file never has one.
-        with_link = method == "PUBLISH" and kind.shows_join_link(stored.event)
+        with_link = method == "PUBLISH" and kind.shows_join_link(stored.event, released=released)
         calendar = self._calendar(stored, sequence, method, now, with_link=with_link, locale=locale)
         return Attachment(
             filename=CALENDAR_FILENAMES.get(locale, "event.ics"),

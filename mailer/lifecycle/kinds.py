@@ -28,6 +28,7 @@ from mailer.clock import ms
 from mailer.constants import MESSAGE_KINDS, MessageKind
 from mailer.durations import Offset
 from mailer.events import Event
+from mailer.lifecycle.changes import notified_changes
 from mailer.state.messages import MessageRef
 from mailer.state.store import StoredEvent, StoredRegistration
 
@@ -45,6 +46,26 @@ def reminder_disc(offset: Offset, due: datetime) -> str:
 def reminder_offset_of(ref: MessageRef) -> Offset:
     """The offset a reminder's id names ("P1D" of "reg-1/reminder/P1D/20261209T170000Z")."""
     return Offset.parse(ref.disc.split("/", 1)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ReminderTimes:
+    """When an event's reminders fall due (earliest first), for what a message may promise."""
+
+    due: tuple[datetime, ...]
+
+    @classmethod
+    def of(cls, event: Event, default_offsets: tuple[Offset, ...]) -> ReminderTimes:
+        offsets = event.offsets(default_offsets)
+        return cls(tuple(sorted(offset.before(event.starts_at, event.timezone) for offset in offsets)))
+
+    def released(self, now: datetime) -> bool:
+        """The first reminder has fallen due: a withheld join link is out."""
+        return bool(self.due) and self.due[0] <= now
+
+    def follows(self, now: datetime) -> bool:
+        """A reminder is still to come for a registration made now."""
+        return bool(self.due) and self.due[-1] > now
 
 
 def _reminder_still_due(
@@ -69,6 +90,10 @@ def _change_is_current(
 ) -> str | None:
     if ref.disc != f"v{stored.version}":
         return f"superseded by a newer change (now v{stored.version})"
+    locale = reg.attendee.locale if reg.attendee else None
+    if stored.previous is not None and not notified_changes(stored.previous, stored.event, locale):
+        # A new English title is no news to a German reader: a notice would list nothing.
+        return "nothing changed in the attendee's language"
     return None
 
 
@@ -97,9 +122,14 @@ class Kind:
     def template_folder(self) -> str:
         return self.name
 
-    def shows_join_link(self, event: Event) -> bool:
+    def shows_join_link(self, event: Event, *, released: bool = False) -> bool:
+        """May a message of this kind show `event`'s join link (and access details)?
+
+        `released`: the first reminder's time has passed (`ReminderTimes.released`). A link
+        withheld from confirmations goes out with that reminder; a confirmation or change
+        notice sent later shows it too, or a late registrant would never get it."""
         if self.join_link == "unless_withheld":
-            return event.join_url_in_confirmation
+            return event.join_url_in_confirmation or released
         return self.join_link == "always"
 
     def why_not_send(

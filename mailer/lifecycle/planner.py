@@ -19,6 +19,7 @@ from mailer.events import (
     RegistrationCancelled,
     RegistrationCreated,
 )
+from mailer.lifecycle.changes import notified_changes, unnotified_changes
 from mailer.state.deliverylog import LogEntry, LogStatus
 from mailer.state.messages import MessageRef, MessageState
 from mailer.state.records import REDIS_FAILURES, Records
@@ -40,17 +41,6 @@ logger = logging.getLogger("mailer.planner")
 
 # A planned message is looked at again if nobody sent it this long after it was due.
 RECHECK_GRACE = timedelta(seconds=30)
-
-
-def visible_changes(old: Event, new: Event) -> list[str]:
-    """The fields an attendee sees that differ: time, location, join_url, title."""
-    changed = []
-    if (old.starts_at, old.ends_at, old.timezone) != (new.starts_at, new.ends_at, new.timezone):
-        changed.append("time")
-    for name in ("location", "join_url", "title"):
-        if getattr(old, name) != getattr(new, name):
-            changed.append(name)
-    return changed
 
 
 @dataclass(slots=True)
@@ -345,7 +335,7 @@ class Planner:
             why = "event is cancelled" if current.status == "cancelled" else "a newer version is stored"
             plan.notes.append(self._note(incoming, "ignored", why, event_id=new.id))
             return
-        changed = visible_changes(current.event, new)
+        changed = notified_changes(current.event, new)
         old = current.event
         current.occurred_ms = occurred
         current.event = new
@@ -357,14 +347,12 @@ class Planner:
         if changed:
             await self._fan_out_now(new.id, "event_changed", f"v{current.version}", plan, now)
         else:
-            plan.notes.append(
-                self._note(
-                    incoming,
-                    "ignored",
-                    "no change an attendee sees (time, place, link, title)",
-                    event_id=new.id,
-                )
+            others = ", ".join(unnotified_changes(old, new)) or "nothing"
+            detail = (
+                "no change attendees are told about (time, place, link, access details, title, "
+                f"accessibility); changed: {others}"
             )
+            plan.notes.append(self._note(incoming, "ignored", detail, event_id=new.id))
 
     async def _event_cancelled(
         self, incoming: EventCancelled, stored: dict[str, StoredEvent | None], plan: Plan, now: datetime

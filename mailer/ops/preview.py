@@ -12,8 +12,8 @@ from mailer.content.render import Renderer, all_kinds_and_locales
 from mailer.delivery.builder import Built, MessageBuilder
 from mailer.errors import InvalidEvent, MailerError
 from mailer.events import Attendee, Event, RegistrationCreated, parse_event
+from mailer.lifecycle.changes import notified_changes
 from mailer.lifecycle.kinds import kind_named
-from mailer.lifecycle.planner import visible_changes
 from mailer.settings import Settings
 from mailer.state.messages import MessageRef
 from mailer.state.store import StoredEvent, StoredRegistration
@@ -137,7 +137,7 @@ def preview(
         raise MailerError(
             f"a {kind} notice shows what changed: give the event as it was with --previous FILE"
         )
-    changed = before is not None and bool(visible_changes(before, event))
+    changed = before is not None and bool(notified_changes(before, event))
     stored = StoredEvent(
         event=event,
         version=1 + changed + (row.event == "cancelled"),

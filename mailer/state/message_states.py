@@ -43,6 +43,9 @@ for i = 1, #KEYS - 1 do
   local code = nil
   if status == 'sent' or status == 'failed' or status == 'skipped' then
     code = 'final|' .. status
+    -- Nothing is left to do for it: a due entry planned again over a final state (a
+    -- registration sent again) would otherwise be re-driven every minute for good.
+    redis.call('ZREM', KEYS[#KEYS], message_id)
   elseif (status == 'sending' or status == 'claimed') and aux > now then
     code = 'busy'
   elseif (status == 'retrying' or status == 'held') and aux > now then

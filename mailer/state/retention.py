@@ -117,12 +117,16 @@ return 0
 # the address is still the one read: name, address, reference and manage link go, the
 # registration ends as cancelled and leaves the event's fan-out set, so nothing more is sent
 # to it (a message already due is skipped: no address). Its status and message states stay.
+# Name, reference and link may be stored in pieces ("rm", "rm.1", ...: store.pieces).
 _ERASE = """
 local erased = {}
 for i = 1, #KEYS, 2 do
   local address, rid = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[i], 'ae') == address then
     redis.call('HDEL', KEYS[i], 'ae', 'an', 'rr', 'rm')
+    for _, f in ipairs(redis.call('HKEYS', KEYS[i])) do
+      if string.find(f, '^an%.%d+$') or string.find(f, '^r[rm]%.%d+$') then redis.call('HDEL', KEYS[i], f) end
+    end
     redis.call('HSET', KEYS[i], 's', 'cancelled')
     if KEYS[i + 1] ~= KEYS[i] then redis.call('SREM', KEYS[i + 1], rid) end
     erased[#erased + 1] = rid

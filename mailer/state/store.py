@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -82,31 +83,33 @@ class StoredRegistration:
     manage_url: str | None = None  # where the attendee views or cancels the registration
 
     def to_fields(self) -> dict[str, str | int]:
+        # Separate short fields, not one JSON blob, so that Redis keeps the hash as a compact
+        # listpack (438 bytes against 1 072 as a hashtable, measured); longer values go in pieces.
         fields: dict[str, str | int] = {"s": self.status, "t": self.occurred_ms, "c": self.created_ms}
         if self.attendee is not None:
-            # Separate short fields, not one JSON blob: Redis keeps a hash whose values are all
-            # under 64 bytes as a compact listpack (~5x smaller than a hashtable).
+            # An address over 64 bytes (rare: the contract allows 254) costs this one record
+            # its compact form; it stays whole because the erase script compares it.
             fields["ae"] = self.attendee.email
-            fields["an"] = self.attendee.name
+            fields |= pieces("an", self.attendee.name)
             fields["al"] = self.attendee.locale
         if self.event_id is not None:
             fields["e"] = self.event_id
         # Written even when empty: HSET merges, and a registration sent again without them
         # must lose the old values.
-        fields["rr"] = self.reference or ""
-        fields["rm"] = self.manage_url or ""
+        fields |= pieces("rr", self.reference or "")
+        fields |= pieces("rm", self.manage_url or "")
         return fields
 
     @classmethod
     def from_fields(cls, registration_id: str, raw: dict[bytes, bytes]) -> StoredRegistration:
         email = raw.get(b"ae")
         event_id = raw.get(b"e")
-        reference, manage_url = raw.get(b"rr"), raw.get(b"rm")
+        reference, manage_url = joined(raw, "rr"), joined(raw, "rm")
         attendee = None
         if email is not None:
             # Stored values were validated on the way in; construct without re-validating.
             attendee = Attendee.model_construct(
-                email=email.decode(), name=raw.get(b"an", b"").decode(), locale=raw.get(b"al", b"de").decode()
+                email=email.decode(), name=joined(raw, "an"), locale=raw.get(b"al", b"de").decode()
             )
         return cls(
             id=registration_id,
@@ -115,9 +118,56 @@ class StoredRegistration:
             status=raw.get(b"s", b"active").decode(),
             occurred_ms=int(raw.get(b"t", 0)),
             created_ms=int(raw.get(b"c", 0)),
-            reference=reference.decode() if reference else None,
-            manage_url=manage_url.decode() if manage_url else None,
+            reference=reference or None,
+            manage_url=manage_url or None,
         )
+
+
+# Redis keeps a hash as a listpack while every value is at most 64 bytes and it has at most 128
+# fields (hash-max-listpack-value/-entries); one longer value turns it into a hashtable for
+# good. A management link is rarely that short, and a name or booking code in another script
+# may not be either: such values are stored in pieces of at most 64 bytes, "rm", "rm.1",
+# "rm.2", ..., cut between characters. A piece shorter than 61 bytes (a cut between characters
+# gives up at most 3) is the last; after a last piece of 61 bytes or more comes an empty one.
+# So a shorter value written over a longer one (HSET merges) ends where it should, and the
+# pieces left behind it are never read. A link at the contract's limit (2 000 ASCII
+# characters) takes 32 fields: the record stays compact.
+PIECE_BYTES = 64
+_LAST_IF_SHORTER = PIECE_BYTES - 3
+
+
+def pieces(name: str, value: str) -> dict[str, str]:
+    """`value` as the fields `name`, `name.1`, ... of at most PIECE_BYTES each (see above)."""
+    data = value.encode()
+    if len(data) < _LAST_IF_SHORTER:
+        return {name: value}  # nearly every name and code: one field, nothing after it
+    cuts = [0]
+    while cuts[-1] < len(data):
+        end = min(cuts[-1] + PIECE_BYTES, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+            end -= 1
+        cuts.append(end)
+    found = [data[start:end] for start, end in itertools.pairwise(cuts)] or [b""]
+    if len(found[-1]) >= _LAST_IF_SHORTER:
+        found.append(b"")
+    return {piece_field(name, index): piece.decode() for index, piece in enumerate(found)}
+
+
+def joined(raw: dict[bytes, bytes], name: str) -> str:
+    """The value `pieces` stored under `name` ("" if none). A record written before values were
+    cut has `name` alone, of any length: no `name.1` follows it, so it is read whole too."""
+    data = b""
+    index = 0
+    while (piece := raw.get(piece_field(name, index).encode())) is not None:
+        data += piece
+        if len(piece) < _LAST_IF_SHORTER:
+            break
+        index += 1
+    return data.decode()
+
+
+def piece_field(name: str, index: int) -> str:
+    return name if index == 0 else f"{name}.{index}"
 
 
 # --- what the planner decides, applied in one pipeline -----------------------------------------
