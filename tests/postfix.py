@@ -165,6 +165,16 @@ class PostfixRelay:
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
+    def logged(self, text: str, within: float = 10.0) -> bool:
+        """Whether `text` reaches the log within `within` seconds: Postfix writes its log
+        through postlogd, a moment after the connection it tells of has ended."""
+        deadline = time.monotonic() + within
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self, within: float = 20.0) -> None:

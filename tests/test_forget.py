@@ -105,9 +105,7 @@ async def test_forget_leaves_the_address_nowhere_in_the_log(redis_url: str, tmp_
         await redis.aclose()
 
 
-async def test_forget_removes_every_piece_of_a_long_name_and_link(
-    redis_url: str, tmp_path: Path
-) -> None:
+async def test_forget_removes_every_piece_of_a_long_name_and_link(redis_url: str, tmp_path: Path) -> None:
     """Name, booking code and management link too long for one field are stored in pieces
     ("rm", "rm.1", ...): forget leaves none of them, only status, event, locale and states."""
     redis = await connect_client(redis_url)

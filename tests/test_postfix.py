@@ -93,7 +93,7 @@ def test_private_relays_side_by_side_are_strict_and_stop_clean(postfix_relay: St
         conn.sendall(b"EHLO mailer.test\r\nNOOP\r\n")  # EHLO is a sync point (RFC 2920)
         assert reader.readline().startswith(b"554 5.5.0")
         assert reader.read() == b""  # and Postfix hangs up
-    assert "improper command pipelining after EHLO" in strict.log()
+    assert strict.logged("improper command pipelining after EHLO"), strict.log()
     assert "improper command pipelining" not in other.log()
 
     strict.stop()

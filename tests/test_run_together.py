@@ -114,7 +114,10 @@ def test_make_run_starts_the_dashboard_at_8080() -> None:
     """The README's `make run` is the worker with the service beside it (what Make would run)."""
     root = Path(__file__).parent.parent
     dry = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", "run"], cwd=root, capture_output=True, text=True
+        ["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "run"],
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip().splitlines()[-1] == "exec .venv/bin/mailer worker --serve 127.0.0.1:8080"
