@@ -94,12 +94,17 @@ class _Logins:
 
     def __init__(self, accept_from: float) -> None:
         self.accept_from = accept_from
-        self.tries: list[tuple[Any, float]] = []  # (client address and port, when)
+        self.tries: list[tuple[int, float]] = []  # (connection, when)
+        self._numbers = itertools.count()
 
     def __call__(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        self.tries.append((session.peer, time.monotonic()))  # peer: unique per connection; id() is reused
+        # A number given to the session itself: id() is reused once a session is gone, and so
+        # can a client port be, soon after the server closed first (its TIME_WAIT, not ours).
+        if not hasattr(session, "test_number"):
+            session.test_number = next(self._numbers)
+        self.tries.append((session.test_number, time.monotonic()))
         return AuthResult(success=time.monotonic() >= self.accept_from, handled=False)
 
 
