@@ -1,0 +1,440 @@
+"""The `burst` phase: N registrations for one event, and a reminder for all of them due in one second.
+
+Seeding, once per N, into a Redis of its own: the registration.created events go through the
+real `Planner.apply` in batches of 100, as a worker applies them; each batch's confirmations are
+then claimed with the send path's claim script and recorded as sent with the Sender's own entry,
+state and settle script (`Sender._entry`, `_state`, `_record`), the sink's reply as the detail,
+and the send counters added once for all of them. That leaves what a worker leaves after sending
+the confirmations (state `sent`, out of the due index, one `sent` entry each in the delivery log
+with its indexes) without building and sending N mails first. The server then SAVEs a dump.rdb.
+
+Each run starts a fresh redis-server from a copy of that dump (so `used_memory_peak` is this
+run's own, and every run starts from the same state), starts the workers and waits until each
+polls the queue, then applies one `event.updated` (the real Planner again) that gives the event
+a single reminder offset falling due two seconds later: a change no attendee sees, so no change
+notice goes out, only the reminder is (re)scheduled. From the due second the workers' per-second
+tick finds the entry, the fan-out slices page through the event's registrations and enqueue send
+jobs, and the send jobs deliver; the run ends at the N-th `250` at the sink.
+
+The fan-out's first two stages are also timed on their own on the seeded Redis (median of
+PASSES passes over all pages): reading the pages (`ScheduleStore.registrations_page`, SSCAN) and
+turning them into send jobs (`Scheduler.fan_out` minus its page read). Compared across sizes,
+per registration, with the sends and the whole burst, they show whether any stage grows faster
+than linearly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.data import bench_settings, registrations
+from bench.infra import PhaseTimeout, RedisServer, cpu_seconds
+from bench.machine import ForeignLoad
+from bench.mailer_phases import command_stats, running_workers, wait_drained
+from bench.sink import ACCEPTED_TEXT, Sink
+from mailer.clock import ms, utc_now
+from mailer.constants import (
+    LOG_STREAM,
+    QUEUE_NAME,
+    REGISTRATION_KEY,
+    SCHEDULE_KEY,
+    SEEN_KEY,
+    SEND_STATS_KEY,
+)
+from mailer.content.render import Renderer
+from mailer.delivery.sender import Sender
+from mailer.delivery.smtp import SmtpTransport
+from mailer.durations import Offset
+from mailer.events import parse_event
+from mailer.lifecycle.planner import Plan, Planner
+from mailer.lifecycle.scheduler import FAN_OUT_SLICE, Scheduler
+from mailer.settings import Settings
+from mailer.state.deliverylog import DeliveryLog
+from mailer.state.queue import connect_client
+from mailer.state.schedule import ScheduleStore
+from mailer.state.sendstats import attempt_fields
+from mailer.state.store import registrations_key, schedule_member
+
+APPLY_BATCH = 100  # events per Planner.apply, as the worker applies a publish_many batch
+GENERATE = 10_000  # events built at a time (a million dicts at once would take gigabytes)
+SEED_SEND_US = 2_000  # the send duration counted for each seeded confirmation
+PASSES = 3
+LEAD_S = 2  # the reminder falls due this many whole seconds after it is scheduled
+SAMPLE_S = 0.1  # how often the queue, the schedule entry and the sink are looked at
+LOADING_TIMEOUT_S = 600.0
+
+
+def event_id(run: str) -> str:
+    return f"bench-{run}"
+
+
+def seeded_settings(n: int, sink: Sink) -> Settings:
+    """The bench settings with a delivery log long enough for every entry of the burst
+    (a confirmation and a reminder per registration); the default cap would trim it."""
+    return bench_settings().model_copy(update={"smtp_port": sink.port, "log_max_entries": log_max_entries(n)})
+
+
+def log_max_entries(n: int) -> int:
+    return max(1_000_000, 3 * n)
+
+
+# --- seeding ---------------------------------------------------------------------------------
+
+
+async def _mark_sent(sender: Sender, plan: Plan) -> None:
+    """Record the batch's confirmations as sent, as the send path does once the sink said 250."""
+    now = utc_now()
+    claims = await sender.store.claim(plan.deliver_now, now_ms=ms(now), lease_ms=sender.lease_ms)
+    writes = []
+    for claim in claims:
+        if claim.code != "claimed":
+            raise RuntimeError(f"seeding: {claim.ref.id} could not be claimed ({claim.code})")
+        reg = plan.registrations[claim.ref.registration_id]
+        stored = plan.events[reg.event_id or ""]
+        # The Sender's own entry and state for a sent message (private: the bench must write
+        # exactly what the send path writes, not a copy of it that could drift).
+        entry = sender._entry(claim, reg, stored, "sent", ACCEPTED_TEXT, now)
+        writes.append((claim, sender._state("sent", claim, now), entry))
+    await sender._record(writes, [])
+
+
+async def _seed(url: str, settings: Settings, *, n: int, run: str) -> dict[str, Any]:
+    redis = await connect_client(url)
+    try:
+        log = DeliveryLog(redis, max_entries=settings.log_max_entries, echo=None, worker="bench-seed")
+        sender = Sender(
+            redis=redis,
+            settings=settings,
+            transport=SmtpTransport(settings),
+            renderer=Renderer(settings.template_dir),
+            log=log,
+        )
+        planner = Planner(redis, default_offsets=settings.reminder_offsets, worker="bench-seed")
+        began = time.perf_counter()
+        for start in range(0, n, GENERATE):
+            events = registrations(min(GENERATE, n - start), run=run, days_ahead=10, start=start)
+            for at in range(0, len(events), APPLY_BATCH):
+                plan = await planner.apply([parse_event(e) for e in events[at : at + APPLY_BATCH]])
+                await log.write(plan.notes)
+                await _mark_sent(sender, plan)
+        async with redis.pipeline(transaction=False) as pipe:
+            for field in attempt_fields(sender.transport.name, "2xx", SEED_SEND_US):
+                pipe.hset(SEND_STATS_KEY, field, n)
+            await pipe.execute()
+        return {"seconds": time.perf_counter() - began}
+    finally:
+        await redis.aclose()
+
+
+async def _fan_out_stages(url: str, settings: Settings, *, run: str) -> dict[str, Any]:
+    """The fan-out's first two stages alone, PASSES times over all pages: µs per registration."""
+    redis = await connect_client(url)
+    try:
+        pages = ScheduleStore(redis)
+        scheduler = Scheduler(redis, batch_size=settings.batch_size)
+        member = schedule_member(event_id(run), "reminder", "PT1H")
+        passes = []
+        for index in range(PASSES):
+            # A due time of its own per pass: new job ids, so no pass finds its jobs enqueued.
+            due_ms = ms(utc_now()) + 3_600_000 + index * 1000
+            cursor, read_s, fan_s, slices, reached = 0, 0.0, 0.0, 0, 0
+            while True:
+                t0 = time.perf_counter()
+                following, _ = await pages.registrations_page(event_id(run), cursor, count=FAN_OUT_SLICE)
+                t1 = time.perf_counter()
+                reached += await scheduler.fan_out(member, due_ms, cursor)
+                fan_s += time.perf_counter() - t1
+                read_s += t1 - t0
+                slices += 1
+                if following == 0:
+                    break
+                cursor = following
+            passes.append({"pages_s": read_s, "fan_out_s": fan_s, "slices": slices, "reached": reached})
+        n = passes[0]["reached"]
+        pages_us = statistics.median(1e6 * p["pages_s"] / n for p in passes)
+        fan_us = statistics.median(1e6 * p["fan_out_s"] / n for p in passes)
+        return {
+            "passes": passes,
+            "registrations": n,
+            "slice": FAN_OUT_SLICE,
+            "batch_size": settings.batch_size,
+            "pages_us_per_registration": pages_us,
+            # fan_out reads its page again, then builds and enqueues the send jobs
+            "send_jobs_us_per_registration": max(0.0, fan_us - pages_us),
+        }
+    finally:
+        await redis.aclose()
+
+
+def seed(directory: Path, sink: Sink, *, n: int, run: str) -> tuple[Path, dict[str, Any]]:
+    """Seed N registrations with their confirmations sent; (the dump.rdb, what it took)."""
+    settings = seeded_settings(n, sink)
+    redis = RedisServer(directory / "seed")
+    try:
+        redis.start()
+        empty = redis.used_memory()
+        result = asyncio.run(_seed(redis.url, settings, n=n, run=run))
+        r = redis.client()
+        seeded = redis.used_memory()
+        result.update(
+            n=n,
+            used_memory_empty=empty,
+            used_memory=seeded,
+            bytes_per_registration=(seeded - empty) / n,
+            log_entries=int(r.xlen(LOG_STREAM)),
+            enrolled=int(r.scard(registrations_key(event_id(run)))),
+            keys=int(r.dbsize()),
+        )
+        if result["enrolled"] != n or result["log_entries"] != n:
+            raise RuntimeError(f"seeding left {result['enrolled']} enrolled, {result['log_entries']} logged")
+        began = time.perf_counter()
+        r.save()
+        result["save_seconds"] = time.perf_counter() - began
+        rdb = directory / f"burst-{n}.rdb"
+        shutil.move(redis.directory / "dump.rdb", rdb)
+        result["rdb_bytes"] = rdb.stat().st_size
+        # Last, on this throw-away server: the passes leave their send jobs behind.
+        result["stages"] = asyncio.run(_fan_out_stages(redis.url, settings, run=run))
+    finally:
+        redis.stop()
+    return rdb, result
+
+
+# --- one burst ----------------------------------------------------------------------------
+
+
+async def _schedule_reminder(url: str, settings: Settings, *, run: str, due: datetime) -> str:
+    """event.updated through the Planner: the event's one reminder now falls due at `due`;
+    returns its schedule member."""
+    event = registrations(1, run=run, days_ahead=10)[0]["event"]
+    starts_at = datetime.fromisoformat(event["starts_at"])
+    offset = Offset.parse(f"PT{int((starts_at - due).total_seconds())}S")
+    event["reminder_offsets"] = [offset.iso]
+    update = {
+        "type": "event.updated",
+        "id": f"burst-{run}-{ms(due)}",
+        "occurred_at": utc_now().isoformat(),
+        "event": event,
+    }
+    member = schedule_member(event["id"], "reminder", offset.iso)
+    redis = await connect_client(url)
+    try:
+        planner = Planner(redis, default_offsets=settings.reminder_offsets, worker="bench")
+        plan = await planner.apply([parse_event(update)])
+        # As the ingest job does: the note says no attendee sees this change (none is sent).
+        log = DeliveryLog(redis, max_entries=settings.log_max_entries, echo=None, worker="bench")
+        await log.write(plan.notes)
+        scheduled = await redis.zscore(SCHEDULE_KEY, member)
+    finally:
+        await redis.aclose()
+    if scheduled != ms(due):
+        raise RuntimeError(f"the reminder was not rescheduled: {[n.detail for n in plan.notes]}")
+    return member
+
+
+def breakdown(r: Any, *, n: int, run: str, sample: int = 100) -> dict[str, int]:
+    """Where the bytes are after a burst: MEMORY USAGE of the log's stream, of its indexes and
+    counters (SCAN), of the event's registration set, and of one registration's own keys
+    (a sample's mean, times N)."""
+    usage: dict[str, int] = {
+        "log stream": int(r.memory_usage(LOG_STREAM, samples=0) or 0),
+        "event registration set": int(r.memory_usage(registrations_key(event_id(run)), samples=0) or 0),
+    }
+    pipe = r.pipeline(transaction=False)
+    for key in r.scan_iter("mailer:log:*", count=10_000):
+        pipe.memory_usage(key, samples=0)
+    usage["log indexes and counters"] = sum(int(v or 0) for v in pipe.execute())
+    for label, key in (
+        ("registration hashes", REGISTRATION_KEY.format(registration_id=f"r-{run}-{{i}}")),
+        ("seen event ids", SEEN_KEY.format(event_id=f"e-{run}-{{i}}")),
+    ):
+        pipe = r.pipeline(transaction=False)
+        for i in range(min(sample, n)):
+            pipe.memory_usage(key.format(i=i), samples=0)
+        sizes = [int(v or 0) for v in pipe.execute()]
+        usage[label] = round(n * sum(sizes) / len(sizes))
+    return usage
+
+
+def _redis_cpu(r: Any) -> float:
+    info: dict[str, Any] = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _follow(r: Any, sink: Sink, member: str, target: int, timeout: float, alive: Any) -> dict[str, Any]:
+    """Wait for the sink's `target`-th mail, looking at the schedule entry and the queue meanwhile."""
+    deadline = time.monotonic() + timeout
+    tick_at: float | None = None
+    queue_peak, queue_peak_at = 0, 0.0
+    while sink.count < target:
+        if time.monotonic() > deadline or not alive():
+            return {"done": False}
+        now = time.time()
+        if tick_at is None and r.zscore(SCHEDULE_KEY, member) is None:
+            tick_at = now
+        queued = int(r.zcard(QUEUE_NAME))
+        if queued > queue_peak:
+            queue_peak, queue_peak_at = queued, now
+        time.sleep(SAMPLE_S)
+    return {"done": True, "tick_at": tick_at, "queue_peak": queue_peak, "queue_peak_at": queue_peak_at}
+
+
+def burst(
+    rdb: Path,
+    sink: Sink,
+    base_dir: Path,
+    *,
+    n: int,
+    run: str,
+    workers: int,
+    timeout: float,
+    where_bytes_are: bool = False,
+) -> dict[str, Any]:
+    """One burst from the seeded dump with `workers` worker processes: due second → N-th 250."""
+    settings = seeded_settings(n, sink)
+    redis = RedisServer(base_dir / "redis")
+    redis.directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rdb, redis.directory / "dump.rdb")
+    try:
+        began = time.monotonic()
+        redis.start(timeout=LOADING_TIMEOUT_S)
+        load_s = time.monotonic() - began
+        r = redis.client()
+        loaded = redis.used_memory()
+        sink.take()
+        env = {"MAILER_LOG_MAX_ENTRIES": str(settings.log_max_entries)}
+        with running_workers(redis, sink, base_dir, workers, **env) as procs:
+            r.config_resetstat()
+            cpu = [procs.cpu_each(), cpu_seconds(sink.pid), _redis_cpu(r)]
+            foreign = ForeignLoad()
+            foreign.start()
+            baseline = sink.count
+            due_s = math.ceil(time.time()) + LEAD_S
+            member = asyncio.run(
+                _schedule_reminder(redis.url, settings, run=run, due=datetime.fromtimestamp(due_s, UTC))
+            )
+            seen = _follow(r, sink, member, baseline + n, timeout, procs.alive)
+            foreign_cores = foreign.cores()
+            cpu_used = {
+                "workers": [b - a for a, b in zip(cpu[0], procs.cpu_each(), strict=True)],
+                "sink": cpu_seconds(sink.pid) - cpu[1],
+                "redis": _redis_cpu(r) - cpu[2],
+            }
+            records = sink.take()
+            drained = wait_drained(redis, 30)
+            commands = command_stats(r, n)
+            rss = procs.peak_rss_kib()
+            exits = procs.stop()
+        if not seen["done"]:
+            raise PhaseTimeout(f"sink had {len(records)} of {n} reminders after {timeout:.0f}s")
+        memory: dict[str, Any] = r.info("memory")
+        log_entries = int(r.xlen(LOG_STREAM))
+        bytes_at = breakdown(r, n=n, run=run) if where_bytes_are else {}
+    finally:
+        redis.stop()
+    mine = [t for rcpt, t in records if rcpt.endswith(f".{run}@example.org")]
+    first, last = min(mine), max(mine)
+    peak = int(memory["used_memory_peak"])
+    return {
+        "n": n,
+        "workers": workers,
+        "load_seconds": load_s,
+        "due_to_last_s": last - due_s,
+        "rate": n / (last - due_s),
+        "tick_after_due_s": seen["tick_at"] - due_s if seen["tick_at"] else None,
+        "first_after_due_s": first - due_s,
+        "send_seconds": last - first,
+        "send_rate": n / (last - first),
+        "queue_peak_jobs": seen["queue_peak"],
+        "queue_peak_after_due_s": seen["queue_peak_at"] - due_s,
+        "reminders": len(mine),
+        "distinct_recipients": len({rcpt for rcpt, _ in records}),
+        "cpu_s": cpu_used,
+        "worker_cpu_us_per_mail": 1e6 * sum(cpu_used["workers"]) / n,
+        "redis_cpu_us_per_mail": 1e6 * cpu_used["redis"] / n,
+        "foreign_cpu_cores": foreign_cores,
+        "worker_peak_rss_kib": rss,
+        "worker_exit_codes": exits,
+        "queue_drained": drained,
+        "redis_commands": commands,
+        "log_entries": log_entries,
+        "used_memory_loaded": loaded,
+        "used_memory_after": int(memory["used_memory"]),
+        "used_memory_peak": peak,
+        "breakdown_bytes": bytes_at,
+    }
+
+
+# --- the phase ----------------------------------------------------------------------------
+
+
+def _growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
+    """Per-registration cost at the larger N over the smaller, stage by stage (1.0: linear)."""
+    s_stages, l_stages = small["seed"]["stages"], large["seed"]["stages"]
+    s_run, l_run = small["runs"]["1"], large["runs"]["1"]
+    return {
+        "pages": l_stages["pages_us_per_registration"] / s_stages["pages_us_per_registration"],
+        "send jobs": l_stages["send_jobs_us_per_registration"] / s_stages["send_jobs_us_per_registration"],
+        "sends": (l_run["send_seconds"] / l_run["n"]) / (s_run["send_seconds"] / s_run["n"]),
+        "due → last 250": (l_run["due_to_last_s"] / l_run["n"]) / (s_run["due_to_last_s"] / s_run["n"]),
+    }
+
+
+def burst_phase(
+    sink: Sink,
+    directory: Path,
+    *,
+    sizes: list[int],
+    workers: list[int],
+    quiet: Any,
+    timeout: Any,
+    progress: Any,
+) -> dict[str, Any]:
+    """Every size with one worker (for the growth per stage); the largest also with `workers`."""
+    result: dict[str, Any] = {"sizes": {}, "workers": workers, "cpus": os.cpu_count()}
+    ordered = sorted(set(sizes))
+    for n in ordered:
+        run = f"b{n}"
+        rdb, seeded = seed(directory / run, sink, n=n, run=run)
+        stages = seeded["stages"]
+        progress(
+            f"  N={n:,}: seeded in {seeded['seconds']:.1f} s, {seeded['bytes_per_registration']:,.0f} B/"
+            f"registration; pages {stages['pages_us_per_registration']:.2f} µs, send jobs "
+            f"{stages['send_jobs_us_per_registration']:.2f} µs per registration"
+        )
+        runs: dict[str, Any] = {}
+        for count in workers if n == ordered[-1] else [1]:
+            quiet()
+            runs[str(count)] = burst(
+                rdb,
+                sink,
+                directory / run / f"{count}w",
+                n=n,
+                run=run,
+                workers=count,
+                timeout=timeout(n),
+                where_bytes_are=count == 1,
+            )
+            one = runs[str(count)]
+            progress(
+                f"  N={n:,}, {count} worker(s): due → last 250 {one['due_to_last_s']:.1f} s "
+                f"({one['rate']:,.0f} mails/s), Redis peak {one['used_memory_peak'] / 2**20:,.0f} MiB, "
+                f"Redis CPU {one['redis_cpu_us_per_mail']:.0f} µs/mail"
+            )
+        rdb.unlink()
+        result["sizes"][str(n)] = {"seed": seeded, "runs": runs}
+    largest = result["sizes"][str(ordered[-1])]
+    result["largest"] = ordered[-1]
+    result["rate"] = largest["runs"][str(workers[0])]["rate"]
+    if len(ordered) > 1:
+        smallest = result["sizes"][str(ordered[0])]
+        result["growth"] = {str(n): _growth(smallest, result["sizes"][str(n)]) for n in ordered[1:]}
+    return result
