@@ -276,6 +276,8 @@ def phase_burst(ctx: Context) -> dict[str, Any]:
         workers=ctx.args.burst_workers,
         quiet=ctx.quiet,
         timeout=lambda n: ctx.timeout(n, 20),
+        retries=ctx.args.retries,
+        threshold=ctx.args.quiet_threshold,
         progress=progress,
     )
 
