@@ -70,6 +70,8 @@ PASSES = 5
 LEAD_S = 3  # the reminder falls due this many whole seconds after it is scheduled
 SAMPLE_S = 0.1  # how often the queue, the schedule entry and the sink are looked at
 LOADING_TIMEOUT_S = 600.0
+# Not a stage of the fan-out: how a read linear by construction grows on this machine.
+REFERENCE = "reference: SMEMBERS in Redis"
 
 
 def event_id(run: str) -> str:
@@ -174,6 +176,29 @@ async def _fan_out_stages(url: str, settings: Settings, *, run: str) -> dict[str
         await redis.aclose()
 
 
+def _in_redis(r: Any, key: str, n: int) -> dict[str, float]:
+    """Redis's own time per member (INFO commandstats, the fastest of PASSES) for a full SSCAN
+    in fan-out slices, and for SMEMBERS of the same set: a read linear by construction, whose
+    cost per member still rises once the set no longer fits the CPU's caches. A pages stage
+    that grows no more than SMEMBERS grows with the machine's memory, not with its algorithm."""
+    best = {"sscan": math.inf, "smembers": math.inf}
+    for _ in range(PASSES):
+        for command in best:
+            r.config_resetstat()
+            if command == "sscan":
+                cursor = None
+                while cursor != 0:
+                    cursor, _ = r.sscan(key, cursor or 0, count=FAN_OUT_SLICE)
+            else:
+                r.smembers(key)
+            usec = float(r.info("commandstats")[f"cmdstat_{command}"]["usec"])
+            best[command] = min(best[command], usec / n)
+    return {
+        "sscan_in_redis_us_per_registration": best["sscan"],
+        "smembers_in_redis_us_per_registration": best["smembers"],
+    }
+
+
 def seed(directory: Path, sink: Sink, *, n: int, run: str) -> tuple[Path, dict[str, Any]]:
     """Seed N registrations with their confirmations sent; (the dump.rdb, what it took)."""
     settings = seeded_settings(n, sink)
@@ -205,6 +230,7 @@ def seed(directory: Path, sink: Sink, *, n: int, run: str) -> tuple[Path, dict[s
         result["rdb_bytes"] = rdb.stat().st_size
         # Last, on this throw-away server: the passes leave their send jobs behind.
         result["stages"] = asyncio.run(_fan_out_stages(redis.url, settings, run=run))
+        result["stages"].update(_in_redis(r, registrations_key(event_id(run)), n))
     finally:
         redis.stop()
     return rdb, result
@@ -418,9 +444,15 @@ def _growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
     per mail) much less, so a wall-time ratio that the CPU ones do not share is the machine."""
     s_stages, l_stages = small["seed"]["stages"], large["seed"]["stages"]
     s_run, l_run = small["runs"]["1"], large["runs"]["1"]
+
+    def stage(name: str) -> float:
+        return float(l_stages[f"{name}_us_per_registration"] / s_stages[f"{name}_us_per_registration"])
+
     return {
-        "pages": l_stages["pages_us_per_registration"] / s_stages["pages_us_per_registration"],
-        "send jobs": l_stages["send_jobs_us_per_registration"] / s_stages["send_jobs_us_per_registration"],
+        "pages": stage("pages"),
+        "SSCAN in Redis": stage("sscan_in_redis"),
+        REFERENCE: stage("smembers_in_redis"),
+        "send jobs": stage("send_jobs"),
         "sends": (l_run["send_seconds"] / l_run["n"]) / (s_run["send_seconds"] / s_run["n"]),
         "due → last 250": (l_run["due_to_last_s"] / l_run["n"]) / (s_run["due_to_last_s"] / s_run["n"]),
         "worker CPU": l_run["worker_cpu_us_per_mail"] / s_run["worker_cpu_us_per_mail"],
