@@ -32,9 +32,15 @@ def address(run: str, i: int) -> str:
     return f"a{i}.{run}@example.org"
 
 
-def registrations(n: int, *, run: str, days_ahead: int = 14, start: int = 0) -> list[dict[str, Any]]:
-    """`n` registration.created events for one event, distinct registration ids and addresses."""
-    base = sample_event()
+def registrations(
+    n: int, *, run: str, days_ahead: int = 14, start: int = 0, today: datetime | None = None
+) -> list[dict[str, Any]]:
+    """`n` registration.created events for one event, distinct registration ids and addresses.
+
+    The event lies `days_ahead` days after `today` (default: now) by the Berlin calendar: a
+    caller that builds the same event twice passes the same `today`, or midnight in Berlin
+    between the two calls moves it by a day."""
+    base = sample_event(today)
     if days_ahead != 14:
         shift = timedelta(days=days_ahead - 14)
         for name in ("starts_at", "ends_at", "registration_deadline"):

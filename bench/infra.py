@@ -77,7 +77,8 @@ class RedisServer:
     def persistence(self) -> str:
         return "appendonly everysec" if self.appendonly else 'off (--save "" --appendonly no)'
 
-    def start(self) -> None:
+    def start(self, timeout: float = 15.0) -> None:
+        """Start and wait until it answers (a server loading a large dump.rdb needs a longer `timeout`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             redis_server_command(
@@ -90,13 +91,15 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
+            with contextlib.suppress(redis.RedisError):  # BusyLoadingError while it loads a dump
                 if self.client().ping():
                     return
+            if self.process.poll() is not None:
+                break
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"redis-server did not start within {timeout:.0f} s")
 
     def client(self) -> Any:
         """A sync client, typed Any (redis-py types sync and async clients as one union)."""

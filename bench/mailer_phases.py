@@ -47,7 +47,10 @@ class Workers:
             wait_ready(r, worker, HEALTH_KEY)
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(w.pid) for w in self.processes)
+        return sum(self.cpu_each())
+
+    def cpu_each(self) -> list[float]:
+        return [cpu_seconds(w.pid) for w in self.processes]
 
     def peak_rss_kib(self) -> list[int | None]:
         return [vm_hwm_kib(w.pid) for w in self.processes]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, intake_phase, lifecycle, log_phase, mailer_phases
+from bench import burst, ceilings, intake_phase, lifecycle, log_phase, mailer_phases
 from bench.data import SampleMessage
 from bench.infra import PhaseTimeout, RedisServer, run_isolated
 from bench.machine import wait_for_quiet
@@ -33,6 +33,7 @@ PHASES = (
     "log",
     "log-cost",
     "intake",
+    "burst",
 )
 
 
@@ -266,6 +267,21 @@ def phase_intake(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def phase_burst(ctx: Context) -> dict[str, Any]:
+    sizes = ctx.args.burst_sizes or sorted({10_000, ctx.args.n})
+    return burst.burst_phase(
+        ctx.sink,
+        ctx.tmp / "burst",
+        sizes=sizes,
+        workers=ctx.args.burst_workers,
+        quiet=ctx.quiet,
+        timeout=lambda n: ctx.timeout(n, 20),
+        retries=ctx.args.retries,
+        threshold=ctx.args.quiet_threshold,
+        progress=progress,
+    )
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "protocol": phase_protocol,
     "transport": phase_transport,
@@ -281,6 +297,7 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "log": phase_log,
     "log-cost": phase_log_cost,
     "intake": phase_intake,
+    "burst": phase_burst,
 }
 
 

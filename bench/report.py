@@ -87,6 +87,7 @@ def summary_rows(phases: dict[str, Any]) -> list[Row]:
     rows += _ratio_rows(phases, one, two)
     rows += _lifecycle_rows(phases, one)
     rows += _log_rows(phases)
+    rows += _burst_rows(phases)
     rows.append(_disturbance_row(phases))
     return rows
 
@@ -214,6 +215,101 @@ def _log_rows(phases: dict[str, Any]) -> list[Row]:
     return rows
 
 
+# A stage whose cost per registration grows by more than this from the smallest N to a larger
+# one grows faster than linearly (the margin is the 2-core machine's ±10 % noise and some).
+BURST_GROWTH = 1.25
+BURST_MEMORY_AT = 1_000_000
+BURST_MEMORY_TARGET = 1e9  # bytes (1 GB)
+
+
+def _burst_rows(phases: dict[str, Any]) -> list[Row]:
+    """Issue 13's national campaign: one reminder due for N registrations in the same second."""
+    burst = _ok(phases, "burst")
+    if burst is None:
+        return [Row("burst (one reminder due for N)", _status(phases, "burst"))]
+    n = burst["largest"]
+    size = burst["sizes"][str(n)]
+    runs, seed = size["runs"], size["seed"]
+    rows = []
+    one = runs.get("1")
+    for count, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        busy = {k: v / run["due_to_last_s"] for k, v in run["cpu_s"].items() if k != "workers"}
+        workers = " + ".join(f"{c / run['due_to_last_s']:.2f}" for c in run["cpu_s"]["workers"])
+        rows.append(
+            Row(
+                f"burst N={n:,}: due second → last 250, {count} worker(s)",
+                f"{run['due_to_last_s']:,.1f} s ({run['rate']:,.0f} mails/s)",
+                note=f"first 250 after {run['first_after_due_s']:.2f} s; cores busy: workers {workers}, "
+                f"Redis {busy['redis']:.2f}, sink {busy['sink']:.2f}; "
+                f"worker CPU {run['worker_cpu_us_per_mail']:,.0f} µs/mail",
+            )
+        )
+        if one is not None and count != "1":
+            k = int(count)
+            ratio = run["rate"] / (k * one["rate"])
+            # Each worker process, Redis and the sink want a core of their own at full speed.
+            allow = (burst.get("cpus") or 0) >= k + 1
+            rows.append(
+                Row(
+                    f"burst: per worker process, {k} workers / {k} × 1",
+                    f"{ratio:.2f}×",
+                    "≥ 0.9×",
+                    _verdict(ratio >= 0.9) if allow else "",
+                    ""
+                    if allow
+                    else f"cores do not allow: {burst.get('cpus')} CPUs for {k} workers, Redis and the sink",
+                )
+            )
+    if one is not None:
+        commands = one["redis_commands"]
+        rows.append(
+            Row(
+                "burst: Redis CPU per mail, 1 worker",
+                f"{one['redis_cpu_us_per_mail']:,.0f} µs",
+                note=f"{commands['per_mail']:.1f} commands, {commands['round_trips_per_mail']:.1f} "
+                "round trips per mail (fan-out and log included)",
+            )
+        )
+    rows += _burst_memory_rows(n, seed, runs)
+    for larger, growth in burst.get("growth", {}).items():
+        small = min(int(k) for k in burst["sizes"])
+        stages = [stage for stage in growth if not stage.startswith("reference")]
+        worst = max(stages, key=lambda stage: growth[stage])
+        rows.append(
+            Row(
+                f"burst: fan-out growth per registration, N={small:,} → {int(larger):,}",
+                f"{growth[worst]:.2f}× ({worst})",
+                f"≤ {BURST_GROWTH}×",
+                _verdict(growth[worst] <= BURST_GROWTH),
+                ", ".join(f"{stage} {ratio:.2f}×" for stage, ratio in growth.items()),
+            )
+        )
+    return rows
+
+
+def _burst_memory_rows(n: int, seed: dict[str, Any], runs: dict[str, Any]) -> list[Row]:
+    empty = seed["used_memory_empty"]
+    peak = max(run["used_memory_peak"] for run in runs.values())
+    per_registration = (peak - empty) / n
+    at_target = empty + per_registration * BURST_MEMORY_AT
+    how = "measured" if n == BURST_MEMORY_AT else f"extrapolated linearly from N={n:,}"
+    return [
+        Row(
+            f"burst N={n:,}: Redis peak memory",
+            f"{peak / 2**20:,.0f} MiB ({per_registration:,.0f} B/registration)",
+            note=f"fresh redis-server per run; before the burst {seed['bytes_per_registration']:,.0f} "
+            "B/registration; the whole log kept (2 entries per registration)",
+        ),
+        Row(
+            f"burst: Redis peak memory at {BURST_MEMORY_AT:,} registrations",
+            f"{at_target / 1e9:.2f} GB",
+            "≤ 1 GB",
+            _verdict(at_target <= BURST_MEMORY_TARGET),
+            how,
+        ),
+    ]
+
+
 def _disturbance_row(phases: dict[str, Any]) -> Row:
     """Other processes' CPU during each phase: above 0.25 cores of 2, that phase's numbers are suspect."""
     loads = {name: p["foreign_cpu_cores"] for name, p in phases.items() if "foreign_cpu_cores" in p}
@@ -221,6 +317,8 @@ def _disturbance_row(phases: dict[str, Any]) -> Row:
     loads.update(
         {f"mailer/{k}w": r["foreign_cpu_cores"] for k, r in runs.items() if "foreign_cpu_cores" in r}
     )
+    for n, size in phases.get("burst", {}).get("sizes", {}).items():
+        loads.update({f"burst/{n}/{k}w": r["foreign_cpu_cores"] for k, r in size["runs"].items()})
     disturbed = sorted(name for name, cores in loads.items() if cores > 0.25)
     return Row(
         "other processes' CPU (cores) during phases",

@@ -21,6 +21,8 @@ _EHLO = (
 )
 _OK = b"250 2.0.0 Ok\r\n"
 _END = b"\r\n.\r\n"
+# The reply to the end of DATA, as mailer's SMTP transport records it in the delivery log.
+ACCEPTED_TEXT = "2.0.0 Ok: queued"
 
 
 @dataclass
@@ -73,7 +75,7 @@ class _SmtpSink(asyncio.Protocol):
         self.stats.records.extend((rcpt, now) for rcpt in self.recipients)
         self.stats.counter.value += 1
         self.recipients = []
-        replies.append(b"250 2.0.0 Ok: queued\r\n")
+        replies.append(b"250 " + ACCEPTED_TEXT.encode() + b"\r\n")
         return True
 
     def _command_step(self, replies: list[bytes]) -> bool:
