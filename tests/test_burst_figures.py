@@ -69,3 +69,18 @@ def test_readme_burst_figures_are_the_bench_results() -> None:
     ]
     for figure in figures:
         assert figure in text, figure
+
+
+def test_deploy_readme_sizes_redis_from_the_million() -> None:
+    """deploy/README.md's "A million registrations": the peak and Redis CPU per mail of that run,
+    and the mails/s one Redis core carries at that CPU per mail (arithmetic, said as such)."""
+    text = " ".join((ROOT / "deploy" / "README.md").read_text().split())
+    sizes = burst(MILLION)["sizes"]
+    one = sizes["1000000"]["runs"]["1"]
+    small = sizes["10000"]["runs"]["1"]
+    assert f"Redis peaked at {one['used_memory_peak'] / 1e9:.2f} GB" in text
+    assert f"Redis needed {spaced(one['redis_cpu_us_per_mail'])} µs of CPU a mail" in text
+    assert f"against {spaced(small['redis_cpu_us_per_mail'])} µs at 10 000" in text
+    carried = 1e6 / one["redis_cpu_us_per_mail"]
+    assert 3500 < carried < 4500, carried  # "about 4 000 mails/s"
+    assert f"`bench/results/{MILLION}.json`" in text
