@@ -126,13 +126,18 @@ def _message_ids(_ctx: click.Context, _param: click.Parameter, values: tuple[str
     return values
 
 
-def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Offset | None:
-    if value is None:
-        return None
-    try:
-        return Offset.parse(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+def _parsed_by(parse: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, str | None], T | None]:
+    """An option callback: the value parsed, or click's usage error with the parser's reason."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None) -> T | None:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
 def _redis(settings: Settings) -> RedisTarget:
@@ -156,21 +161,12 @@ def main(verbose: bool) -> None:
         logging.getLogger("arq").setLevel(logging.WARNING)
 
 
-def _serve_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> ServeAddress | None:
-    if value is None:
-        return None
-    try:
-        return ServeAddress.parse(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.command()
 @click.option(
     "--serve",
     "serve_at",
     metavar="HOST:PORT",
-    callback=_serve_address,
+    callback=_parsed_by(ServeAddress.parse),
     help="Also run `mailer serve` (dashboard, intake, API) on this address, stopped with the worker.",
 )
 @_errors_to_exit
@@ -546,7 +542,9 @@ def schema() -> None:
 @click.option("--kind", help="Only this kind.")
 @click.option("--event", "event_id", help="Only this event id.")
 @click.option(
-    "--since", callback=_duration, help="Only entries newer than this ISO 8601 duration (e.g. PT6H, P1D)."
+    "--since",
+    callback=_parsed_by(Offset.parse),
+    help="Only entries newer than this ISO 8601 duration (e.g. PT6H, P1D).",
 )
 @_errors_to_exit
 def retry(
