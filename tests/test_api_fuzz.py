@@ -8,10 +8,27 @@ from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis.internal import lambda_sources
 
 from mailer.settings import load_settings
 from mailer.web.app import create_app
 from tests.test_http import AUTH, Service, service  # noqa: F401 (the module's running service)
+
+
+def _described_or_unknown(f: Any, *args: Any, **kwargs: Any) -> str:
+    """Hypothesis names a lambda by parsing its source with `ast`; on CPython 3.11 that parse can
+    raise "SystemError: AST constructor recursion depth mismatch" (gh-106905, the bug that
+    tests/test_dependencies.py reads imports with tokenize for), seen once in `make test` when a
+    schemathesis filter's lambda was named for a statistics event. The name is only a
+    description: say it is unknown, as hypothesis does when the source cannot be read."""
+    try:
+        return _lambda_description(f, *args, **kwargs)
+    except SystemError:
+        return "lambda: <unknown>"
+
+
+_lambda_description = lambda_sources._lambda_description
+lambda_sources._lambda_description = _described_or_unknown
 
 # The description `mailer serve` publishes at /openapi.json, built here from the same app (no
 # connection is made); schemathesis' fixture loader does not run under pytest 9.2.
