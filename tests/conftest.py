@@ -7,7 +7,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import policy
@@ -311,6 +311,14 @@ async def wait_for(predicate: Callable[[], bool], within: float = 10.0, interval
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+async def until(check: Callable[[], Awaitable[Any]], within: float = 30.0, interval: float = 0.02) -> None:
+    """Poll until `await check()` is true (a Redis read, an HTTP answer); fail after `within` s."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(interval)
 
 

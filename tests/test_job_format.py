@@ -26,9 +26,8 @@ from mailer.state.queue import (
     connect_client,
     job_key,
 )
-from tests.conftest import log_until, make_event, wait_for
+from tests.conftest import log_until, make_event, until, wait_for
 from tests.test_poison import NOW_MS, put_jobs, rejected
-from tests.test_scale import until
 
 
 def ingest_body(email: str, **envelope: Any) -> bytes:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mailer.constants import EVENT_KEY, INBOX_KEY, JOB_WAITS_KEY, QUEUE_NAME
 from mailer.intake.client import MailerClient
 from mailer.state.queue import NEWER_FORMAT, connect, job_key
-from tests.conftest import log_until, make_event, wait_for
+from tests.conftest import log_until, make_event, until, wait_for
 
 # The bodies that killed every worker that picked them up (issue 15), so systemd's
 # Restart=on-failure turned one bad write into a crash loop.
@@ -307,20 +307,13 @@ async def left_for_a_newer_worker(url: str, bodies: dict[str, bytes]) -> None:
     try:
         for job_id, raw in bodies.items():
             waits = JOB_WAITS_KEY.format(job_id=job_id)
-            await wait_for_async(lambda: redis.exists(waits), 10)  # noqa: B023 (awaited in this pass)
+            await until(lambda: redis.exists(waits), 10)  # noqa: B023 (awaited in this pass)
             assert await redis.get(job_key(job_id)) == raw
             assert await redis.zscore(QUEUE_NAME, job_id) is not None
             await redis.zrem(QUEUE_NAME, job_id)
             await redis.delete(job_key(job_id), waits, f"arq:retry:{job_id}")
     finally:
         await redis.aclose()
-
-
-async def wait_for_async(check: Any, within: float) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def worker_task_alive() -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mailer.clock import ms, utc_now
@@ -15,7 +14,7 @@ from mailer.intake.client import MailerClient
 from mailer.state.circuit import CircuitState, relay_states
 from mailer.state.heartbeat import fresh_workers
 from mailer.state.queue import connect_client
-from tests.conftest import WorkerProcess, log_until, make_event, settled, wait_for
+from tests.conftest import WorkerProcess, log_until, make_event, settled, until, wait_for
 from tests.test_confirmation import log_entries
 from tests.test_crashes import burst
 
@@ -38,13 +37,6 @@ def start_worker(
         **extra,
     )
     return worker
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def beating_since(redis_url: str, since_ms: int) -> set[str]:
